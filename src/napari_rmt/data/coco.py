@@ -1,0 +1,428 @@
+"""COCO detection json in and out.
+
+Reading validates every field it uses and raises ``AnnotationError`` naming the file
+and the item (``images[3].width``, ``annotation id 17``) for anything malformed, so a
+bad file never ends in a bare ``KeyError`` deep inside training. Boxes outside the
+image are clipped and zero-area boxes dropped, each with a ``DataWarning``.
+
+Writing follows what pycocotools and other tools expect: ids from 1, an ``info``
+block, ``area`` and ``iscrowd`` on every annotation, stable category ids, image sizes.
+Project state that COCO has no field for (tile status, tile origin) travels in
+``napari_rmt_*`` keys on the image records, which other tools ignore.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import os
+import warnings
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .. import __version__
+from .atomic import atomic_write_json
+from .boxes import Boxes, BoxSource, sanitize_boxes
+from .classes import ClassList
+from .errors import AnnotationError, ClassListError, DataWarning, ImageReadError
+from .tiles import Tile, TileSet, TileStatus
+
+STATUS_KEY = "napari_rmt_status"
+ORIGIN_KEY = "napari_rmt_origin"
+_IMAGE_CORE_KEYS = {"id", "file_name", "width", "height", STATUS_KEY, ORIGIN_KEY}
+
+
+# --------------------------------------------------------------------------- reading
+def read_coco(
+    path: str | os.PathLike,
+    images_dir: str | os.PathLike | None = None,
+    *,
+    default_status: TileStatus | None = None,
+    check_files: bool = True,
+) -> TileSet:
+    """Read a COCO detection file into a ``TileSet``.
+
+    ``images_dir`` is where ``file_name`` is resolved (default: the json's folder).
+    A tile's status comes from its ``napari_rmt_status`` key when present; otherwise
+    from ``default_status``, or, when that is None, LABELLED for images that have at
+    least one annotation and UNLABELLED for the others.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise AnnotationError(f"{path}: annotation file not found")
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = json.load(fh)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise AnnotationError(f"{path}: not a JSON file ({exc})") from exc
+    base = Path(images_dir) if images_dir is not None else path.parent
+    tileset = parse_coco(data, source=str(path), images_dir=base, default_status=default_status)
+    if check_files:
+        _check_files_exist(tileset, str(path))
+    return tileset
+
+
+def parse_coco(
+    data: Any,
+    source: str = "COCO data",
+    images_dir: str | os.PathLike = ".",
+    default_status: TileStatus | None = None,
+) -> TileSet:
+    """Turn an already-parsed COCO dict into a ``TileSet`` (see ``read_coco``)."""
+    if not isinstance(data, Mapping):
+        raise AnnotationError(
+            f"{source}: not a COCO file (top level is {type(data).__name__}, not an object)"
+        )
+    for key in ("images", "categories"):
+        if key not in data:
+            raise AnnotationError(f"{source}: not a COCO file (no {key!r} list)")
+    images = _list(data, "images", source)
+    categories = _list(data, "categories", source)
+    annotations = _list(data, "annotations", source) if "annotations" in data else []
+
+    classes = _parse_categories(categories, source)
+    images_dir = Path(images_dir)
+    tiles: dict[int, Tile] = {}
+    for i, rec in enumerate(images):
+        tile = _parse_image(rec, f"{source}: images[{i}]", images_dir)
+        if tile.id in tiles:
+            raise AnnotationError(f"{source}: image id {tile.id} is used twice (images[{i}])")
+        tiles[tile.id] = tile
+
+    per_image: dict[int, list[tuple[list[float], int, float, object]]] = {k: [] for k in tiles}
+    seen_ids: set[int] = set()
+    for i, rec in enumerate(annotations):
+        where = f"{source}: annotations[{i}]"
+        if not isinstance(rec, Mapping):
+            raise AnnotationError(f"{where} is not an object")
+        ann_id = rec.get("id", i + 1)
+        if not _is_int(ann_id):
+            raise AnnotationError(f"{where}: id {ann_id!r} is not an integer")
+        label = f"annotation id {ann_id}"
+        where = f"{source}: {label}"
+        if ann_id in seen_ids:
+            warnings.warn(f"{where}: id is used twice; both boxes kept", DataWarning, stacklevel=2)
+        seen_ids.add(ann_id)
+        image_id = _field(rec, "image_id", where, int)
+        if image_id not in tiles:
+            raise AnnotationError(f"{where}: image_id {image_id} is not in the images list")
+        category_id = _field(rec, "category_id", where, int)
+        if category_id not in classes:
+            raise AnnotationError(
+                f"{where}: category_id {category_id} is not in the categories list {classes.ids}"
+            )
+        if rec.get("iscrowd", 0) not in (0, False):
+            warnings.warn(
+                f"{where}: crowd region (iscrowd=1) is not a cell box; skipped", DataWarning, stacklevel=2
+            )
+            continue
+        bbox = _field(rec, "bbox", where, list)
+        if len(bbox) != 4 or not all(_is_number(v) for v in bbox):
+            raise AnnotationError(f"{where}: bbox {bbox!r} is not four numbers [x, y, w, h]")
+        x, y, w, h = (float(v) for v in bbox)
+        if not all(math.isfinite(v) for v in (x, y, w, h)):
+            raise AnnotationError(f"{where}: bbox {bbox!r} has non-finite values")
+        if w < 0 or h < 0:
+            warnings.warn(
+                f"{where}: bbox {bbox!r} has a negative width or height; dropped", DataWarning, stacklevel=2
+            )
+            continue
+        score = rec.get("score")
+        if score is not None and (not _is_number(score) or not math.isfinite(float(score))):
+            raise AnnotationError(f"{where}: score {score!r} is not a finite number")
+        per_image[image_id].append(
+            ([x, y, x + w, y + h], category_id, math.nan if score is None else float(score), label)
+        )
+
+    out = TileSet(classes=classes)
+    for image_id, tile in tiles.items():
+        rows = per_image[image_id]
+        if rows:
+            boxes = Boxes(
+                xyxy=[r[0] for r in rows],
+                class_ids=[r[1] for r in rows],
+                scores=[r[2] for r in rows],
+                sources=[BoxSource.MANUAL] * len(rows),
+            )
+            tile.boxes = sanitize_boxes(
+                boxes,
+                tile.width,
+                tile.height,
+                where=f"{source}: image {tile.name!r}",
+                labels=[r[3] for r in rows],
+            )
+        explicit = tile.meta.pop(STATUS_KEY, None)
+        if explicit is not None:
+            tile.status = explicit
+        elif default_status is not None:
+            tile.status = default_status
+        else:
+            tile.status = TileStatus.LABELLED if rows else TileStatus.UNLABELLED
+        out.add(tile)
+    return out
+
+
+def _parse_categories(categories: list, source: str) -> ClassList:
+    classes = ClassList()
+    for i, rec in enumerate(categories):
+        where = f"{source}: categories[{i}]"
+        if not isinstance(rec, Mapping):
+            raise AnnotationError(f"{where} is not an object")
+        cid = _field(rec, "id", where, int)
+        name = _field(rec, "name", where, str)
+        colour = rec.get("color")
+        try:
+            classes.add(name, colour=_parse_colour(colour, where), id=cid)
+        except ClassListError as exc:
+            raise AnnotationError(f"{where}: {exc}") from exc
+    return classes
+
+
+def _parse_colour(value: Any, where: str) -> tuple[int, int, int] | None:
+    if value is None:
+        return None
+    if isinstance(value, str) and len(value) == 7 and value.startswith("#"):
+        try:
+            return tuple(int(value[k : k + 2], 16) for k in (1, 3, 5))  # type: ignore[return-value]
+        except ValueError:
+            pass
+    if isinstance(value, list) and len(value) == 3 and all(_is_int(v) and 0 <= v <= 255 for v in value):
+        return tuple(value)  # type: ignore[return-value]
+    raise AnnotationError(f"{where}: color {value!r} is neither '#rrggbb' nor [r, g, b]")
+
+
+def _parse_image(rec: Any, where: str, images_dir: Path) -> Tile:
+    if not isinstance(rec, Mapping):
+        raise AnnotationError(f"{where} is not an object")
+    image_id = _field(rec, "id", where, int)
+    file_name = _field(rec, "file_name", where, str)
+    if not file_name:
+        raise AnnotationError(f"{where}: file_name is empty")
+    width = _field(rec, "width", where, int)
+    height = _field(rec, "height", where, int)
+    if width <= 0 or height <= 0:
+        raise AnnotationError(f"{where}: size {width}x{height} must be positive")
+    meta = {k: v for k, v in rec.items() if k not in _IMAGE_CORE_KEYS}
+    status = rec.get(STATUS_KEY)
+    if status is not None:
+        try:
+            meta[STATUS_KEY] = TileStatus(status)
+        except (ValueError, TypeError):
+            raise AnnotationError(
+                f"{where}: {STATUS_KEY} {status!r} is not one of {[s.value for s in TileStatus]}"
+            ) from None
+    origin = rec.get(ORIGIN_KEY, [0, 0])
+    if not (isinstance(origin, list) and len(origin) == 2 and all(_is_int(v) for v in origin)):
+        raise AnnotationError(f"{where}: {ORIGIN_KEY} {origin!r} is not two integers [x, y]")
+    path = Path(file_name)
+    if not path.is_absolute():
+        path = images_dir / path
+    return Tile(
+        id=image_id,
+        name=Path(file_name).name,
+        width=width,
+        height=height,
+        path=path,
+        origin=(origin[0], origin[1]),
+        meta=meta,
+    )
+
+
+def _check_files_exist(tileset: TileSet, source: str) -> None:
+    missing = [t.path for t in tileset if t.path is not None and not t.path.is_file()]
+    if missing:
+        shown = ", ".join(str(p) for p in missing[:5])
+        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        raise ImageReadError(f"{source}: {len(missing)} image file(s) not found: {shown}{more}")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _list(data: Mapping, key: str, source: str) -> list:
+    value = data[key]
+    if not isinstance(value, list):
+        raise AnnotationError(f"{source}: {key!r} is {type(value).__name__}, not a list")
+    return value
+
+
+def _field(rec: Mapping, key: str, where: str, kind: type) -> Any:
+    if key not in rec:
+        raise AnnotationError(f"{where}: missing {key!r}")
+    value = rec[key]
+    ok = _is_int(value) if kind is int else isinstance(value, kind)
+    if not ok:
+        raise AnnotationError(
+            f"{where}: {key} {value!r} is not {'an integer' if kind is int else kind.__name__}"
+        )
+    return value
+
+
+# --------------------------------------------------------------------------- writing
+def coco_dict(
+    tileset: TileSet,
+    json_dir: str | os.PathLike | None = None,
+    tiles: Iterable[Tile] | None = None,
+    description: str = "napari-rmt annotations",
+) -> dict:
+    """The COCO dict of the tiles' manual annotations (all tiles by default)."""
+    json_dir = Path(json_dir) if json_dir is not None else None
+    chosen = list(tileset if tiles is None else tiles)
+    images, annotations = [], []
+    next_id = 1
+    for tile in chosen:
+        images.append(_image_record(tile, json_dir))
+        for xywh, cid, area in zip(tile.boxes.xywh, tile.boxes.class_ids, tile.boxes.areas, strict=True):
+            annotations.append(
+                {
+                    "id": next_id,
+                    "image_id": tile.id,
+                    "category_id": int(cid),
+                    "bbox": [float(v) for v in xywh],
+                    "area": float(area),
+                    "iscrowd": 0,
+                }
+            )
+            next_id += 1
+    return {
+        "info": _info(description),
+        "licenses": [],
+        "images": images,
+        "annotations": annotations,
+        "categories": _categories(tileset.classes),
+    }
+
+
+def write_coco(
+    tileset: TileSet,
+    path: str | os.PathLike,
+    tiles: Iterable[Tile] | None = None,
+) -> Path:
+    """Write the annotations as COCO json, atomically; file names relative to the json."""
+    path = Path(path)
+    return atomic_write_json(path, coco_dict(tileset, json_dir=path.parent.resolve(), tiles=tiles))
+
+
+def coco_results(tileset: TileSet, tiles: Iterable[Tile] | None = None) -> list[dict]:
+    """Predictions as a COCO results list (``loadRes`` input): one record per box, with score."""
+    out = []
+    for tile in tileset if tiles is None else tiles:
+        p = tile.predictions
+        for xywh, cid, score in zip(p.xywh, p.class_ids, p.scores, strict=True):
+            out.append(
+                {
+                    "image_id": tile.id,
+                    "category_id": int(cid),
+                    "bbox": [float(v) for v in xywh],
+                    "score": float(score) if np.isfinite(score) else 1.0,
+                }
+            )
+    return out
+
+
+def write_coco_results(
+    tileset: TileSet, path: str | os.PathLike, tiles: Iterable[Tile] | None = None
+) -> Path:
+    return atomic_write_json(path, coco_results(tileset, tiles))
+
+
+def read_coco_results(path: str | os.PathLike, tileset: TileSet) -> TileSet:
+    """Load a COCO results list as the tiles' predictions (replacing earlier ones)."""
+    path = Path(path)
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = json.load(fh)
+    except FileNotFoundError:
+        raise AnnotationError(f"{path}: predictions file not found") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise AnnotationError(f"{path}: not a JSON file ({exc})") from exc
+    if isinstance(data, Mapping) and "annotations" in data:
+        data = data["annotations"]
+    if not isinstance(data, list):
+        raise AnnotationError(f"{path}: a COCO results file is a list of detections")
+    per_tile: dict[int, list[tuple[list[float], int, float]]] = {t.id: [] for t in tileset}
+    for i, rec in enumerate(data):
+        where = f"{path}: detection [{i}]"
+        if not isinstance(rec, Mapping):
+            raise AnnotationError(f"{where} is not an object")
+        image_id = _field(rec, "image_id", where, int)
+        if image_id not in per_tile:
+            raise AnnotationError(f"{where}: image_id {image_id} is not one of the dataset's images")
+        cid = _field(rec, "category_id", where, int)
+        if cid not in tileset.classes:
+            raise AnnotationError(f"{where}: category_id {cid} is not a known category")
+        bbox = _field(rec, "bbox", where, list)
+        if len(bbox) != 4 or not all(_is_number(v) and math.isfinite(v) for v in bbox):
+            raise AnnotationError(f"{where}: bbox {bbox!r} is not four finite numbers")
+        score = rec.get("score", 1.0)
+        if not _is_number(score) or not math.isfinite(score):
+            raise AnnotationError(f"{where}: score {score!r} is not a finite number")
+        x, y, w, h = (float(v) for v in bbox)
+        per_tile[image_id].append(([x, y, x + w, y + h], cid, float(score)))
+    for tile in tileset:
+        rows = per_tile[tile.id]
+        tile.predictions = Boxes(
+            xyxy=[r[0] for r in rows],
+            class_ids=[r[1] for r in rows],
+            scores=[r[2] for r in rows],
+            sources=[BoxSource.PREDICTED] * len(rows),
+        )
+    return tileset
+
+
+def _image_record(tile: Tile, json_dir: Path | None) -> dict:
+    rec: dict[str, Any] = {k: v for k, v in tile.meta.items() if k not in _IMAGE_CORE_KEYS}
+    rec.update(
+        id=tile.id,
+        file_name=_relative_name(tile, json_dir),
+        width=int(tile.width),
+        height=int(tile.height),
+    )
+    rec[STATUS_KEY] = tile.status.value
+    if tuple(tile.origin) != (0, 0):
+        rec[ORIGIN_KEY] = [int(tile.origin[0]), int(tile.origin[1])]
+    return rec
+
+
+def _relative_name(tile: Tile, json_dir: Path | None) -> str:
+    """Relative to the json when the image lies in its folder tree, else absolute.
+
+    A relative name keeps a dataset folder movable; ``../..`` chains would break as
+    soon as the json is copied elsewhere, so outside files keep their absolute path.
+    """
+    if tile.path is None:
+        return tile.name
+    path = Path(tile.path).resolve()
+    if json_dir is not None and path.is_relative_to(json_dir.resolve()):
+        return path.relative_to(json_dir.resolve()).as_posix()
+    return path.as_posix()
+
+
+def _categories(classes: ClassList) -> list[dict]:
+    return [{"id": c.id, "name": c.name, "supercategory": "cell", "color": c.hex} for c in classes]
+
+
+def _info(description: str) -> dict:
+    now = datetime.datetime.now(datetime.timezone.utc)
+    return {
+        "description": description,
+        "version": "1.0",
+        "year": now.year,
+        "contributor": f"napari-rmt {__version__}",
+        "date_created": now.isoformat(timespec="seconds"),
+        "url": "",
+    }
+
+
+def categories_of(classes: ClassList) -> Sequence[dict]:
+    """The category records an export writes (also used by the results writer's callers)."""
+    return _categories(classes)

@@ -1,0 +1,160 @@
+"""Reading tiles as uint8 RGB, whatever the file holds.
+
+The detector and the mixing step of the paper work on 8-bit RGB, so every image is
+brought to ``(H, W, 3) uint8`` by one documented rule (see ``to_uint8_rgb``). Files are
+read with Pillow, except TIFF, which goes through tifffile because Pillow cannot read
+many scientific TIFFs (16-bit RGB, tiled, BigTIFF).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from .errors import ImageReadError
+
+IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg")
+_TIFF = (".tif", ".tiff")
+
+
+def to_uint8_rgb(array: np.ndarray, where: str = "image") -> np.ndarray:
+    """Bring an image array to ``(H, W, 3) uint8``.
+
+    The rule, in order:
+
+    1. Layout: ``(H, W)`` and ``(H, W, 1)`` are grayscale; ``(H, W, 2)`` is grayscale
+       plus alpha; ``(H, W, 3)`` is RGB; ``(H, W, 4)`` is RGBA. Channel-first arrays
+       ``(C, H, W)`` with C in 1..4 and both H, W larger than 4 are moved to channel-last.
+    2. Values: ``bool`` maps to 0 / 255; unsigned integers are scaled from their full
+       dtype range (uint16: divided by 257, so 65535 -> 255), never stretched per image,
+       so that the colours of tiles from one slide stay comparable; signed integers are
+       clipped at 0 and scaled likewise; floats are taken as 0..1 when their maximum is at
+       most 1, else as 0..255, and clipped.
+    3. Alpha is composited over white, the colour of empty glass in brightfield H&E.
+    4. Grayscale is repeated into three channels.
+    """
+    a = np.asarray(array)
+    if a.ndim == 3 and a.shape[0] in (1, 2, 3, 4) and a.shape[-1] > 4 and min(a.shape[1:]) > 4:
+        a = np.moveaxis(a, 0, -1)
+    if a.ndim == 2:
+        a = a[:, :, None]
+    if a.ndim != 3 or a.shape[-1] not in (1, 2, 3, 4) or a.shape[0] == 0 or a.shape[1] == 0:
+        raise ImageReadError(
+            f"{where}: cannot use an image of shape {tuple(np.shape(array))}; expected "
+            "(H, W), (H, W, 3) or (H, W, 4) (grayscale, RGB or RGBA)"
+        )
+    f = _to_unit_float(a, where)  # float32 in 0..1
+    if f.shape[-1] in (2, 4):
+        colour, alpha = f[..., :-1], f[..., -1:]
+        f = colour * alpha + (1.0 - alpha)
+    if f.shape[-1] == 1:
+        f = np.repeat(f, 3, axis=-1)
+    return np.round(f * 255.0).astype(np.uint8)
+
+
+def _to_unit_float(a: np.ndarray, where: str) -> np.ndarray:
+    if a.dtype == np.uint8:
+        return a.astype(np.float32) / 255.0
+    if a.dtype == bool:
+        return a.astype(np.float32)
+    if np.issubdtype(a.dtype, np.integer):
+        top = float(np.iinfo(a.dtype).max)
+        return np.clip(a.astype(np.float64), 0, None).astype(np.float32) / np.float32(top)
+    if np.issubdtype(a.dtype, np.floating):
+        if not np.isfinite(a).all():
+            raise ImageReadError(f"{where}: the image contains NaN or infinite values")
+        scale = 1.0 if a.size == 0 or float(a.max()) <= 1.0 else 255.0
+        return np.clip(a.astype(np.float32) / scale, 0.0, 1.0)
+    raise ImageReadError(f"{where}: pixel type {a.dtype} is not supported")
+
+
+def read_image(path: str | os.PathLike) -> np.ndarray:
+    """Read a tile as ``(H, W, 3) uint8``; errors name the file and the reason."""
+    path = Path(path)
+    if not path.exists():
+        raise ImageReadError(f"{path}: image file not found")
+    if path.is_dir():
+        raise ImageReadError(f"{path}: is a folder, not an image file")
+    try:
+        raw = _read_raw(path)
+    except ImageReadError:
+        raise
+    except Exception as exc:  # any decoder failure is a user-facing read error
+        raise ImageReadError(f"{path}: cannot read image ({type(exc).__name__}: {exc})") from exc
+    return to_uint8_rgb(raw, where=str(path))
+
+
+def _read_raw(path: Path) -> np.ndarray:
+    if path.suffix.lower() in _TIFF:
+        import tifffile
+
+        return tifffile.imread(path)
+    from PIL import Image
+
+    with Image.open(path) as im:
+        im.load()
+        mode = im.mode
+        if mode == "P":
+            im = im.convert("RGBA" if "transparency" in im.info else "RGB")
+        elif mode in ("CMYK", "YCbCr", "LAB", "HSV"):
+            im = im.convert("RGB")
+        elif mode == "1":
+            im = im.convert("L")
+        elif mode in ("I;16", "I;16L", "I;16B", "I;16N"):
+            return np.asarray(im).astype(np.uint16)
+        elif mode == "I":
+            arr = np.asarray(im)
+            # 32-bit integer PNG/TIFF from Pillow: 16-bit data promoted; keep its range.
+            return arr.astype(np.uint16) if arr.max(initial=0) <= 65535 else arr
+        return np.asarray(im)
+
+
+def image_size(path: str | os.PathLike) -> tuple[int, int]:
+    """Width and height from the header only, so large folders open quickly."""
+    path = Path(path)
+    if not path.exists():
+        raise ImageReadError(f"{path}: image file not found")
+    try:
+        if path.suffix.lower() in _TIFF:
+            import tifffile
+
+            with tifffile.TiffFile(path) as tf:
+                shape = tf.series[0].shape
+            arr_shape = tuple(int(s) for s in shape)
+            h, w = _hw_from_shape(arr_shape)
+            return w, h
+        from PIL import Image
+
+        with Image.open(path) as im:
+            return int(im.width), int(im.height)
+    except ImageReadError:
+        raise
+    except Exception as exc:
+        raise ImageReadError(f"{path}: cannot read image header ({type(exc).__name__}: {exc})") from exc
+
+
+def _hw_from_shape(shape: tuple[int, ...]) -> tuple[int, int]:
+    if len(shape) == 2:
+        return shape[0], shape[1]
+    if len(shape) == 3:
+        if shape[0] in (1, 2, 3, 4) and shape[-1] > 4:
+            return shape[1], shape[2]
+        return shape[0], shape[1]
+    raise ImageReadError(f"image of shape {shape} is not a 2D grayscale, RGB or RGBA image")
+
+
+def list_images(folder: str | os.PathLike) -> list[Path]:
+    """Image files of a folder (not recursive), in natural name order."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ImageReadError(f"{folder}: not a folder")
+    files = [p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
+    return sorted(files, key=lambda p: _natural_key(p.name))
+
+
+def _natural_key(name: str) -> list:
+    import re
+
+    return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", name)]

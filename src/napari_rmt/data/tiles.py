@@ -1,0 +1,150 @@
+"""Tiles and the tile set: the one record of a project that every part shares.
+
+A tile knows where its pixels come from but loads them only when asked, so that a
+folder of hundreds of tiles opens at once. Its status says whether its annotations
+are complete: only LABELLED (or REVIEWED) tiles are training targets; all others are
+unlabelled data for the semi-supervised loss.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .boxes import Boxes
+from .classes import ClassList
+from .errors import AnnotationError, ImageReadError
+from .imageio import image_size, list_images, read_image, to_uint8_rgb
+
+
+class TileStatus(str, enum.Enum):
+    """Whether a tile's annotations can be trusted as complete."""
+
+    UNLABELLED = "unlabelled"
+    LABELLED = "labelled"  # the user marked it fully annotated
+    REVIEWED = "reviewed"  # predictions were checked and accepted by the user
+
+    @property
+    def is_labelled(self) -> bool:
+        return self is not TileStatus.UNLABELLED
+
+
+PixelSource = Callable[[], np.ndarray]
+
+
+@dataclass
+class Tile:
+    """One image tile.
+
+    ``path`` (a file) or ``loader`` (any callable, e.g. a window of a zarr array) gives
+    the pixels. ``origin`` is the tile's (x, y) offset in a larger image, so boxes map
+    back to whole-image coordinates; ``meta`` keeps the extra fields of the source
+    file (CoNSeP's ``source_tile``, say) so that an export gives them back.
+    """
+
+    id: int
+    name: str
+    width: int
+    height: int
+    path: Path | None = None
+    loader: PixelSource | None = None
+    status: TileStatus = TileStatus.UNLABELLED
+    boxes: Boxes = field(default_factory=Boxes)
+    predictions: Boxes = field(default_factory=Boxes)
+    origin: tuple[int, int] = (0, 0)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def pixels(self) -> np.ndarray:
+        """The tile as ``(H, W, 3) uint8``; read each time (callers cache if they need)."""
+        if self.loader is not None:
+            arr = to_uint8_rgb(self.loader(), where=f"tile {self.name!r}")
+        elif self.path is not None:
+            arr = read_image(self.path)
+        else:
+            raise ImageReadError(f"tile {self.name!r} has neither a file nor a pixel source")
+        if arr.shape[:2] != (self.height, self.width):
+            raise ImageReadError(
+                f"{self.path or self.name}: image is {arr.shape[1]}x{arr.shape[0]} but the "
+                f"annotations say {self.width}x{self.height}"
+            )
+        return arr
+
+    @property
+    def is_labelled(self) -> bool:
+        return self.status.is_labelled
+
+
+class TileSet:
+    """Ordered tiles with unique ids, and the classes their boxes refer to."""
+
+    def __init__(self, tiles: Iterable[Tile] = (), classes: ClassList | None = None) -> None:
+        self.classes = classes if classes is not None else ClassList.default()
+        self._tiles: list[Tile] = []
+        self._by_id: dict[int, Tile] = {}
+        for t in tiles:
+            self.add(t)
+
+    def add(self, tile: Tile) -> Tile:
+        if tile.id in self._by_id:
+            raise AnnotationError(f"tile id {tile.id} is used twice ({tile.name!r})")
+        unknown = set(np.unique(tile.boxes.class_ids).tolist()) | set(
+            np.unique(tile.predictions.class_ids).tolist()
+        )
+        unknown -= set(self.classes.ids)
+        if unknown:
+            raise AnnotationError(
+                f"tile {tile.name!r}: boxes refer to unknown class ids {sorted(unknown)}; "
+                f"known: {self.classes.ids}"
+            )
+        self._tiles.append(tile)
+        self._by_id[tile.id] = tile
+        return tile
+
+    def __iter__(self) -> Iterator[Tile]:
+        return iter(self._tiles)
+
+    def __len__(self) -> int:
+        return len(self._tiles)
+
+    def __getitem__(self, index: int) -> Tile:
+        return self._tiles[index]
+
+    def by_id(self, tile_id: int) -> Tile:
+        try:
+            return self._by_id[tile_id]
+        except KeyError:
+            raise AnnotationError(f"no tile with id {tile_id}") from None
+
+    @property
+    def labelled(self) -> list[Tile]:
+        return [t for t in self._tiles if t.is_labelled]
+
+    @property
+    def unlabelled(self) -> list[Tile]:
+        return [t for t in self._tiles if not t.is_labelled]
+
+    def counts_by_class(self, predictions: bool = False) -> dict[str, int]:
+        """Number of boxes per class name (every class listed, zero included)."""
+        counts = dict.fromkeys(self.classes.names, 0)
+        for t in self._tiles:
+            for cid, n in (t.predictions if predictions else t.boxes).counts_by_class().items():
+                counts[self.classes.by_id(cid).name] += n
+        return counts
+
+    @classmethod
+    def from_folder(cls, folder: str | os.PathLike, classes: ClassList | None = None) -> TileSet:
+        """Every image of a folder as an unlabelled tile with no boxes."""
+        files = list_images(folder)
+        if not files:
+            raise ImageReadError(f"{folder}: no PNG, TIFF or JPEG images in this folder")
+        tiles = []
+        for i, f in enumerate(files, start=1):
+            w, h = image_size(f)
+            tiles.append(Tile(id=i, name=f.name, width=w, height=h, path=f))
+        return cls(tiles, classes)

@@ -1,0 +1,56 @@
+"""npe2 reader: a COCO json (with its images) or a folder of tiles -> image + Shapes layers."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+from ..data.coco import read_coco
+from ..data.imageio import list_images
+from ..data.tiles import TileSet
+from .layers import LayerData, tileset_to_layers
+
+
+def get_reader(path: str | list[str]) -> Callable[[str | list[str]], list[LayerData]] | None:
+    """Claim a path only when it is a COCO json or a folder holding images.
+
+    napari's contract: return None (never raise) for anything we cannot read, so that
+    other readers get their turn.
+    """
+    if isinstance(path, list):
+        if len(path) != 1:
+            return None
+        path = path[0]
+    p = Path(path)
+    if p.is_dir():
+        try:
+            return read_path if list_images(p) or (p / "annotations.json").is_file() else None
+        except OSError:
+            return None
+    if p.suffix.lower() == ".json" and p.is_file() and _looks_like_coco(p):
+        return read_path
+    return None
+
+
+def _looks_like_coco(path: Path) -> bool:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = json.load(fh)
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and "images" in data and "categories" in data
+
+
+def read_path(path: str | list[str]) -> list[LayerData]:
+    if isinstance(path, list):
+        path = path[0]
+    p = Path(path)
+    if p.is_dir():
+        ann = p / "annotations.json"
+        tileset = read_coco(ann) if ann.is_file() else TileSet.from_folder(p)
+        name = p.name
+    else:
+        tileset = read_coco(p)
+        name = p.stem if p.stem != "annotations" else p.parent.name
+    return tileset_to_layers(tileset, name=name)

@@ -1,0 +1,172 @@
+import json
+
+import numpy as np
+import pytest
+from pycocotools.coco import COCO
+
+from napari_rmt.data import (
+    AnnotationError,
+    Boxes,
+    BoxSource,
+    DataWarning,
+    ImageReadError,
+    TileStatus,
+    read_coco,
+    read_coco_results,
+    write_coco,
+    write_coco_results,
+)
+
+
+def _load(path):
+    return json.loads(path.read_text())
+
+
+def _save(path, data):
+    path.write_text(json.dumps(data))
+    return path
+
+
+def test_read_synthetic(coco_file):
+    ts = read_coco(coco_file)
+    assert len(ts) == 3 and ts.classes.names == ["tumor", "stromal", "lymphocyte"]
+    t = ts.by_id(1)
+    assert (t.width, t.height) == (48, 32) and t.status is TileStatus.LABELLED
+    np.testing.assert_allclose(t.boxes.xyxy, [[2, 3, 10.5, 9.25], [12, 3, 20.5, 9.25]])
+    assert t.pixels().shape == (32, 48, 3)
+
+
+def test_round_trip_is_exact_and_loads_in_pycocotools(coco_file, tmp_path):
+    ts = read_coco(coco_file)
+    ts.by_id(2).status = TileStatus.UNLABELLED
+    out = write_coco(ts, tmp_path / "export" / "out.json")
+    coco = COCO(str(out))
+    assert len(coco.getAnnIds()) == 6 and sorted(coco.getCatIds()) == [1, 2, 3]
+    back = read_coco(out)
+    assert back.by_id(2).status is TileStatus.UNLABELLED  # status survives
+    for a, b in zip(ts, back, strict=True):
+        np.testing.assert_array_equal(a.boxes.xyxy, b.boxes.xyxy)
+        np.testing.assert_array_equal(a.boxes.class_ids, b.boxes.class_ids)
+        assert b.path.resolve() == a.path.resolve()
+    data = _load(out)
+    assert "info" in data and [a["id"] for a in data["annotations"]] == list(range(1, 7))
+    assert all(a["iscrowd"] == 0 and a["area"] == pytest.approx(8.5 * 6.25) for a in data["annotations"])
+
+
+def test_predictions_round_trip_through_loadres(coco_file, tmp_path):
+    ts = read_coco(coco_file)
+    ts.by_id(1).predictions = Boxes(
+        xyxy=[[1, 1, 5, 6]], class_ids=[3], scores=[0.75], sources=[BoxSource.PREDICTED]
+    )
+    gt = COCO(str(write_coco(ts, tmp_path / "gt.json")))
+    res_path = write_coco_results(ts, tmp_path / "pred.json")
+    dt = gt.loadRes(str(res_path))
+    ann = dt.loadAnns(dt.getAnnIds())[0]
+    assert ann["score"] == 0.75 and ann["bbox"] == [1, 1, 4, 5] and ann["category_id"] == 3
+    fresh = read_coco(tmp_path / "gt.json")
+    read_coco_results(res_path, fresh)
+    np.testing.assert_array_equal(fresh.by_id(1).predictions.xyxy, [[1, 1, 5, 6]])
+    assert fresh.by_id(1).predictions.scores.tolist() == [0.75]
+
+
+def test_status_rules(coco_file):
+    data = _load(coco_file)
+    data["annotations"] = [a for a in data["annotations"] if a["image_id"] != 3]
+    data["images"][0]["napari_rmt_status"] = "reviewed"
+    _save(coco_file, data)
+    ts = read_coco(coco_file)
+    assert [t.status for t in ts] == [TileStatus.REVIEWED, TileStatus.LABELLED, TileStatus.UNLABELLED]
+    ts = read_coco(coco_file, default_status=TileStatus.UNLABELLED)
+    assert ts.by_id(2).status is TileStatus.UNLABELLED and ts.by_id(1).status is TileStatus.REVIEWED
+
+
+def test_box_outside_is_clipped_with_its_annotation_id(coco_file):
+    data = _load(coco_file)
+    data["annotations"][1]["bbox"] = [40, 30, 20, 10]  # image is 48 x 32
+    _save(coco_file, data)
+    with pytest.warns(
+        DataWarning, match=r"annotations\.json: image 'tile_0\.png'.*annotation id 2 .* clipped"
+    ):
+        ts = read_coco(coco_file)
+    np.testing.assert_array_equal(ts.by_id(1).boxes.xyxy[1], [40, 30, 48, 32])
+
+
+def test_zero_area_box_is_dropped_and_named(coco_file):
+    data = _load(coco_file)
+    data["annotations"][4]["bbox"] = [5, 5, 0, 4]
+    _save(coco_file, data)
+    with pytest.warns(DataWarning, match="annotation id 5 .* zero area .* dropped"):
+        ts = read_coco(coco_file)
+    assert len(ts.by_id(3).boxes) == 1 and len(ts.by_id(1).boxes) == 2
+
+
+def test_duplicate_annotation_ids_warn_and_keep(coco_file):
+    data = _load(coco_file)
+    data["annotations"][1]["id"] = 1
+    _save(coco_file, data)
+    with pytest.warns(DataWarning, match="annotation id 1: id is used twice"):
+        ts = read_coco(coco_file)
+    assert sum(len(t.boxes) for t in ts) == 6
+
+
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda d: d["annotations"][0].update(category_id=9), r"annotation id 1: category_id 9 is not in"),
+        (lambda d: d["annotations"][2].update(image_id=77), r"annotation id 3: image_id 77 is not in"),
+        (lambda d: d["images"].append(dict(d["images"][0])), "image id 1 is used twice"),
+        (
+            lambda d: d["categories"].append({"id": 1, "name": "x"}),
+            r"categories\[3\]: class id 1 is used twice",
+        ),
+        (lambda d: d["images"][1].update(width="48"), r"images\[1\]: width '48' is not an integer"),
+        (lambda d: d["images"][0].pop("file_name"), r"images\[0\]: missing 'file_name'"),
+        (
+            lambda d: d["annotations"][0].update(bbox=[1, 2, 3]),
+            r"annotation id 1: bbox \[1, 2, 3\] is not four",
+        ),
+        (lambda d: d.pop("categories"), "not a COCO file"),
+        (lambda d: d["images"][0].update(napari_rmt_status="done"), "is not one of"),
+    ],
+)
+def test_malformed_coco_names_file_and_item(coco_file, mutate, message):
+    data = _load(coco_file)
+    mutate(data)
+    _save(coco_file, data)
+    with pytest.raises(AnnotationError, match=message) as info:
+        read_coco(coco_file)
+    assert str(coco_file) in str(info.value)
+
+
+def test_not_json_and_missing_image(coco_file, tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text("{ not json")
+    with pytest.raises(AnnotationError, match=r"bad\.json: not a JSON file"):
+        read_coco(bad)
+    (tmp_path / "images" / "tile_1.png").unlink()
+    with pytest.raises(ImageReadError, match=r"1 image file\(s\) not found: .*tile_1\.png"):
+        read_coco(coco_file)
+    # Reading without the file check still works, and the pixels then fail by name.
+    ts = read_coco(coco_file, check_files=False)
+    with pytest.raises(ImageReadError, match=r"tile_1\.png: image file not found"):
+        ts.by_id(2).pixels()
+
+
+def test_size_mismatch_names_the_file(coco_file):
+    data = _load(coco_file)
+    data["images"][0]["width"] = 50
+    _save(coco_file, data)
+    ts = read_coco(coco_file)
+    with pytest.raises(ImageReadError, match=r"tile_0\.png: image is 48x32 but the annotations say 50x32"):
+        ts.by_id(1).pixels()
+
+
+def test_export_is_atomic_on_failure(coco_file, tmp_path):
+    ts = read_coco(coco_file)
+    out = tmp_path / "keep.json"
+    out.write_text("previous export")
+    ts.by_id(1).meta["unserialisable"] = object()
+    with pytest.raises(TypeError):
+        write_coco(ts, out)
+    assert out.read_text() == "previous export"
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".keep")] == []
