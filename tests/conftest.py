@@ -85,3 +85,44 @@ def consep_dir() -> Path:
     if not (d / "annotations.json").is_file():
         pytest.skip("../shared/data/consep is not beside the repository")
     return d
+
+
+def synthetic_tiles(n: int = 6, size: int = 64, seed: int = 0, n_classes: int = 3):
+    """Tiles with dark square 'nuclei' on a pink background; class = size bucket.
+
+    Labelled by construction, so tests can hide the boxes of some tiles to make them
+    unlabelled. Pixels come from a loader, not a file.
+    """
+    from napari_rmt.data import Boxes, Tile, TileStatus
+
+    rng = np.random.default_rng(seed)
+    tiles = []
+    for i in range(n):
+        img = np.empty((size, size, 3), dtype=np.uint8)
+        img[:] = (230, 180, 210)
+        boxes, labels = [], []
+        for k in range(3):
+            cls = (i + k) % n_classes + 1
+            side = 6 + 4 * cls
+            x0 = int(rng.integers(0, size - side))
+            y0 = int(rng.integers(0, size - side))
+            img[y0 : y0 + side, x0 : x0 + side] = (80 + 20 * cls, 40, 120)
+            boxes.append([x0, y0, x0 + side, y0 + side])
+            labels.append(cls)
+        tiles.append(
+            Tile(
+                id=i + 1,
+                name=f"syn_{i}",
+                width=size,
+                height=size,
+                loader=lambda a=img: a,
+                status=TileStatus.LABELLED,
+                boxes=Boxes(boxes, labels),
+            )
+        )
+    return tiles
+
+
+@pytest.fixture
+def tiny_tiles():
+    return synthetic_tiles()

@@ -1,0 +1,98 @@
+"""Running a detector over tiles: batches, a score threshold, NMS, boxes back as ``Boxes``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from torchvision.ops import batched_nms, nms
+
+from ..data.boxes import Boxes, BoxSource
+from ..data.classes import ClassList
+from ..data.tiles import Tile
+
+
+def image_tensor(pixels: np.ndarray) -> torch.Tensor:
+    """``(H, W, 3) uint8`` -> ``(3, H, W) float32`` in 0..1, the detector's input."""
+    return torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1).float().div_(255.0)
+
+
+def select(
+    boxes: torch.Tensor,
+    scores: torch.Tensor,
+    labels: torch.Tensor,
+    score_threshold: float,
+    nms_iou: float | None,
+    class_agnostic: bool = True,
+) -> torch.Tensor:
+    """Indices kept after the score threshold and NMS (class-agnostic by default: one
+    nucleus gets one box, whatever the classes the head hesitated between)."""
+    keep = torch.where(scores >= score_threshold)[0]
+    if nms_iou is not None and keep.numel():
+        if class_agnostic:
+            k = nms(boxes[keep], scores[keep], nms_iou)
+        else:
+            k = batched_nms(boxes[keep], scores[keep], labels[keep], nms_iou)
+        keep = keep[k]
+    return keep[torch.argsort(scores[keep], descending=True)]
+
+
+@torch.no_grad()
+def predict_images(
+    model: nn.Module,
+    images: Sequence[torch.Tensor],
+    batch_size: int = 4,
+    device: torch.device | str = "cpu",
+) -> list[dict[str, torch.Tensor]]:
+    """Raw detector outputs (boxes, scores, model labels 1..K) per image, on the CPU."""
+    was_training = model.training
+    model.eval()
+    out: list[dict[str, torch.Tensor]] = []
+    try:
+        for i in range(0, len(images), batch_size):
+            batch = [im.to(device) for im in images[i : i + batch_size]]
+            for det in model(batch):
+                out.append({k: v.detach().cpu() for k, v in det.items()})
+    finally:
+        model.train(was_training)
+    return out
+
+
+def predict_tiles(
+    model: nn.Module,
+    tiles: Iterable[Tile],
+    classes: ClassList,
+    batch_size: int = 4,
+    score_threshold: float = 0.05,
+    nms_iou: float | None = 0.5,
+    class_agnostic: bool = True,
+    device: torch.device | str = "cpu",
+    store: bool = True,
+    progress: Callable[[int, int], None] | None = None,
+) -> list[Boxes]:
+    """Predict every tile; with ``store`` the result also becomes ``tile.predictions``."""
+    tiles = list(tiles)
+    ids = np.array(classes.ids, dtype=np.int64)
+    results: list[Boxes] = []
+    for start in range(0, len(tiles), batch_size):
+        chunk = tiles[start : start + batch_size]
+        dets = predict_images(model, [image_tensor(t.pixels()) for t in chunk], batch_size, device)
+        for tile, det in zip(chunk, dets, strict=True):
+            keep = select(
+                det["boxes"], det["scores"], det["labels"], score_threshold, nms_iou, class_agnostic
+            )
+            labels = det["labels"][keep].numpy()
+            boxes = Boxes(
+                xyxy=det["boxes"][keep].numpy().astype(np.float64),
+                class_ids=ids[labels - 1],
+                scores=det["scores"][keep].numpy().astype(np.float64),
+                sources=np.full(len(keep), BoxSource.PREDICTED, dtype=np.int8),
+            )
+            if store:
+                tile.predictions = boxes
+            results.append(boxes)
+        if progress is not None:
+            progress(min(start + batch_size, len(tiles)), len(tiles))
+    return results

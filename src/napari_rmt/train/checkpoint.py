@@ -1,0 +1,112 @@
+"""Checkpoints: student, teacher, optimizer, config and class names in one file.
+
+Everything stored is a tensor, a number, a string or a container of those, so the file
+loads with ``torch.load(weights_only=True)``: a tampered file that carries code is
+refused by PyTorch's restricted unpickler instead of being run.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..data.atomic import atomic_write
+from ..data.classes import CellClass, ClassList
+from ..data.errors import NapariRmtError
+from ..model.detector import build_detector
+from .config import TrainConfig
+
+FORMAT = "napari-rmt-checkpoint"
+VERSION = 1
+
+
+class CheckpointError(NapariRmtError):
+    """A checkpoint is missing, tampered with, or made for another architecture."""
+
+
+def save_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> Path:
+    buf = io.BytesIO()
+    torch.save({"format": FORMAT, "version": VERSION, **payload}, buf)
+    data = buf.getvalue()
+    return atomic_write(path, lambda fh: fh.write(data))
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Load and check a checkpoint file (weights_only); errors name the file."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "model.pt"
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint not found")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(
+            f"{path}: refused to load: not a napari-rmt checkpoint, or tampered with "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+        ) from exc
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not a napari-rmt checkpoint (no '{FORMAT}' marker)")
+    if ckpt.get("version") != VERSION:
+        raise CheckpointError(f"{path}: checkpoint version {ckpt.get('version')} is not {VERSION}")
+    for key in ("config", "classes", "student"):
+        if key not in ckpt:
+            raise CheckpointError(f"{path}: checkpoint lacks {key!r}")
+    ckpt["_path"] = str(path)
+    return ckpt
+
+
+def classes_from_checkpoint(ckpt: dict[str, Any]) -> ClassList:
+    try:
+        return ClassList(
+            CellClass(int(c["id"]), str(c["name"]), tuple(int(c["color"][k : k + 2], 16) for k in (1, 3, 5)))
+            for c in ckpt["classes"]
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"{ckpt.get('_path', 'checkpoint')}: bad class list ({exc})") from exc
+
+
+def config_from_checkpoint(ckpt: dict[str, Any]) -> TrainConfig:
+    try:
+        return TrainConfig.from_dict(dict(ckpt["config"]))
+    except (TypeError, NapariRmtError) as exc:
+        raise CheckpointError(f"{ckpt.get('_path', 'checkpoint')}: bad config ({exc})") from exc
+
+
+def load_state(model: nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
+    """``load_state_dict`` (strict) that names the file and the first mismatches."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    wrong = [k for k in own if k in state and tuple(own[k].shape) != tuple(state[k].shape)]
+    if missing or unexpected or wrong:
+        parts = []
+        if wrong:
+            parts.append(f"shape mismatch at {wrong[:3]}")
+        if missing:
+            parts.append(f"missing {missing[:3]}")
+        if unexpected:
+            parts.append(f"unexpected {unexpected[:3]}")
+        raise CheckpointError(
+            f"{where}: weights do not fit this detector (another backbone or class list?): "
+            + "; ".join(parts)
+        )
+    model.load_state_dict(state)
+
+
+def load_model(path: str | os.PathLike) -> tuple[nn.Module, ClassList, TrainConfig]:
+    """The model a checkpoint predicts with (the teacher for mean-teacher methods)."""
+    ckpt = read_checkpoint(path)
+    classes = classes_from_checkpoint(ckpt)
+    cfg = config_from_checkpoint(ckpt)
+    model = build_detector(len(classes), cfg.model)
+    which = ckpt.get("predict_with", "student")
+    state = ckpt.get(which) or ckpt["student"]
+    load_state(model, state, ckpt["_path"])
+    model.eval()
+    return model, classes, cfg

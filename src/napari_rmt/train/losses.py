@@ -1,0 +1,46 @@
+"""The loss terms of Eqs. 4-6 and the EMA update of Eq. 7."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+
+def sparse_regulariser(class_logits: Tensor, p: float = 0.5) -> Tensor:
+    """Eq. 5: ``mean_n ||softmax(c_n)||_p^p`` over the box head's class vectors."""
+    if class_logits.numel() == 0:
+        return class_logits.sum() * 0.0
+    probs = torch.softmax(class_logits, dim=-1)
+    # A small floor keeps the gradient of x**p finite where a probability underflows to 0.
+    return probs.clamp_min(1e-12).pow(p).sum(dim=-1).mean()
+
+
+def unsupervised_loss(losses: dict[str, Tensor]) -> Tensor:
+    """Eq. 4: classification only (RPN objectness + box-head focal) on pseudo-labels."""
+    return losses["loss_objectness"] + losses["loss_classifier"]
+
+
+def supervised_loss(losses: dict[str, Tensor]) -> Tensor:
+    """Eq. 1: every Faster R-CNN term on labelled images."""
+    return sum(losses.values())  # type: ignore[return-value]
+
+
+def total_loss(sup: Tensor, unsup: Tensor, reg: Tensor, lambda_u: float, lambda_r: float) -> Tensor:
+    """Eq. 6: ``L = L_sup + lambda_u * L_unsup + lambda_r * L_reg``."""
+    return sup + lambda_u * unsup + lambda_r * reg
+
+
+@torch.no_grad()
+def ema_update(teacher: nn.Module, student: nn.Module, decay: float) -> None:
+    """Eq. 7: ``theta' <- sigma * theta' + (1 - sigma) * theta`` for every float tensor.
+
+    Float buffers (BatchNorm running statistics) follow the same rule; integer buffers
+    (BatchNorm's step counter) are copied.
+    """
+    t_state = teacher.state_dict()
+    for name, s_value in student.state_dict().items():
+        t_value = t_state[name]
+        if t_value.dtype.is_floating_point:
+            t_value.mul_(decay).add_(s_value.detach(), alpha=1.0 - decay)
+        else:
+            t_value.copy_(s_value)

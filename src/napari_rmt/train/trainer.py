@@ -1,0 +1,479 @@
+"""The training engine: one step at a time, reporting events, for every method.
+
+``Trainer.run()`` is a generator. Each ``next()`` does at most one training step and
+yields what happened, so the GUI's thread worker, the command line's progress bar and
+the tests drive the very same code, and a cancel lands between (or inside) steps
+without losing the last finished one.
+
+Per step (paper Sec. 2; SPEC §2):
+
+- every method: a labelled batch, weakly augmented, gives ``L_sup`` (Eq. 1);
+- ``ubt``/``rmt``/``rmt-noreg`` after burn-in: the frozen teacher labels a weakly
+  augmented unlabelled batch (score >= threshold); ``rmt*`` blend labelled cells into
+  the pseudo-boxes (Eq. 3); the student sees a strong photometric view and learns the
+  classification terms only (Eq. 4); ``rmt`` adds ``L_reg`` (Eq. 5); the sum is Eq. 6;
+  then the teacher follows by EMA (Eq. 7);
+- ``stac``: the first ``burn_in`` steps train the teacher on labelled data, then its
+  pseudo-labels (score >= 0.9) are made once and the student (initialised from it)
+  trains on them with all four detector losses, as in STAC.
+
+The loop is written for one process; data-parallel training only needs the student
+wrapped in DistributedDataParallel, per-rank samplers (``seed + rank``) and EMA on rank 0
+with a broadcast, since every piece of state lives on this object.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from ..data.classes import ClassList
+from ..data.errors import NapariRmtError
+from ..data.tiles import Tile
+from ..model.detector import build_detector
+from ..model.predict import predict_images
+from .augment import StrongAugment, hflip, weak
+from .checkpoint import (
+    CheckpointError,
+    classes_from_checkpoint,
+    config_from_checkpoint,
+    load_state,
+    read_checkpoint,
+    save_checkpoint,
+)
+from .config import TrainConfig
+from .events import CheckpointEvent, Event, FinishedEvent, IterationEvent, PhaseEvent, ValidationEvent
+from .losses import ema_update, sparse_regulariser, supervised_loss, total_loss, unsupervised_loss
+from .mixing import PatchBank, mix_pseudo_boxes
+
+
+class TrainingError(NapariRmtError):
+    """Training cannot go on: no labelled data, a non-finite loss, a device problem."""
+
+
+class _Cancelled(Exception):
+    pass
+
+
+class _Cycler:
+    """Endless shuffled passes over indices, from a seeded generator."""
+
+    def __init__(self, n: int, generator: torch.Generator) -> None:
+        self.n, self.g, self.order, self.pos = n, generator, [], 0
+
+    def take(self, k: int) -> list[int]:
+        out = []
+        for _ in range(k):
+            if self.pos >= len(self.order):
+                self.order, self.pos = torch.randperm(self.n, generator=self.g).tolist(), 0
+            out.append(self.order[self.pos])
+            self.pos += 1
+        return out
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError as exc:
+        raise TrainingError(f"device {name!r} is not a valid torch device") from exc
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise TrainingError(f"device {name!r} asked for, but CUDA is not available here")
+    return dev
+
+
+class Trainer:
+    """Trains a detector on labelled and unlabelled tiles with one of the five methods."""
+
+    def __init__(
+        self,
+        labelled: Sequence[Tile],
+        unlabelled: Sequence[Tile],
+        classes: ClassList,
+        config: TrainConfig | None = None,
+        *,
+        init_from: str | os.PathLike | dict | None = None,
+        validate: Callable[[nn.Module], dict[str, float]] | None = None,
+        checkpoint_path: str | os.PathLike | None = None,
+    ) -> None:
+        self.cfg = config or TrainConfig()
+        self.cfg.validate()
+        self.classes = classes
+        if len(classes) == 0:
+            raise TrainingError("there are no cell classes to learn")
+        if not labelled:
+            raise TrainingError(
+                "no labelled tiles: mark at least one tile as fully annotated before training"
+            )
+        if self.cfg.method != "supervised" and not unlabelled:
+            raise TrainingError(
+                f"method {self.cfg.method!r} needs unlabelled tiles, and every tile is labelled; "
+                "use method 'supervised' or leave some tiles unlabelled"
+            )
+        self.device = resolve_device(self.cfg.device)
+        self.validate_fn = validate
+        self.checkpoint_path = Path(checkpoint_path) if checkpoint_path else None
+        self._cancel = threading.Event()
+
+        torch.manual_seed(self.cfg.seed)
+        self.gen = torch.Generator().manual_seed(self.cfg.seed)
+        self.student = build_detector(len(classes), self.cfg.model).to(self.device)
+        self.teacher: nn.Module | None = None
+        self.iteration = 0
+        if init_from is not None:
+            self._warm_start(init_from)
+
+        # Tiles become uint8 tensors once: re-reading PNGs every step would dominate on CPUs.
+        self._labelled = [self._load_labelled(t) for t in labelled]
+        self._unlabelled = [self._load_image(t) for t in unlabelled]
+        self.missing_classes = [
+            c.name
+            for i, c in enumerate(classes, start=1)
+            if not any((lab == i).any() for _, _, lab in self._labelled)
+        ]
+        self.bank = (
+            PatchBank.from_labelled(
+                [im.float() / 255 for im, _, _ in self._labelled],
+                [b for _, b, _ in self._labelled],
+                [lab for _, _, lab in self._labelled],
+            )
+            if self.cfg.uses_mixing
+            else PatchBank()
+        )
+        self.strong = StrongAugment()
+        self._lab_cycle = _Cycler(len(self._labelled), self.gen)
+        self._unl_cycle = _Cycler(max(1, len(self._unlabelled)), self.gen)
+        self._stac_targets: list[tuple[Tensor, Tensor]] | None = None
+
+        params = [p for p in self.student.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.SGD(
+            params, lr=self.cfg.lr, momentum=self.cfg.momentum, weight_decay=self.cfg.weight_decay
+        )
+
+    # ------------------------------------------------------------------ public API
+    def cancel(self) -> None:
+        """Ask the run to stop; the step in progress is abandoned, the last finished one kept."""
+        self._cancel.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancel.is_set()
+
+    @property
+    def predict_with(self) -> str:
+        """Which network predicts: the teacher for mean-teacher methods once it exists."""
+        return "teacher" if self.cfg.uses_teacher and self.teacher is not None else "student"
+
+    @property
+    def model(self) -> nn.Module:
+        return self.teacher if self.predict_with == "teacher" else self.student  # type: ignore[return-value]
+
+    def run(self) -> Iterator[Event]:
+        cfg = self.cfg
+        start = time.perf_counter()
+        recent: deque[float] = deque(maxlen=20)
+        if self.missing_classes:
+            yield PhaseEvent(
+                self.iteration,
+                "warning",
+                f"no labelled box of class(es) {self.missing_classes}: the model cannot learn them, "
+                "and their pseudo-boxes stay unmixed",
+            )
+        while self.iteration < cfg.iterations:
+            if self._cancel.is_set():
+                break
+            phase_event = self._phase_transition()
+            if phase_event is not None:
+                yield phase_event
+            t0 = time.perf_counter()
+            # A step's forward passes already move BatchNorm statistics; an abandoned step
+            # (cancel, non-finite loss) puts them back, so the model is exactly the last step's.
+            buffers = {n: b.detach().clone() for n, b in self.student.named_buffers()}
+            try:
+                info = self._step()
+            except (_Cancelled, TrainingError) as exc:
+                self._restore_buffers(buffers)
+                if isinstance(exc, TrainingError):
+                    raise
+                break
+            self.iteration += 1
+            dt = time.perf_counter() - t0
+            recent.append(dt)
+            if self.iteration % max(1, cfg.log_every) == 0 or self.iteration == cfg.iterations:
+                yield IterationEvent(
+                    iteration=self.iteration,
+                    total=cfg.iterations,
+                    seconds=dt,
+                    eta=float(np.mean(recent)) * (cfg.iterations - self.iteration),
+                    **info,
+                )
+            if self.validate_fn and cfg.validate_every and self.iteration % cfg.validate_every == 0:
+                yield ValidationEvent(self.iteration, self.validate_fn(self.model))
+            if self.checkpoint_path and cfg.checkpoint_every and self.iteration % cfg.checkpoint_every == 0:
+                yield CheckpointEvent(self.iteration, str(self.save(self.checkpoint_path)))
+        yield FinishedEvent(self.iteration, self._cancel.is_set(), time.perf_counter() - start)
+
+    # ------------------------------------------------------------------ phases
+    def _phase_transition(self) -> PhaseEvent | None:
+        cfg = self.cfg
+        if self.teacher is not None or cfg.method == "supervised" or self.iteration < cfg.burn_in:
+            return None
+        self.teacher = self._frozen_copy(self.student.state_dict())
+        if cfg.method == "stac":
+            self._stac_targets = self._make_stac_pseudo_labels()
+            n = sum(len(b) for b, _ in self._stac_targets)
+            return PhaseEvent(
+                self.iteration,
+                "stac-student",
+                f"STAC teacher fixed after {self.iteration} steps; {n} pseudo-boxes (score >= "
+                f"{cfg.stac_threshold}) on {len(self._stac_targets)} unlabelled tiles",
+            )
+        return PhaseEvent(
+            self.iteration, "semi-supervised", f"burn-in done; teacher = student at step {self.iteration}"
+        )
+
+    def _frozen_copy(self, state: dict[str, Tensor]) -> nn.Module:
+        """A new detector holding ``state``, in eval mode with gradients off (the teacher).
+
+        Built afresh rather than deep-copied: the student carries graph tensors of the
+        last step (the box head's logits) that must not be duplicated.
+        """
+        model = build_detector(len(self.classes), self.cfg.model).to(self.device)
+        model.load_state_dict(state)
+        model.eval()
+        model.requires_grad_(False)
+        return model
+
+    def _phase_name(self) -> str:
+        if self.cfg.method == "supervised":
+            return "supervised"
+        if self.teacher is None:
+            return "burn-in"
+        return "stac-student" if self.cfg.method == "stac" else "semi-supervised"
+
+    # ------------------------------------------------------------------ one step
+    def _step(self) -> dict[str, Any]:
+        cfg = self.cfg
+        lr = self._set_lr()
+        self.student.train()
+        images, targets = self._labelled_batch()
+        self._check_cancel()
+        sup_terms = self.student(images, targets)
+        l_sup = supervised_loss(sup_terms)
+        zero = l_sup.new_zeros(())
+        l_unsup, l_reg = zero, zero
+        info: dict[str, Any] = {"pseudo_per_image": [], "mixed": 0, "unmixed": 0}
+        unsup_terms: dict[str, Tensor] = {}
+        phase = self._phase_name()
+        if phase == "semi-supervised":
+            self._check_cancel()
+            u_images, u_targets, info = self._pseudo_labelled_batch()
+            self._check_cancel()
+            unsup_terms = self.student(u_images, u_targets)
+            l_unsup = unsupervised_loss(unsup_terms)
+            if cfg.uses_reg:
+                l_reg = sparse_regulariser(self.student.roi_heads.last_class_logits, cfg.p_norm)
+        elif phase == "stac-student":
+            self._check_cancel()
+            u_images, u_targets, info = self._stac_batch()
+            unsup_terms = self.student(u_images, u_targets)
+            l_unsup = supervised_loss(unsup_terms)
+        loss = total_loss(l_sup, l_unsup, l_reg, cfg.lambda_u, cfg.lambda_r)
+        terms = {"sup": l_sup, "unsup": l_unsup, "reg": l_reg, "total": loss}
+        terms.update({f"sup/{k}": v for k, v in sup_terms.items()})
+        terms.update({f"unsup/{k}": v for k, v in unsup_terms.items()})
+        values = {k: float(v.detach()) for k, v in terms.items()}
+        bad = [k for k, v in values.items() if not math.isfinite(v)]
+        if bad:
+            raise TrainingError(
+                f"the loss became non-finite at step {self.iteration + 1} ({', '.join(bad)}); "
+                f"the model is kept as it was after step {self.iteration}. Try a lower lr (now {cfg.lr})."
+            )
+        self._check_cancel()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.student.parameters(), cfg.grad_clip)
+        self.optimizer.step()
+        if self.teacher is not None and cfg.uses_teacher:
+            ema_update(self.teacher, self.student, cfg.ema_decay)
+        return {"phase": phase, "losses": values, "lr": lr, **info}
+
+    def _restore_buffers(self, saved: dict[str, Tensor]) -> None:
+        with torch.no_grad():
+            for name, buf in self.student.named_buffers():
+                buf.copy_(saved[name])
+
+    def _check_cancel(self) -> None:
+        if self._cancel.is_set():
+            raise _Cancelled
+
+    def _set_lr(self) -> float:
+        cfg = self.cfg
+        if cfg.warmup and self.iteration < cfg.warmup:
+            factor = 0.001 + (1 - 0.001) * self.iteration / cfg.warmup
+        else:
+            factor = 1.0
+        lr = cfg.lr * factor
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        return lr
+
+    # ------------------------------------------------------------------ batches
+    def _labelled_batch(self) -> tuple[list[Tensor], list[dict[str, Tensor]]]:
+        images, targets = [], []
+        for i in self._lab_cycle.take(self.cfg.labelled_batch):
+            im, boxes, labels = self._labelled[i]
+            im, boxes = weak(im.float().div(255), boxes, self.gen)
+            images.append(im.to(self.device))
+            targets.append({"boxes": boxes.to(self.device), "labels": labels.to(self.device)})
+        return images, targets
+
+    def _pseudo_labelled_batch(self) -> tuple[list[Tensor], list[dict[str, Tensor]], dict[str, Any]]:
+        cfg = self.cfg
+        idx = self._unl_cycle.take(cfg.unlabelled_batch)
+        weak_views = []
+        for i in idx:
+            im = self._unlabelled[i].float().div(255)
+            if torch.rand((), generator=self.gen) < 0.5:
+                im = im.flip(-1)
+            weak_views.append(im)
+        assert self.teacher is not None
+        dets = predict_images(self.teacher, weak_views, batch_size=len(weak_views), device=self.device)
+        images, targets, per_image = [], [], []
+        mixed = unmixed = 0
+        for view, det in zip(weak_views, dets, strict=True):
+            keep = det["scores"] >= cfg.threshold
+            boxes, labels, scores = det["boxes"][keep], det["labels"][keep], det["scores"][keep]
+            per_image.append(int(keep.sum()))
+            if cfg.uses_mixing and len(boxes):
+                view, m, u = mix_pseudo_boxes(view, boxes, labels, scores, self.bank, self.gen)
+                mixed, unmixed = mixed + m, unmixed + u
+            images.append(self.strong(view).to(self.device))
+            targets.append({"boxes": boxes.to(self.device), "labels": labels.to(self.device)})
+        return images, targets, {"pseudo_per_image": per_image, "mixed": mixed, "unmixed": unmixed}
+
+    def _make_stac_pseudo_labels(self) -> list[tuple[Tensor, Tensor]]:
+        assert self.teacher is not None
+        out = []
+        for k in range(0, len(self._unlabelled), 8):
+            views = [im.float().div(255) for im in self._unlabelled[k : k + 8]]
+            for det in predict_images(self.teacher, views, batch_size=len(views), device=self.device):
+                keep = det["scores"] >= self.cfg.stac_threshold
+                out.append((det["boxes"][keep], det["labels"][keep]))
+        return out
+
+    def _stac_batch(self) -> tuple[list[Tensor], list[dict[str, Tensor]], dict[str, Any]]:
+        assert self._stac_targets is not None
+        images, targets, per_image = [], [], []
+        for i in self._unl_cycle.take(self.cfg.unlabelled_batch):
+            boxes, labels = self._stac_targets[i]
+            im = self._unlabelled[i].float().div(255)
+            if torch.rand((), generator=self.gen) < 0.5:
+                im, boxes = hflip(im, boxes)
+            images.append(self.strong(im).to(self.device))
+            targets.append({"boxes": boxes.to(self.device), "labels": labels.to(self.device)})
+            per_image.append(len(boxes))
+        return images, targets, {"pseudo_per_image": per_image, "mixed": 0, "unmixed": 0}
+
+    # ------------------------------------------------------------------ data
+    def _load_image(self, tile: Tile) -> Tensor:
+        return torch.from_numpy(np.ascontiguousarray(tile.pixels())).permute(2, 0, 1).contiguous()
+
+    def _load_labelled(self, tile: Tile) -> tuple[Tensor, Tensor, Tensor]:
+        im = self._load_image(tile)
+        b = tile.boxes
+        label_of = {cid: i for i, cid in enumerate(self.classes.ids, start=1)}
+        unknown = sorted(set(b.class_ids.tolist()) - set(label_of))
+        if unknown:
+            raise TrainingError(
+                f"tile {tile.name!r}: boxes of class ids {unknown} are not in {self.classes.names}"
+            )
+        keep = (b.xyxy[:, 2] > b.xyxy[:, 0]) & (b.xyxy[:, 3] > b.xyxy[:, 1])
+        boxes = torch.as_tensor(b.xyxy[keep], dtype=torch.float32).reshape(-1, 4)
+        labels = torch.as_tensor([label_of[int(c)] for c in b.class_ids[keep]], dtype=torch.int64)
+        return im, boxes, labels
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "config": self.cfg.to_dict(),
+            "classes": self.classes.to_json(),
+            "iteration": self.iteration,
+            "predict_with": self.predict_with,
+            "student": {k: v.detach().cpu() for k, v in self.student.state_dict().items()},
+            "teacher": None
+            if self.teacher is None
+            else {k: v.detach().cpu() for k, v in self.teacher.state_dict().items()},
+            "optimizer": self.optimizer.state_dict(),
+            # Random state, so a resumed run continues the very same sequence.
+            "rng": {
+                "generator": self.gen.get_state(),
+                "torch": torch.get_rng_state(),
+                "labelled_order": list(self._lab_cycle.order),
+                "labelled_pos": self._lab_cycle.pos,
+                "unlabelled_order": list(self._unl_cycle.order),
+                "unlabelled_pos": self._unl_cycle.pos,
+            },
+        }
+
+    def save(self, path: str | os.PathLike) -> Path:
+        return save_checkpoint(path, self.state_dict())
+
+    def _warm_start(self, source: str | os.PathLike | dict) -> None:
+        """Start from an earlier model's predicting weights (student and, if used, teacher)."""
+        ckpt = source if isinstance(source, dict) else read_checkpoint(source)
+        where = ckpt.get("_path", "checkpoint")
+        names = [c.name for c in classes_from_checkpoint(ckpt)]
+        if names != self.classes.names:
+            raise CheckpointError(f"{where}: trained for classes {names}, not {self.classes.names}")
+        state = ckpt.get(ckpt.get("predict_with", "student")) or ckpt["student"]
+        load_state(self.student, state, where)
+
+    @classmethod
+    def resume(
+        cls,
+        path: str | os.PathLike,
+        labelled: Sequence[Tile],
+        unlabelled: Sequence[Tile],
+        **kwargs: Any,
+    ) -> Trainer:
+        """Continue an interrupted run exactly where its checkpoint left it."""
+        ckpt = read_checkpoint(path)
+        cfg = config_from_checkpoint(ckpt)
+        classes = classes_from_checkpoint(ckpt)
+        trainer = cls(labelled, unlabelled, classes, cfg, **kwargs)
+        load_state(trainer.student, ckpt["student"], ckpt["_path"])
+        if ckpt.get("teacher") is not None:
+            load_state(trainer.student, ckpt["teacher"], ckpt["_path"])  # checks the shapes
+            trainer.teacher = trainer._frozen_copy(trainer.student.state_dict())
+            load_state(trainer.student, ckpt["student"], ckpt["_path"])
+            if cfg.method == "stac":
+                trainer._stac_targets = trainer._make_stac_pseudo_labels()
+        if ckpt.get("optimizer"):
+            trainer.optimizer.load_state_dict(ckpt["optimizer"])
+        trainer.iteration = int(ckpt.get("iteration", 0))
+        rng = ckpt.get("rng")
+        if rng:
+            trainer.gen.set_state(rng["generator"])
+            torch.set_rng_state(rng["torch"])
+            trainer._lab_cycle.order, trainer._lab_cycle.pos = (
+                list(rng["labelled_order"]),
+                rng["labelled_pos"],
+            )
+            trainer._unl_cycle.order, trainer._unl_cycle.pos = (
+                list(rng["unlabelled_order"]),
+                rng["unlabelled_pos"],
+            )
+        return trainer
