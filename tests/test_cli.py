@@ -5,10 +5,90 @@ from pycocotools.coco import COCO
 from napari_rmt.cli import main
 
 
-def test_demo_writes_a_coco_export_of_the_sample(tmp_path, capsys):
-    assert main(["demo", "--out", str(tmp_path)]) == 0
-    coco = COCO(str(tmp_path / "annotations.json"))
-    assert len(coco.getImgIds()) == 16 and len(coco.getAnnIds()) == 1100
-    geo = json.loads((tmp_path / "annotations.geojson").read_text())
-    assert len(geo["features"]) == 1100
-    assert "tumor 441" in capsys.readouterr().out
+def test_demo_trains_and_writes_predictions(tmp_path, capsys):
+    assert main(["demo", "--out", str(tmp_path), "--iterations", "2"]) == 0
+    gt = COCO(str(tmp_path / "annotations.json"))
+    assert len(gt.getImgIds()) == 4  # the four 'annotated' tiles
+    preds = json.loads((tmp_path / "predictions.json").read_text())
+    assert preds and {p["image_id"] for p in preds} <= set(range(1, 17)) - set(gt.getImgIds())
+    assert all(0.05 <= p["score"] <= 1 for p in preds)
+    geo = json.loads((tmp_path / "predictions.geojson").read_text())
+    assert len(geo["features"]) == len(preds)
+    assert (tmp_path / "model.pt").is_file()
+    assert "predicted boxes" in capsys.readouterr().out
+
+
+def test_train_then_predict_on_a_tiny_coco(tmp_path, capsys):
+    from conftest import make_coco
+
+    coco = make_coco(tmp_path / "data", n_images=4, size=(64, 64))
+    run = tmp_path / "run"
+    rc = main(["train", "--coco", str(coco), "--method", "rmt", "--labeled-fraction", "0.5", "--iterations", "3",
+               "--burn-in", "1", "--warmup", "1", "--threshold", "0.0", "--batch", "1", "--out", str(run)])
+    assert rc == 0
+    assert (run / "model.pt").is_file() and json.loads((run / "config.json").read_text())["method"] == "rmt"
+    events = [json.loads(x) for x in (run / "events.jsonl").read_text().splitlines()]
+    assert [e["iteration"] for e in events if e["event"] == "IterationEvent"] == [1, 2, 3]
+    assert len(json.loads((run / "labelled_ids.json").read_text())) == 2
+
+    pred = tmp_path / "pred.json"
+    assert main(["predict", "--model", str(run / "model.pt"), "--coco", str(coco), "--out", str(pred)]) == 0
+    gt = COCO(str(coco))
+    dt = gt.loadRes(str(pred))  # image ids are the COCO file's
+    assert set(dt.getImgIds()) <= set(gt.getImgIds())
+    images = sorted((tmp_path / "data" / "images").glob("*.png"))
+    pred2 = tmp_path / "pred2.json"
+    assert main(["predict", "--model", str(run), *map(str, images), "--out", str(pred2)]) == 0
+    index = json.loads(pred2.with_suffix(".images.json").read_text())
+    assert [i["id"] for i in index] == [1, 2, 3, 4]
+
+
+def test_cli_errors_are_one_line_with_exit_2(tmp_path, capsys):
+    bad = tmp_path / "bad.json"
+    bad.write_text("[]")
+    assert main(["train", "--coco", str(bad), "--iterations", "1", "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert "napari-rmt: error:" in err and "bad.json" in err and "Traceback" not in err
+    assert main(["predict", "--model", str(tmp_path / "missing.pt"), "--out", str(tmp_path / "p.json")]) == 2
+    assert "checkpoint not found" in capsys.readouterr().err
+
+
+def test_evaluate_perfect_and_centre(tmp_path, capsys):
+    from conftest import make_coco
+    from napari_rmt.data import read_coco, write_coco_results
+
+    coco = make_coco(tmp_path, n_images=2)
+    ts = read_coco(coco)
+    for t in ts:
+        t.predictions = t.boxes.copy()
+        t.predictions.scores[:] = 0.9
+    pred = write_coco_results(ts, tmp_path / "pred.json")
+    out = tmp_path / "eval.json"
+    assert main(["evaluate", "--gt", str(coco), "--pred", str(pred), "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["classes"]["any"]["f1"] == 1.0 and res["mAP"] > 0.99
+    assert res["classes"]["tumor"]["tp"] == 2
+    assert "mAP 100.0 %" in capsys.readouterr().out
+    assert main(["evaluate", "--gt", str(coco), "--pred", str(pred), "--match", "centre", "--radius", "2"]) == 0
+
+
+def test_experiment_grid_resumes_and_writes_reports(tmp_path, capsys):
+    from conftest import make_coco
+
+    coco = make_coco(tmp_path / "d", n_images=10, size=(48, 48))
+    out = tmp_path / "exp"
+    args = ["experiment", "--coco", str(coco), "--fractions", "0.3", "--methods", "supervised", "rmt",
+            "--iterations", "2", "--burn-in", "1", "--warmup", "1", "--threshold", "0.0", "--batch", "1",
+            "--out", str(out)]
+    assert main(args) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert [r["run"] for r in results] == ["supervised_f0.3_s0", "rmt_f0.3_s0"]
+    assert "student" in results[1] and results[1]["predicts_with"] == "teacher"
+    table = (out / "table.md").read_text()
+    assert "| supervised |" in table and "| rmt |" in table and "**" in table
+    assert (out / "map.png").read_bytes()[:4] == b"\x89PNG"
+    split = json.loads((out / "split.json").read_text())
+    assert not set(split["train"]) & set(split["test"])
+    capsys.readouterr()
+    assert main(args) == 0  # second call: everything done, skipped
+    assert "skipped" in capsys.readouterr().err

@@ -253,3 +253,18 @@ def test_predictions_are_thresholded_sorted_and_use_class_ids(tiny_tiles):
         assert (boxes.scores >= 0.1).all() and (boxes.scores[:-1] >= boxes.scores[1:]).all()
         assert set(boxes.class_ids.tolist()) <= set(CLASSES.ids)
         assert (boxes.sources == 1).all()
+
+
+def test_periodic_validation_events(tiny_tiles):
+    from napari_rmt.train import ValidationEvent
+
+    calls = []
+
+    def validate(model):
+        calls.append(model.training)
+        return {"score": float(len(calls))}
+
+    cfg = tiny_config("supervised", iterations=4, validate_every=2)
+    events = list(Trainer(tiny_tiles[:3], tiny_tiles[3:], CLASSES, cfg, validate=validate).run())
+    vals = [e for e in events if isinstance(e, ValidationEvent)]
+    assert [(v.iteration, v.metrics["score"]) for v in vals] == [(2, 1.0), (4, 2.0)]

@@ -336,6 +336,67 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from .data.atomic import atomic_write_json
+    from .data.coco import read_coco, read_coco_results
+    from .evaluate.metrics import coco_map, f1_scores
+
+    dataset = read_coco(args.gt, check_files=False)
+    read_coco_results(args.pred, dataset)
+    tiles = list(dataset)
+    pairs = [(t.boxes, t.predictions) for t in tiles]
+    radius = args.radius if args.match == "centre" else None
+    counts = f1_scores(pairs, dataset.classes.ids, iou=args.iou, score_threshold=args.score_threshold,
+                       radius=radius)
+    maps = coco_map(pairs, dataset.classes.ids, sizes=[(t.width, t.height) for t in tiles])
+    names = {str(c.id): c.name for c in dataset.classes}
+    crit = f"centre within {args.radius:g} px" if radius else f"IoU >= {args.iou:g}"
+    print(f"{len(tiles)} images; predictions with score > {args.score_threshold:g}, NMS; match: {crit}")
+    print(f"{'class':<16}{'F1 %':>8}{'prec %':>8}{'recall %':>10}{'pred':>8}{'true':>8}{'AP50 %':>8}")
+    rows = {}
+    for key, c in counts.items():
+        name = names.get(key, key)
+        ap = maps.get(f"AP50/{key}")
+        rows[name] = {"f1": c.f1, "precision": c.precision, "recall": c.recall, "tp": c.tp,
+                      "n_pred": c.n_pred, "n_gt": c.n_gt, "ap50": ap}
+        ap_s = f"{100 * ap:8.1f}" if ap is not None else f"{'':>8}"
+        print(f"{name:<16}{100 * c.f1:8.1f}{100 * c.precision:8.1f}{100 * c.recall:10.1f}{c.n_pred:8d}{c.n_gt:8d}{ap_s}")
+    print(f"mAP {100 * maps['mAP']:.1f} %   mAP@50 {100 * maps['mAP50']:.1f} %")
+    if args.json:
+        atomic_write_json(args.json, {"classes": rows, "mAP": maps["mAP"], "mAP50": maps["mAP50"],
+                                      "match": args.match, "iou": args.iou, "radius": radius,
+                                      "score_threshold": args.score_threshold}, indent=1)
+        print(f"wrote {args.json}")
+    return 0
+
+
+def _cmd_experiment(args: argparse.Namespace) -> int:
+    from .evaluate.experiment import ExperimentConfig, run_experiment
+    from .train.events import IterationEvent
+
+    cfg = ExperimentConfig(
+        coco=args.coco, images=args.images, out=args.out, group_key=args.group_key,
+        fractions=args.fractions, methods=args.methods, seeds=args.seeds, split_seed=args.split_seed,
+        labelled_by_group=args.labelled_by_group, train=_config_from_args(args),
+    )
+    bars: dict[str, ProgressBar] = {}
+
+    def on_event(rid, ev):
+        if isinstance(ev, IterationEvent):
+            bar = bars.setdefault(rid, ProgressBar(ev.total, label=rid))
+            bar.update(ev.iteration, f"loss {ev.losses['total']:.3f}", ev.eta)
+            if ev.iteration == ev.total:
+                bar.close()
+
+    run_experiment(cfg, on_event=on_event, log=lambda m: print(f"napari-rmt: {m}", file=sys.stderr))
+    out = Path(args.out)
+    print((out / "table.md").read_text())
+    for name in ("results.json", "results.csv", "table.md", "map.png"):
+        if (out / name).exists():
+            print(f"wrote {out / name}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="napari-rmt",
@@ -377,6 +438,32 @@ def build_parser() -> argparse.ArgumentParser:
     pred.add_argument("--batch-size", type=int, default=4)
     pred.add_argument("--device", default="auto")
     pred.set_defaults(func=_cmd_predict)
+
+    ev = sub.add_parser("evaluate", help="per-class F1 and COCO mAP of predictions against annotations")
+    ev.add_argument("--gt", required=True, help="COCO json with the true boxes")
+    ev.add_argument("--pred", required=True, help="COCO results json (with scores)")
+    ev.add_argument("--match", choices=("iou", "centre"), default="iou")
+    ev.add_argument("--iou", type=float, default=0.5)
+    ev.add_argument("--radius", type=float, default=6.0, help="centre distance in pixels (--match centre)")
+    ev.add_argument("--score-threshold", type=float, default=0.5)
+    ev.add_argument("--json", default=None, help="also write the numbers to this json")
+    ev.set_defaults(func=_cmd_evaluate)
+
+    from .train.config import METHODS
+
+    ex = sub.add_parser("experiment", help="rerun the paper's comparison on a COCO dataset")
+    ex.add_argument("--coco", required=True)
+    ex.add_argument("--images", default=None)
+    ex.add_argument("--group-key", default=None, help="split by this image field (e.g. source_tile)")
+    ex.add_argument("--fractions", type=float, nargs="+", default=[0.02, 0.05, 0.1, 0.2])
+    ex.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    ex.add_argument("--seeds", type=int, nargs="+", default=[0])
+    ex.add_argument("--split-seed", type=int, default=0)
+    ex.add_argument("--labelled-by-group", action="store_true",
+                    help="pick labelled images by whole groups (default: image by image, as the paper)")
+    ex.add_argument("--out", required=True)
+    _add_training_options(ex)
+    ex.set_defaults(func=_cmd_experiment)
 
     demo = sub.add_parser("demo", help="train RMT briefly on the bundled sample and write predictions")
     demo.add_argument("--out", default="demo_out", help="output folder (default: demo_out)")
