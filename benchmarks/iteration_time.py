@@ -34,8 +34,11 @@ def main() -> None:
     ap.add_argument("--full-heads", action="store_true")
     ap.add_argument("--threshold", type=float, default=0.3)
     ap.add_argument("--methods", nargs="+", default=["supervised", "ubt", "rmt"])
-    ap.add_argument("--init-from", default=None,
-                    help="start student (and so the teacher) from this model.pt: realistic pseudo-labels")
+    ap.add_argument(
+        "--init-from",
+        default=None,
+        help="start student (and so the teacher) from this model.pt: realistic pseudo-labels",
+    )
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
 
@@ -46,8 +49,14 @@ def main() -> None:
     results = {}
     for method in args.methods:
         cfg = TrainConfig(
-            method=method, iterations=args.iterations + skip, burn_in=0, warmup=0, lr=0.005,
-            labelled_batch=args.batch, unlabelled_batch=args.batch, threshold=args.threshold,
+            method=method,
+            iterations=args.iterations + skip,
+            burn_in=0,
+            warmup=0,
+            lr=0.005,
+            labelled_batch=args.batch,
+            unlabelled_batch=args.batch,
+            threshold=args.threshold,
             model=ModelConfig(backbone=args.backbone, light_heads=not args.full_heads),
         )
         trainer = Trainer(lab, unl, classes, cfg, init_from=args.init_from)
@@ -69,8 +78,14 @@ def main() -> None:
         for m in results:
             results[m]["ratio_to_supervised"] = results[m]["median_s"] / results["supervised"]["median_s"]
     report = {
-        "backbone": args.backbone, "init_from": args.init_from, "threshold": args.threshold, "batch": args.batch, "tile": 256, "light_heads": not args.full_heads,
-        "threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(),
+        "backbone": args.backbone,
+        "init_from": args.init_from,
+        "threshold": args.threshold,
+        "batch": args.batch,
+        "tile": 256,
+        "light_heads": not args.full_heads,
+        "threads": torch.get_num_threads(),
+        "machine": platform.processor() or platform.machine(),
         "results": results,
     }
     print(json.dumps(report, indent=1))

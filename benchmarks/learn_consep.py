@@ -35,8 +35,13 @@ def evaluate(model, tiles, classes) -> dict:
     counts = f1_scores(((t.boxes, p) for t, p in zip(tiles, preds, strict=True)), classes.ids)
     names = {str(c.id): c.name for c in classes}
     return {
-        names.get(k, k): {"f1": round(100 * v.f1, 1), "precision": round(100 * v.precision, 1),
-                          "recall": round(100 * v.recall, 1), "n_pred": v.n_pred, "n_gt": v.n_gt}
+        names.get(k, k): {
+            "f1": round(100 * v.f1, 1),
+            "precision": round(100 * v.precision, 1),
+            "recall": round(100 * v.recall, 1),
+            "n_pred": v.n_pred,
+            "n_gt": v.n_gt,
+        }
         for k, v in counts.items()
     }
 
@@ -62,9 +67,15 @@ def main() -> None:
     train, _val, test = split_by_group(list(ts), "source_tile", seed=args.seed)
     lab, unl = pick_labelled(train, args.fraction, "source_tile", seed=args.seed)
     cfg = TrainConfig(
-        method=args.method, iterations=args.iterations, burn_in=args.burn_in, warmup=100, lr=0.02,
-        labelled_batch=args.labelled_batch, unlabelled_batch=args.unlabelled_batch,
-        threshold=args.threshold, seed=args.seed,
+        method=args.method,
+        iterations=args.iterations,
+        burn_in=args.burn_in,
+        warmup=100,
+        lr=0.02,
+        labelled_batch=args.labelled_batch,
+        unlabelled_batch=args.unlabelled_batch,
+        threshold=args.threshold,
+        seed=args.seed,
         model=ModelConfig(backbone=args.backbone, light_heads=not args.full_heads),
     )
     print(f"{args.method}: {len(lab)} labelled, {len(unl)} unlabelled, {len(test)} test patches", flush=True)
@@ -73,20 +84,38 @@ def main() -> None:
     with open(out / "events.jsonl", "w") as log:
         for ev in trainer.run():
             if isinstance(ev, IterationEvent):
-                log.write(json.dumps({"it": ev.iteration, "phase": ev.phase, "s": round(ev.seconds, 3),
-                                      "pseudo": ev.pseudo_per_image, "mixed": ev.mixed,
-                                      "losses": {k: round(v, 4) for k, v in ev.losses.items()}}) + "\n")
+                log.write(
+                    json.dumps(
+                        {
+                            "it": ev.iteration,
+                            "phase": ev.phase,
+                            "s": round(ev.seconds, 3),
+                            "pseudo": ev.pseudo_per_image,
+                            "mixed": ev.mixed,
+                            "losses": {k: round(v, 4) for k, v in ev.losses.items()},
+                        }
+                    )
+                    + "\n"
+                )
                 if ev.iteration % 20 == 0:
-                    print(f"{ev.iteration}/{ev.total} {ev.phase} loss {ev.losses['total']:.3f} "
-                          f"pseudo {ev.pseudo_per_image} {time.perf_counter() - t0:.0f}s", flush=True)
+                    print(
+                        f"{ev.iteration}/{ev.total} {ev.phase} loss {ev.losses['total']:.3f} "
+                        f"pseudo {ev.pseudo_per_image} {time.perf_counter() - t0:.0f}s",
+                        flush=True,
+                    )
             elif isinstance(ev, (PhaseEvent, FinishedEvent)):
                 print(ev, flush=True)
     train_s = time.perf_counter() - t0
     trainer.save(out / "model.pt")
     result = {
-        "method": args.method, "config": cfg.to_dict(), "train_seconds": round(train_s, 1),
-        "labelled": len(lab), "unlabelled": len(unl), "test": len(test),
-        "threads": torch.get_num_threads(), "machine": platform.machine(),
+        "method": args.method,
+        "config": cfg.to_dict(),
+        "train_seconds": round(train_s, 1),
+        "labelled": len(lab),
+        "unlabelled": len(unl),
+        "test": len(test),
+        "threads": torch.get_num_threads(),
+        "machine": platform.machine(),
         "model_f1": evaluate(trainer.model, test, ts.classes),
     }
     if trainer.teacher is not None:

@@ -32,8 +32,14 @@ def main() -> None:
     ts = read_coco(DATA)
     tiles = list(ts)
     cfg = TrainConfig(
-        method="rmt", iterations=args.iterations, burn_in=1, warmup=0, lr=0.005,
-        labelled_batch=args.batch, unlabelled_batch=args.batch, threshold=args.threshold,
+        method="rmt",
+        iterations=args.iterations,
+        burn_in=1,
+        warmup=0,
+        lr=0.005,
+        labelled_batch=args.batch,
+        unlabelled_batch=args.batch,
+        threshold=args.threshold,
         model=ModelConfig(backbone=args.backbone, light_heads=not args.full_heads),
     )
     pseudo = []
@@ -41,9 +47,18 @@ def main() -> None:
         if isinstance(ev, IterationEvent) and ev.pseudo_per_image:
             pseudo.append(sum(ev.pseudo_per_image))
     peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
-    print(json.dumps({"backbone": args.backbone, "batch": args.batch, "tile": 256,
-                      "light_heads": not args.full_heads, "pseudo_boxes_per_step": pseudo,
-                      "peak_rss_gib": round(peak_gib, 2)}))
+    print(
+        json.dumps(
+            {
+                "backbone": args.backbone,
+                "batch": args.batch,
+                "tile": 256,
+                "light_heads": not args.full_heads,
+                "pseudo_boxes_per_step": pseudo,
+                "peak_rss_gib": round(peak_gib, 2),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -23,8 +23,29 @@ def test_train_then_predict_on_a_tiny_coco(tmp_path, capsys):
 
     coco = make_coco(tmp_path / "data", n_images=4, size=(64, 64))
     run = tmp_path / "run"
-    rc = main(["train", "--coco", str(coco), "--method", "rmt", "--labeled-fraction", "0.5", "--iterations", "3",
-               "--burn-in", "1", "--warmup", "1", "--threshold", "0.0", "--batch", "1", "--out", str(run)])
+    rc = main(
+        [
+            "train",
+            "--coco",
+            str(coco),
+            "--method",
+            "rmt",
+            "--labeled-fraction",
+            "0.5",
+            "--iterations",
+            "3",
+            "--burn-in",
+            "1",
+            "--warmup",
+            "1",
+            "--threshold",
+            "0.0",
+            "--batch",
+            "1",
+            "--out",
+            str(run),
+        ]
+    )
     assert rc == 0
     assert (run / "model.pt").is_file() and json.loads((run / "config.json").read_text())["method"] == "rmt"
     events = [json.loads(x) for x in (run / "events.jsonl").read_text().splitlines()]
@@ -69,7 +90,9 @@ def test_evaluate_perfect_and_centre(tmp_path, capsys):
     assert res["classes"]["any"]["f1"] == 1.0 and res["mAP"] > 0.99
     assert res["classes"]["tumor"]["tp"] == 2
     assert "mAP 100.0 %" in capsys.readouterr().out
-    assert main(["evaluate", "--gt", str(coco), "--pred", str(pred), "--match", "centre", "--radius", "2"]) == 0
+    assert (
+        main(["evaluate", "--gt", str(coco), "--pred", str(pred), "--match", "centre", "--radius", "2"]) == 0
+    )
 
 
 def test_experiment_grid_resumes_and_writes_reports(tmp_path, capsys):
@@ -77,9 +100,28 @@ def test_experiment_grid_resumes_and_writes_reports(tmp_path, capsys):
 
     coco = make_coco(tmp_path / "d", n_images=10, size=(48, 48))
     out = tmp_path / "exp"
-    args = ["experiment", "--coco", str(coco), "--fractions", "0.3", "--methods", "supervised", "rmt",
-            "--iterations", "2", "--burn-in", "1", "--warmup", "1", "--threshold", "0.0", "--batch", "1",
-            "--out", str(out)]
+    args = [
+        "experiment",
+        "--coco",
+        str(coco),
+        "--fractions",
+        "0.3",
+        "--methods",
+        "supervised",
+        "rmt",
+        "--iterations",
+        "2",
+        "--burn-in",
+        "1",
+        "--warmup",
+        "1",
+        "--threshold",
+        "0.0",
+        "--batch",
+        "1",
+        "--out",
+        str(out),
+    ]
     assert main(args) == 0
     results = json.loads((out / "results.json").read_text())
     assert [r["run"] for r in results] == ["supervised_f0.3_s0", "rmt_f0.3_s0"]

@@ -8,7 +8,9 @@ from napari_rmt.evaluate.metrics import f1_scores, iou_matrix, match_boxes, nms_
 
 
 def B(rows, cls, scores=None):
-    return Boxes(np.array(rows, dtype=float).reshape(-1, 4), cls, scores if scores is not None else [np.nan] * len(cls))
+    return Boxes(
+        np.array(rows, dtype=float).reshape(-1, 4), cls, scores if scores is not None else [np.nan] * len(cls)
+    )
 
 
 def test_iou_by_hand():

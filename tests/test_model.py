@@ -12,7 +12,9 @@ from napari_rmt.train.augment import StrongAugment, hflip, weak
 
 
 def _norm_types(model):
-    return {type(m) for m in model.backbone.body.modules() if isinstance(m, (nn.BatchNorm2d, FrozenBatchNorm2d))}
+    return {
+        type(m) for m in model.backbone.body.modules() if isinstance(m, (nn.BatchNorm2d, FrozenBatchNorm2d))
+    }
 
 
 def test_random_init_uses_trainable_batchnorm_and_native_size():
@@ -53,7 +55,9 @@ def test_foreign_or_missing_weights_are_refused(tmp_path):
 def test_mobilenet_backbone_builds_and_runs():
     model = build_detector(2, ModelConfig(backbone="mobilenet_v3_large"))
     model.train()
-    losses = model([torch.rand(3, 64, 64)], [{"boxes": torch.tensor([[4.0, 4, 20, 20]]), "labels": torch.tensor([1])}])
+    losses = model(
+        [torch.rand(3, 64, 64)], [{"boxes": torch.tensor([[4.0, 4, 20, 20]]), "labels": torch.tensor([1])}]
+    )
     assert set(losses) == {"loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg"}
 
 

@@ -5,8 +5,11 @@ from napari_rmt.data.split import pick_labelled, split_by_group
 
 
 def _tiles(n_groups=10, per=4):
-    return [Tile(id=g * per + k + 1, name=f"{g}_{k}", width=8, height=8, meta={"src": f"g{g}"})
-            for g in range(n_groups) for k in range(per)]
+    return [
+        Tile(id=g * per + k + 1, name=f"{g}_{k}", width=8, height=8, meta={"src": f"g{g}"})
+        for g in range(n_groups)
+        for k in range(per)
+    ]
 
 
 def test_split_keeps_groups_together_and_is_seeded():

@@ -346,8 +346,9 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     tiles = list(dataset)
     pairs = [(t.boxes, t.predictions) for t in tiles]
     radius = args.radius if args.match == "centre" else None
-    counts = f1_scores(pairs, dataset.classes.ids, iou=args.iou, score_threshold=args.score_threshold,
-                       radius=radius)
+    counts = f1_scores(
+        pairs, dataset.classes.ids, iou=args.iou, score_threshold=args.score_threshold, radius=radius
+    )
     maps = coco_map(pairs, dataset.classes.ids, sizes=[(t.width, t.height) for t in tiles])
     names = {str(c.id): c.name for c in dataset.classes}
     crit = f"centre within {args.radius:g} px" if radius else f"IoU >= {args.iou:g}"
@@ -357,15 +358,34 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     for key, c in counts.items():
         name = names.get(key, key)
         ap = maps.get(f"AP50/{key}")
-        rows[name] = {"f1": c.f1, "precision": c.precision, "recall": c.recall, "tp": c.tp,
-                      "n_pred": c.n_pred, "n_gt": c.n_gt, "ap50": ap}
+        rows[name] = {
+            "f1": c.f1,
+            "precision": c.precision,
+            "recall": c.recall,
+            "tp": c.tp,
+            "n_pred": c.n_pred,
+            "n_gt": c.n_gt,
+            "ap50": ap,
+        }
         ap_s = f"{100 * ap:8.1f}" if ap is not None else f"{'':>8}"
-        print(f"{name:<16}{100 * c.f1:8.1f}{100 * c.precision:8.1f}{100 * c.recall:10.1f}{c.n_pred:8d}{c.n_gt:8d}{ap_s}")
+        print(
+            f"{name:<16}{100 * c.f1:8.1f}{100 * c.precision:8.1f}{100 * c.recall:10.1f}{c.n_pred:8d}{c.n_gt:8d}{ap_s}"
+        )
     print(f"mAP {100 * maps['mAP']:.1f} %   mAP@50 {100 * maps['mAP50']:.1f} %")
     if args.json:
-        atomic_write_json(args.json, {"classes": rows, "mAP": maps["mAP"], "mAP50": maps["mAP50"],
-                                      "match": args.match, "iou": args.iou, "radius": radius,
-                                      "score_threshold": args.score_threshold}, indent=1)
+        atomic_write_json(
+            args.json,
+            {
+                "classes": rows,
+                "mAP": maps["mAP"],
+                "mAP50": maps["mAP50"],
+                "match": args.match,
+                "iou": args.iou,
+                "radius": radius,
+                "score_threshold": args.score_threshold,
+            },
+            indent=1,
+        )
         print(f"wrote {args.json}")
     return 0
 
@@ -375,9 +395,16 @@ def _cmd_experiment(args: argparse.Namespace) -> int:
     from .train.events import IterationEvent
 
     cfg = ExperimentConfig(
-        coco=args.coco, images=args.images, out=args.out, group_key=args.group_key,
-        fractions=args.fractions, methods=args.methods, seeds=args.seeds, split_seed=args.split_seed,
-        labelled_by_group=args.labelled_by_group, train=_config_from_args(args),
+        coco=args.coco,
+        images=args.images,
+        out=args.out,
+        group_key=args.group_key,
+        fractions=args.fractions,
+        methods=args.methods,
+        seeds=args.seeds,
+        split_seed=args.split_seed,
+        labelled_by_group=args.labelled_by_group,
+        train=_config_from_args(args),
     )
     bars: dict[str, ProgressBar] = {}
 
@@ -459,8 +486,11 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     ex.add_argument("--seeds", type=int, nargs="+", default=[0])
     ex.add_argument("--split-seed", type=int, default=0)
-    ex.add_argument("--labelled-by-group", action="store_true",
-                    help="pick labelled images by whole groups (default: image by image, as the paper)")
+    ex.add_argument(
+        "--labelled-by-group",
+        action="store_true",
+        help="pick labelled images by whole groups (default: image by image, as the paper)",
+    )
     ex.add_argument("--out", required=True)
     _add_training_options(ex)
     ex.set_defaults(func=_cmd_experiment)

@@ -73,15 +73,25 @@ def evaluate_model(model, tiles: Sequence[Tile], classes: ClassList, cfg: Experi
 
 
 def run_experiment(
-    cfg: ExperimentConfig, on_event: Callable[[str, Event], None] | None = None, log: Callable[[str], None] = print
+    cfg: ExperimentConfig,
+    on_event: Callable[[str, Event], None] | None = None,
+    log: Callable[[str], None] = print,
 ) -> list[dict]:
     out = Path(cfg.out)
     (out / "runs").mkdir(parents=True, exist_ok=True)
     dataset = read_coco(cfg.coco, images_dir=cfg.images)
     train, val, test = split_by_group(list(dataset), cfg.group_key, cfg.ratios, seed=cfg.split_seed)
-    atomic_write_json(out / "split.json", {"train": [t.id for t in train], "val": [t.id for t in val],
-                                           "test": [t.id for t in test], "group_key": cfg.group_key,
-                                           "seed": cfg.split_seed}, indent=1)
+    atomic_write_json(
+        out / "split.json",
+        {
+            "train": [t.id for t in train],
+            "val": [t.id for t in val],
+            "test": [t.id for t in test],
+            "group_key": cfg.group_key,
+            "seed": cfg.split_seed,
+        },
+        indent=1,
+    )
     log(f"split by {cfg.group_key}: {len(train)} train, {len(val)} val, {len(test)} test images")
     records = []
     for fraction in cfg.fractions:
@@ -95,16 +105,24 @@ def run_experiment(
                     log(f"{rid}: done before, skipped")
                     records.append(json.loads(result_path.read_text()))
                     continue
-                records.append(_one_run(cfg, dataset.classes, method, fraction, seed, lab, unl, test, run_dir,
-                                        on_event, log))
+                records.append(
+                    _one_run(
+                        cfg, dataset.classes, method, fraction, seed, lab, unl, test, run_dir, on_event, log
+                    )
+                )
     write_reports(records, out, dataset.classes.names)
     return records
 
 
 def _one_run(cfg, classes, method, fraction, seed, lab, unl, test, run_dir: Path, on_event, log) -> dict:
     rid = run_id(method, fraction, seed)
-    tcfg = dataclasses.replace(cfg.train, method=method, seed=seed, checkpoint_every=cfg.checkpoint_every,
-                               model=dataclasses.replace(cfg.train.model))
+    tcfg = dataclasses.replace(
+        cfg.train,
+        method=method,
+        seed=seed,
+        checkpoint_every=cfg.checkpoint_every,
+        model=dataclasses.replace(cfg.train.model),
+    )
     if method == "stac" and not 0 < tcfg.burn_in < tcfg.iterations:
         tcfg.burn_in = tcfg.iterations // 2
     unl_used = unl if method != "supervised" else []
@@ -122,9 +140,16 @@ def _one_run(cfg, classes, method, fraction, seed, lab, unl, test, run_dir: Path
     seconds = time.perf_counter() - t0
     trainer.save(ckpt)
     record = {
-        "run": rid, "method": method, "fraction": fraction, "seed": seed, "labelled": len(lab),
-        "unlabelled": len(unl_used), "test": len(test), "train_seconds": round(seconds, 1),
-        "config": trainer.cfg.to_dict(), "labelled_ids": [t.id for t in lab],
+        "run": rid,
+        "method": method,
+        "fraction": fraction,
+        "seed": seed,
+        "labelled": len(lab),
+        "unlabelled": len(unl_used),
+        "test": len(test),
+        "train_seconds": round(seconds, 1),
+        "config": trainer.cfg.to_dict(),
+        "labelled_ids": [t.id for t in lab],
         "predicts_with": trainer.predict_with,
         "model": evaluate_model(trainer.model, test, classes, cfg, trainer.device),
     }
@@ -152,9 +177,16 @@ def write_reports(records: list[dict], out: Path, class_names: Sequence[str]) ->
             if which not in r:
                 continue
             m = r[which]
-            row = {"run": r["run"], "method": r["method"], "fraction": r["fraction"], "seed": r["seed"],
-                   "model": r.get("predicts_with", "student") if which == "model" else "student",
-                   "train_seconds": r["train_seconds"], "mAP": m["mAP"], "mAP50": m["mAP50"]}
+            row = {
+                "run": r["run"],
+                "method": r["method"],
+                "fraction": r["fraction"],
+                "seed": r["seed"],
+                "model": r.get("predicts_with", "student") if which == "model" else "student",
+                "train_seconds": r["train_seconds"],
+                "mAP": m["mAP"],
+                "mAP50": m["mAP50"],
+            }
             row.update({f"f1/{c}": m["f1"].get(c, "") for c in [*class_names, "any"]})
             w.writerow(row)
     data = buf.getvalue().encode()
@@ -198,10 +230,14 @@ def results_table(records: list[dict], class_names: Sequence[str]) -> str:
                 continue
             mean, sd = cells[(m, f, c)]
             text = f"{mean:.1f}" + (f" ± {sd:.1f}" if max(n_seeds) > 1 else "")
-            row.append(f"**{text}**" if best[(f, c)] is not None and abs(mean - best[(f, c)]) < 1e-9 else text)
+            row.append(
+                f"**{text}**" if best[(f, c)] is not None and abs(mean - best[(f, c)]) < 1e-9 else text
+            )
         lines.append("| " + " | ".join(row) + " |")
-    note = (f"\nF1 % of the teacher (mean teacher methods) or the trained model, on the test split; "
-            f"score > 0.5, NMS, IoU >= 0.5; mAP = COCO AP@[.5:.95] %. Seeds per cell: {sorted(n_seeds)}.\n")
+    note = (
+        f"\nF1 % of the teacher (mean teacher methods) or the trained model, on the test split; "
+        f"score > 0.5, NMS, IoU >= 0.5; mAP = COCO AP@[.5:.95] %. Seeds per cell: {sorted(n_seeds)}.\n"
+    )
     return "\n".join(lines) + "\n" + note
 
 

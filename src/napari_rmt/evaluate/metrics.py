@@ -169,18 +169,36 @@ def coco_map(
         w, h = sizes[i - 1] if sizes is not None else (10**6, 10**6)
         images.append({"id": i, "width": int(w), "height": int(h), "file_name": f"{i}"})
         for xywh, c in zip(truth.xywh, truth.class_ids, strict=True):
-            anns.append({"id": len(anns) + 1, "image_id": i, "category_id": int(c), "bbox": [float(v) for v in xywh],
-                         "area": float(xywh[2] * xywh[3]), "iscrowd": 0})
+            anns.append(
+                {
+                    "id": len(anns) + 1,
+                    "image_id": i,
+                    "category_id": int(c),
+                    "bbox": [float(v) for v in xywh],
+                    "area": float(xywh[2] * xywh[3]),
+                    "iscrowd": 0,
+                }
+            )
         for xywh, c, s in zip(pred.xywh, pred.class_ids, pred.scores, strict=True):
-            dets.append({"image_id": i, "category_id": int(c), "bbox": [float(v) for v in xywh],
-                         "score": float(s) if np.isfinite(s) else 1.0})
+            dets.append(
+                {
+                    "image_id": i,
+                    "category_id": int(c),
+                    "bbox": [float(v) for v in xywh],
+                    "score": float(s) if np.isfinite(s) else 1.0,
+                }
+            )
     out = {"mAP": 0.0, "mAP50": 0.0}
     if not anns or not dets:
         return out
     with contextlib.redirect_stdout(io.StringIO()):
         gt = COCO()
-        gt.dataset = {"info": {}, "images": images, "annotations": anns,
-                      "categories": [{"id": int(c), "name": str(c)} for c in class_ids]}
+        gt.dataset = {
+            "info": {},
+            "images": images,
+            "annotations": anns,
+            "categories": [{"id": int(c), "name": str(c)} for c in class_ids],
+        }
         gt.createIndex()
         dt = gt.loadRes(dets)
         ev = COCOeval(gt, dt, "bbox")

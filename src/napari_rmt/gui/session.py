@@ -1,0 +1,305 @@
+"""The viewer side of a project: one tile on screen at a time, kept in sync with the store.
+
+The project's ``TileSet`` is the one record; the three layers (the tile's image, its
+annotations, its predictions) are views of the current tile. Switching tiles first
+writes the layers back into the store, then shows the new tile, so the Shapes layers
+never hold more than one tile's boxes and stay fast with thousands of boxes in all.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+from ..data.boxes import Boxes, BoxSource
+from ..data.classes import ClassList
+from ..data.errors import NapariRmtError
+from ..data.project import Project
+from ..data.suggest import rank_unlabelled
+from ..data.tiles import Tile, TileStatus
+from .layers import SOURCE_NAMES, boxes_to_rectangles, class_colours, rectangles_to_boxes
+
+IMAGE_LAYER = "tile"
+ANNOTATION_LAYER = "annotations"
+PREDICTION_LAYER = "predictions"
+
+
+class Session:
+    """Binds a ``Project`` to a napari viewer."""
+
+    def __init__(self, viewer, project: Project, on_change: Callable[[], None] | None = None) -> None:
+        self.viewer = viewer
+        self.project = project
+        self.index = 0
+        self.current_class = self.classes.names[0] if len(self.classes) else ""
+        self.score_threshold = 0.5
+        self.on_change = on_change
+        self._updating = False
+        self._hidden_predictions = Boxes()
+        self._shown = False
+        self._counts: dict[str, int] = {}
+        self._make_layers()
+        self.show_tile(0)
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def tileset(self):
+        return self.project.tileset
+
+    @property
+    def classes(self) -> ClassList:
+        return self.project.tileset.classes
+
+    @property
+    def tile(self) -> Tile:
+        return self.tileset[self.index]
+
+    # ------------------------------------------------------------------ layers
+    def _make_layers(self) -> None:
+        for name in (IMAGE_LAYER, ANNOTATION_LAYER, PREDICTION_LAYER):
+            if name in self.viewer.layers:
+                self.viewer.layers.remove(name)
+        first = self.tileset[0]
+        self.image = self.viewer.add_image(
+            np.zeros((first.height, first.width, 3), np.uint8), name=IMAGE_LAYER, rgb=True
+        )
+        self.annotations = self._add_shapes(ANNOTATION_LAYER, dashed=False)
+        self.predictions = self._add_shapes(PREDICTION_LAYER, dashed=True)
+        for layer in (self.annotations, self.predictions):
+            layer.events.data.connect(self._on_data)
+            layer.events.features.connect(self._on_data)
+        self.viewer.layers.selection.active = self.annotations
+
+    def _add_shapes(self, name: str, dashed: bool):
+        names = self.classes.names
+        import pandas as pd
+
+        layer = self.viewer.add_shapes(
+            name=name,
+            ndim=2,
+            shape_type="rectangle",
+            face_color="transparent",
+            edge_width=1.0 if dashed else 1.5,
+            opacity=1.0,
+            features=pd.DataFrame(
+                {
+                    "class": pd.Categorical([], categories=names),
+                    "score": np.zeros(0),
+                    "source": pd.Categorical([], categories=list(SOURCE_NAMES.values())),
+                }
+            ),
+        )
+        layer.feature_defaults = {"class": self.current_class, "score": np.nan, "source": "manual"}
+        layer.current_edge_color = self.classes.by_name(self.current_class).hex if names else "white"
+        return layer
+
+    def _on_data(self, event=None) -> None:
+        if self._updating:
+            return
+        # New rectangles take the current class (napari's feature defaults do not always
+        # reach a layer that was emptied); colours always follow the class feature.
+        for layer in (self.annotations, self.predictions):
+            n, before = len(layer.data), self._counts.get(layer.name, 0)
+            if n > before and str(event is not None and getattr(event, "action", "")) != "adding":
+                feats = layer.features.copy()
+                feats.loc[before:, "class"] = self.current_class
+                self._updating = True
+                try:
+                    layer.features = feats
+                finally:
+                    self._updating = False
+            self._counts[layer.name] = n
+        self._recolour(self.annotations)
+        self._recolour(self.predictions)
+        if self.on_change is not None:
+            self.on_change()
+
+    def _recolour(self, layer) -> None:
+        n = len(layer.data)
+        if n == 0:
+            return
+        names = [str(v) for v in layer.features["class"]]
+        bad = [v for v in names if v not in self.classes]
+        if bad:
+            return
+        ids = np.array([self.classes.by_name(v).id for v in names])
+        colours = class_colours(self.classes, ids)
+        if layer.edge_color.shape != colours.shape or not np.allclose(layer.edge_color, colours):
+            self._updating = True
+            try:
+                layer.edge_color = colours
+            finally:
+                self._updating = False
+
+    def _set_layer_boxes(self, layer, boxes: Boxes) -> None:
+        import pandas as pd
+
+        self._updating = True
+        try:
+            layer.selected_data = set()
+            layer.data = []
+            if len(boxes):
+                layer.add_rectangles(
+                    list(boxes_to_rectangles(boxes.xyxy)),
+                    edge_color=class_colours(self.classes, boxes.class_ids),
+                )
+                layer.features = pd.DataFrame(
+                    {
+                        "class": pd.Categorical(
+                            [self.classes.by_id(int(c)).name for c in boxes.class_ids],
+                            categories=self.classes.names,
+                        ),
+                        "score": boxes.scores,
+                        "source": pd.Categorical(
+                            [SOURCE_NAMES[BoxSource(int(s))] for s in boxes.sources],
+                            categories=list(SOURCE_NAMES.values()),
+                        ),
+                    }
+                )
+            layer.feature_defaults = {"class": self.current_class, "score": np.nan, "source": "manual"}
+            self._counts[layer.name] = len(layer.data)
+        finally:
+            self._updating = False
+
+    def _layer_boxes(self, layer) -> Boxes:
+        n = len(layer.data)
+        if n == 0:
+            return Boxes()
+        xyxy, _ = rectangles_to_boxes(layer.data)
+        feats = layer.features
+        ids = []
+        for i, v in enumerate(feats["class"]):
+            if str(v) not in self.classes:
+                raise NapariRmtError(
+                    f"{layer.name} shape {i}: class {v!r} is not one of {self.classes.names}"
+                )
+            ids.append(self.classes.by_name(str(v)).id)
+        scores = np.asarray(feats["score"], dtype=float)
+        by_name = {v: k for k, v in SOURCE_NAMES.items()}
+        sources = [int(by_name.get(str(s), BoxSource.MANUAL)) for s in feats["source"]]
+        t = self.tile
+        xyxy[:, [0, 2]] = np.clip(xyxy[:, [0, 2]], 0, t.width)
+        xyxy[:, [1, 3]] = np.clip(xyxy[:, [1, 3]], 0, t.height)
+        keep = (xyxy[:, 2] > xyxy[:, 0]) & (xyxy[:, 3] > xyxy[:, 1])
+        return Boxes(xyxy, ids, scores, sources)[keep]
+
+    # ------------------------------------------------------------------ sync
+    def pull(self) -> None:
+        """Layers -> store for the tile on screen (before switching, training, saving)."""
+        t = self.tile
+        t.boxes = self._layer_boxes(self.annotations)
+        shown = self._layer_boxes(self.predictions)
+        t.predictions = Boxes.concatenate([shown, self._hidden_predictions])
+
+    def show_tile(self, index: int) -> None:
+        if not 0 <= index < len(self.tileset):
+            raise NapariRmtError(f"tile index {index} is outside 0..{len(self.tileset) - 1}")
+        if self._shown:
+            self.pull()
+        self.index = index
+        self._shown = True
+        t = self.tile
+        self.image.data = t.pixels()
+        self.image.metadata["tile_id"] = t.id
+        self._set_layer_boxes(self.annotations, t.boxes)
+        self._show_predictions()
+        self._caption()
+
+    def _show_predictions(self) -> None:
+        p = self.tile.predictions
+        visible = np.nan_to_num(p.scores, nan=1.0) >= self.score_threshold
+        self._hidden_predictions = p[~visible]
+        self._set_layer_boxes(self.predictions, p[visible])
+
+    def set_score_threshold(self, value: float) -> None:
+        self.pull()
+        self.score_threshold = float(value)
+        self._show_predictions()
+
+    def next_tile(self, step: int = 1) -> None:
+        self.show_tile((self.index + step) % len(self.tileset))
+
+    # ------------------------------------------------------------------ classes
+    def set_class(self, name: str) -> None:
+        """Make ``name`` the class of new boxes, and re-class the selected ones."""
+        cls = self.classes.by_name(name)
+        self.current_class = cls.name
+        for layer in (self.annotations, self.predictions):
+            layer.feature_defaults = {"class": cls.name, "score": np.nan, "source": "manual"}
+            layer.current_edge_color = cls.hex
+            sel = sorted(layer.selected_data)
+            if sel:
+                feats = layer.features.copy()
+                feats.loc[sel, "class"] = cls.name
+                layer.features = feats
+                self._recolour(layer)
+        if self.on_change is not None:
+            self.on_change()
+
+    # ------------------------------------------------------------------ review
+    def set_labelled(self, labelled: bool) -> None:
+        self.tile.status = TileStatus.LABELLED if labelled else TileStatus.UNLABELLED
+        self._changed()
+
+    def accept_tile(self) -> int:
+        """The visible predictions become this tile's annotations; the tile is reviewed."""
+        self.pull()
+        t = self.tile
+        accepted = self._layer_boxes(self.predictions)
+        t.boxes = Boxes.concatenate([t.boxes, accepted.with_source(BoxSource.PREDICTED)])
+        t.predictions = Boxes()
+        t.status = TileStatus.REVIEWED
+        self._hidden_predictions = Boxes()
+        self._set_layer_boxes(self.annotations, t.boxes)
+        self._set_layer_boxes(self.predictions, Boxes())
+        self._changed()
+        return len(accepted)
+
+    def accept_selected(self) -> int:
+        """Move the selected predicted boxes into the annotations."""
+        sel = sorted(self.predictions.selected_data)
+        if not sel:
+            return 0
+        self.pull()
+        shown = self._layer_boxes(self.predictions)
+        mask = np.zeros(len(shown), dtype=bool)
+        mask[sel] = True
+        t = self.tile
+        t.boxes = Boxes.concatenate([t.boxes, shown[mask].with_source(BoxSource.PREDICTED)])
+        t.predictions = Boxes.concatenate([shown[~mask], self._hidden_predictions])
+        self._set_layer_boxes(self.annotations, t.boxes)
+        self._show_predictions()
+        self._changed()
+        return int(mask.sum())
+
+    def suggest_next(self) -> Tile | None:
+        """Go to the unlabelled tile the model is least sure about (None when all are labelled)."""
+        self.pull()
+        ranked = rank_unlabelled(list(self.tileset))
+        if not ranked:
+            return None
+        target = ranked[0][0]
+        self.show_tile(next(i for i, t in enumerate(self.tileset) if t.id == target.id))
+        return target
+
+    def refresh(self) -> None:
+        """Re-show the current tile after the store changed (new predictions)."""
+        t = self.tile
+        self._set_layer_boxes(self.annotations, t.boxes)
+        self._show_predictions()
+        self._caption()
+
+    def _caption(self) -> None:
+        """The tile's name, position and status in the canvas corner."""
+        overlay = (
+            self.viewer.canvas.overlays.text if hasattr(self.viewer, "canvas") else self.viewer.text_overlay
+        )
+        overlay.visible = True
+        t = self.tile
+        overlay.text = f"{t.name}  ({self.index + 1}/{len(self.tileset)}, {t.status.value})"
+
+    def _changed(self) -> None:
+        self._caption()
+        if self.on_change is not None:
+            self.on_change()

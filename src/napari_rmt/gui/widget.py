@@ -1,0 +1,774 @@
+"""The dock widget: open tiles, annotate, train semi-supervised, review, export.
+
+A thin Qt layer: every action calls the ``Session`` (layers <-> store) or the core;
+training runs the core trainer in a napari thread worker so the viewer stays
+responsive. Actions that would ask for a file take a path argument too, so tests
+and scripts drive the same methods the buttons do.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from ._guard import guard_triton
+
+guard_triton()  # before anything imports torch in this process
+
+import napari  # noqa: E402
+from napari.utils.notifications import show_error, show_info  # noqa: E402
+from qtpy.QtCore import Qt, QTimer  # noqa: E402
+from qtpy.QtWidgets import (  # noqa: E402
+    QCheckBox,
+    QComboBox,
+    QDoubleSpinBox,
+    QFileDialog,
+    QFormLayout,
+    QGroupBox,
+    QHBoxLayout,
+    QInputDialog,
+    QLabel,
+    QListWidget,
+    QProgressBar,
+    QPushButton,
+    QSlider,
+    QSpinBox,
+    QVBoxLayout,
+    QWidget,
+)
+
+from ..data.coco import read_coco, write_coco, write_coco_results  # noqa: E402
+from ..data.errors import NapariRmtError  # noqa: E402
+from ..data.geojson import write_geojson  # noqa: E402
+from ..data.project import MODEL, Project  # noqa: E402
+from ..data.sample import load_sample  # noqa: E402
+from ..data.tiles import Tile, TileSet, TileStatus  # noqa: E402
+from .session import Session  # noqa: E402
+
+DEFAULT_PROJECTS = Path.home() / ".napari-rmt" / "projects"
+METHODS = ("rmt", "rmt-noreg", "ubt", "stac", "supervised")
+BACKBONES = ("resnet18", "mobilenet_v3_large", "resnet50")
+
+
+class LossPlot(QWidget):
+    """Live loss curves (total, supervised, unsupervised, L_reg), redrawn at most twice a second."""
+
+    TERMS = ("total", "sup", "unsup", "reg")
+
+    def __init__(self, parent=None) -> None:
+        super().__init__(parent)
+        from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
+        from matplotlib.figure import Figure
+
+        self.figure = Figure(figsize=(3.2, 1.8), dpi=90, tight_layout=True)
+        self.canvas = FigureCanvasQTAgg(self.figure)
+        self.ax = self.figure.add_subplot(111)
+        layout = QVBoxLayout(self)
+        layout.setContentsMargins(0, 0, 0, 0)
+        layout.addWidget(self.canvas)
+        self.reset()
+
+    def reset(self) -> None:
+        self.x: list[int] = []
+        self.y: dict[str, list[float]] = {k: [] for k in self.TERMS}
+        self._last = 0.0
+        self._draw()
+
+    def add(self, iteration: int, losses: dict[str, float]) -> None:
+        self.x.append(iteration)
+        for k in self.TERMS:
+            self.y[k].append(losses.get(k, 0.0))
+        if time.perf_counter() - self._last > 0.5:
+            self._draw()
+
+    def _draw(self) -> None:
+        self._last = time.perf_counter()
+        ax = self.ax
+        ax.clear()
+        for k in self.TERMS:
+            if any(self.y[k]):
+                ax.plot(self.x, self.y[k], label=k, linewidth=1)
+        ax.set_xlabel("iteration", fontsize=7)
+        ax.set_ylabel("loss", fontsize=7)
+        ax.tick_params(labelsize=6)
+        if self.x:
+            ax.legend(fontsize=6, loc="upper right")
+        self.canvas.draw_idle()
+
+
+class RMTWidget(QWidget):
+    def __init__(self, viewer: napari.viewer.Viewer, parent=None) -> None:
+        super().__init__(parent)
+        self.viewer = viewer
+        self.session: Session | None = None
+        self.model_state: dict | None = None  # the latest trained checkpoint, in memory
+        self.worker = None
+        self.job = None
+        self.last_error: str | None = None
+        self._autosave = QTimer(self)
+        self._autosave.setSingleShot(True)
+        self._autosave.setInterval(1000)
+        self._autosave.timeout.connect(self.save_project)
+        self._build()
+        self._update_enabled()
+
+    # ================================================================== layout
+    def _build(self) -> None:
+        root = QVBoxLayout(self)
+
+        tiles = QGroupBox("Tiles")
+        tl = QVBoxLayout(tiles)
+        row = QHBoxLayout()
+        for text, slot in (
+            ("Folder…", self._ask_folder),
+            ("COCO…", self._ask_coco),
+            ("Sample", self.open_sample),
+            ("Image layer", self.open_image_layer),
+            ("Project…", self._ask_project),
+        ):
+            b = QPushButton(text)
+            b.clicked.connect(slot)
+            row.addWidget(b)
+        tl.addLayout(row)
+        self.project_label = QLabel("no project")
+        self.project_label.setWordWrap(True)
+        tl.addWidget(self.project_label)
+        self.tile_list = QListWidget()
+        self.tile_list.setMinimumHeight(120)
+        self.tile_list.currentRowChanged.connect(self._on_row)
+        tl.addWidget(self.tile_list)
+        row = QHBoxLayout()
+        self.prev_btn = QPushButton("◀ Previous")
+        self.prev_btn.clicked.connect(lambda: self.go(-1))
+        self.next_btn = QPushButton("Next ▶")
+        self.next_btn.clicked.connect(lambda: self.go(1))
+        self.suggest_btn = QPushButton("Suggest next")
+        self.suggest_btn.setToolTip("Go to the unlabelled tile the model is least sure about")
+        self.suggest_btn.clicked.connect(self.suggest_next)
+        for b in (self.prev_btn, self.next_btn, self.suggest_btn):
+            row.addWidget(b)
+        tl.addLayout(row)
+        self.labelled_box = QCheckBox("This tile is fully annotated (use it as labelled data)")
+        self.labelled_box.toggled.connect(self._on_labelled)
+        tl.addWidget(self.labelled_box)
+        root.addWidget(tiles)
+
+        classes = QGroupBox("Class of new boxes (keys 1–9)")
+        cl = QHBoxLayout(classes)
+        self.class_combo = QComboBox()
+        self.class_combo.currentTextChanged.connect(self._on_class)
+        cl.addWidget(self.class_combo, 1)
+        add = QPushButton("Add…")
+        add.clicked.connect(self._ask_class)
+        cl.addWidget(add)
+        root.addWidget(classes)
+
+        train = QGroupBox("Train")
+        form = QFormLayout(train)
+        self.method_combo = QComboBox()
+        self.method_combo.addItems(METHODS)
+        form.addRow("method", self.method_combo)
+        self.backbone_combo = QComboBox()
+        self.backbone_combo.addItems(BACKBONES)
+        form.addRow("backbone", self.backbone_combo)
+        self.iter_spin = _spin(1, 1_000_000, 500)
+        form.addRow("iterations", self.iter_spin)
+        self.advanced = QGroupBox("advanced")
+        self.advanced.setCheckable(True)
+        self.advanced.setChecked(False)
+        adv = QFormLayout(self.advanced)
+        self.burn_spin = _spin(0, 1_000_000, 200)
+        self.thr_spin = _dspin(0, 1, 0.7, 0.05)
+        self.lu_spin = _dspin(0, 100, 4.0, 0.5)
+        self.lr_spin = _dspin(0, 100, 1.0, 0.5)
+        self.p_spin = _dspin(0.05, 1, 0.5, 0.05)
+        self.ema_spin = _dspin(0, 1, 0.996, 0.001, decimals=4)
+        self.lrate_spin = _dspin(0.0001, 1, 0.02, 0.005, decimals=4)
+        self.batch_spin = _spin(1, 64, 2)
+        for label, w in (
+            ("burn-in", self.burn_spin),
+            ("threshold", self.thr_spin),
+            ("λu", self.lu_spin),
+            ("λr", self.lr_spin),
+            ("p (L_reg)", self.p_spin),
+            ("σ (EMA)", self.ema_spin),
+            ("learning rate", self.lrate_spin),
+            ("batch", self.batch_spin),
+        ):
+            adv.addRow(label, w)
+        form.addRow(self.advanced)
+        row = QHBoxLayout()
+        self.train_btn = QPushButton("Train semi-supervised")
+        self.train_btn.clicked.connect(self.train)
+        self.cancel_btn = QPushButton("Cancel")
+        self.cancel_btn.clicked.connect(self.cancel)
+        row.addWidget(self.train_btn, 2)
+        row.addWidget(self.cancel_btn, 1)
+        form.addRow(row)
+        self.progress = QProgressBar()
+        self.progress.setFormat("%v / %m")
+        form.addRow(self.progress)
+        self.status = QLabel("")
+        self.status.setWordWrap(True)
+        form.addRow(self.status)
+        self.plot = LossPlot()
+        self.plot.setMinimumHeight(150)
+        form.addRow(self.plot)
+        root.addWidget(train)
+
+        review = QGroupBox("Review predictions")
+        rl = QVBoxLayout(review)
+        row = QHBoxLayout()
+        self.score_label = QLabel("score ≥ 0.50")
+        self.score_slider = QSlider(Qt.Orientation.Horizontal)
+        self.score_slider.setRange(0, 100)
+        self.score_slider.setValue(50)
+        self.score_slider.valueChanged.connect(self._on_score)
+        row.addWidget(self.score_label)
+        row.addWidget(self.score_slider, 1)
+        rl.addLayout(row)
+        row = QHBoxLayout()
+        self.accept_tile_btn = QPushButton("Accept tile")
+        self.accept_tile_btn.setToolTip("Shown predictions become annotations; the tile becomes reviewed")
+        self.accept_tile_btn.clicked.connect(self.accept_tile)
+        self.accept_sel_btn = QPushButton("Accept selected")
+        self.accept_sel_btn.clicked.connect(self.accept_selected)
+        row.addWidget(self.accept_tile_btn)
+        row.addWidget(self.accept_sel_btn)
+        rl.addLayout(row)
+        root.addWidget(review)
+
+        export = QGroupBox("Export and model")
+        el = QHBoxLayout(export)
+        for text, slot in (
+            ("COCO…", self._ask_export_coco),
+            ("GeoJSON…", self._ask_export_geojson),
+            ("Predictions…", self._ask_export_predictions),
+            ("Save model…", self._ask_save_model),
+            ("Load model…", self._ask_load_model),
+        ):
+            b = QPushButton(text)
+            b.clicked.connect(slot)
+            el.addWidget(b)
+        root.addWidget(export)
+        root.addStretch(1)
+
+    # ================================================================== opening
+    def set_tileset(self, tileset: TileSet, name: str, folder: Path | None = None) -> None:
+        if len(tileset) == 0:
+            raise NapariRmtError("there are no tiles to open")
+        self._flush()
+        folder = folder or _fresh_project_folder(name)
+        self.project = Project(tileset, folder)
+        self.model_state = None
+        self.session = Session(self.viewer, self.project, on_change=self._changed)
+        self._bind_keys()
+        self.class_combo.blockSignals(True)
+        self.class_combo.clear()
+        self.class_combo.addItems(tileset.classes.names)
+        self.class_combo.blockSignals(False)
+        self.project_label.setText(f"project: {folder}")
+        self._fill_list()
+        self._sync_tile_controls()
+        self._update_enabled()
+        self.save_project()
+
+    def open_sample(self) -> None:
+        self._guarded(lambda: self._open_sample())
+
+    def _open_sample(self) -> None:
+        from ..data.boxes import Boxes
+
+        ts = load_sample()
+        # The workflow starts from a few annotated tiles: keep two per slide region,
+        # and make the other eight unlabelled tiles with no boxes.
+        kept: dict[str, int] = {}
+        for t in ts:
+            region = str(t.meta.get("source_tile"))
+            kept[region] = kept.get(region, 0) + 1
+            if kept[region] > 2:
+                t.boxes = Boxes()
+                t.status = TileStatus.UNLABELLED
+        self.set_tileset(ts, "consep-sample")
+
+    def open_folder(self, folder: str | Path) -> None:
+        folder = Path(folder)
+        if Project.is_project(folder):
+            self.open_project(folder)
+            return
+        self.set_tileset(TileSet.from_folder(folder), folder.name)
+
+    def open_coco(self, path: str | Path) -> None:
+        path = Path(path)
+        self.set_tileset(read_coco(path), path.parent.name)
+
+    def open_project(self, folder: str | Path) -> None:
+        project = Project.open(folder)
+        self.set_tileset(project.tileset, Path(folder).name, folder=Path(folder))
+        if project.model_path is not None:
+            from ..train.checkpoint import read_checkpoint
+
+            self.model_state = read_checkpoint(project.model_path)
+            self.status.setText(f"model loaded from {project.model_path}")
+
+    def open_image_layer(self) -> None:
+        self._guarded(self._open_image_layer)
+
+    def _open_image_layer(self) -> None:
+        layer = next(
+            (
+                lay
+                for lay in self.viewer.layers.selection
+                if isinstance(lay, napari.layers.Image) and lay.name != "tile"
+            ),
+            None,
+        )
+        if layer is None:
+            layer = next(
+                (
+                    lay
+                    for lay in self.viewer.layers
+                    if isinstance(lay, napari.layers.Image) and lay.name != "tile"
+                ),
+                None,
+            )
+        if layer is None:
+            raise NapariRmtError("select an image layer first")
+        import numpy as np
+
+        data = np.asarray(layer.data)
+        planes = [data] if (data.ndim == 2 or (data.ndim == 3 and layer.rgb)) else list(data)
+        tiles = [
+            Tile(
+                id=i + 1,
+                name=f"{layer.name} [{i}]",
+                width=p.shape[1],
+                height=p.shape[0],
+                loader=(lambda a=p: a),
+            )
+            for i, p in enumerate(planes)
+        ]
+        self.set_tileset(TileSet(tiles), layer.name)
+
+    # ================================================================== navigation
+    def go(self, step: int) -> None:
+        if self.session is None:
+            return
+        self.session.next_tile(step)
+        self._after_move()
+
+    def show_tile(self, index: int) -> None:
+        if self.session is None:
+            return
+        self.session.show_tile(index)
+        self._after_move()
+
+    def suggest_next(self) -> None:
+        if self.session is None:
+            return
+        tile = self.session.suggest_next()
+        if tile is None:
+            show_info("every tile is labelled")
+        self._after_move()
+
+    def _after_move(self) -> None:
+        self.tile_list.blockSignals(True)
+        self.tile_list.setCurrentRow(self.session.index)
+        self.tile_list.blockSignals(False)
+        self._sync_tile_controls()
+        self._refresh_list_rows()
+
+    def _on_row(self, row: int) -> None:
+        if self.session is not None and row >= 0 and row != self.session.index:
+            self.show_tile(row)
+
+    def _fill_list(self) -> None:
+        self.tile_list.blockSignals(True)
+        self.tile_list.clear()
+        for t in self.project.tileset:
+            self.tile_list.addItem(_row_text(t))
+        self.tile_list.setCurrentRow(self.session.index)
+        self.tile_list.blockSignals(False)
+
+    def _refresh_list_rows(self, all_rows: bool = False) -> None:
+        rows = range(len(self.project.tileset)) if all_rows else [self.session.index]
+        for i in rows:
+            self.tile_list.item(i).setText(_row_text(self.project.tileset[i]))
+
+    def _sync_tile_controls(self) -> None:
+        t = self.session.tile
+        self.labelled_box.blockSignals(True)
+        self.labelled_box.setChecked(t.is_labelled)
+        self.labelled_box.blockSignals(False)
+
+    # ================================================================== annotating
+    def _on_labelled(self, checked: bool) -> None:
+        if self.session is not None:
+            self.session.pull()
+            self.session.set_labelled(checked)
+            self._refresh_list_rows()
+
+    def _on_class(self, name: str) -> None:
+        if self.session is not None and name:
+            self.session.set_class(name)
+
+    def set_class(self, name: str) -> None:
+        self.class_combo.setCurrentText(name)
+
+    def _bind_keys(self) -> None:
+        s = self.session
+        for layer in (s.annotations, s.predictions, s.image):
+            for k in range(1, 10):
+                layer.bind_key(str(k), self._class_key(k - 1), overwrite=True)
+
+    def _class_key(self, index: int):
+        def pick(layer=None):
+            names = self.project.tileset.classes.names
+            if index < len(names):
+                self.set_class(names[index])
+
+        return pick
+
+    def _ask_class(self) -> None:
+        name, ok = QInputDialog.getText(self, "New class", "class name:")
+        if ok and name:
+            self._guarded(lambda: self.add_class(name))
+
+    def add_class(self, name: str) -> None:
+        if self.session is None:
+            raise NapariRmtError("open tiles first")
+        self.project.tileset.classes.add(name)
+        # The layers' categorical features need the new category: rebuild them.
+        self.session.pull()
+        self.session = Session(self.viewer, self.project, on_change=self._changed)
+        self.session.show_tile(self.session.index)
+        self._bind_keys()
+        self.class_combo.addItem(name)
+        self._changed()
+
+    # ================================================================== review
+    def _on_score(self, value: int) -> None:
+        self.score_label.setText(f"score ≥ {value / 100:.2f}")
+        if self.session is not None:
+            self.session.set_score_threshold(value / 100)
+
+    def accept_tile(self) -> int:
+        if self.session is None:
+            return 0
+        n = self.session.accept_tile()
+        self._sync_tile_controls()
+        self._refresh_list_rows()
+        return n
+
+    def accept_selected(self) -> int:
+        if self.session is None:
+            return 0
+        n = self.session.accept_selected()
+        self._refresh_list_rows()
+        return n
+
+    # ================================================================== training
+    def training_config(self):
+        from ..model.detector import ModelConfig
+        from ..train.config import TrainConfig
+
+        iterations = self.iter_spin.value()
+        method = self.method_combo.currentText()
+        burn = self.burn_spin.value() if self.advanced.isChecked() else max(1, iterations * 2 // 5)
+        if self.model_state is not None and not self.advanced.isChecked():
+            burn = min(burn, iterations // 10)  # warm start: the teacher is already trained
+        if method == "stac":
+            burn = min(max(1, burn), iterations - 1)
+        return TrainConfig(
+            method=method,
+            iterations=iterations,
+            burn_in=burn,
+            threshold=self.thr_spin.value(),
+            lambda_u=self.lu_spin.value(),
+            lambda_r=self.lr_spin.value(),
+            p_norm=self.p_spin.value(),
+            ema_decay=self.ema_spin.value(),
+            lr=self.lrate_spin.value(),
+            warmup=min(100, iterations // 5),
+            labelled_batch=self.batch_spin.value(),
+            unlabelled_batch=self.batch_spin.value(),
+            model=ModelConfig(backbone=self.backbone_combo.currentText()),
+        )
+
+    def train(self, config=None, synchronous: bool = False) -> None:
+        """Start training on the labelled tiles; the others are the unlabelled data."""
+        if self.session is None:
+            show_error("open tiles first")
+            return
+        if self.worker is not None:
+            show_info("training is already running")
+            return
+        self.session.pull()
+        ts = self.project.tileset
+        try:
+            cfg = config or self.training_config()
+            if not ts.labelled:
+                raise NapariRmtError(
+                    "no labelled tiles: tick 'This tile is fully annotated' on the tiles you finished"
+                )
+        except NapariRmtError as exc:
+            self._report_error(exc)
+            return
+        from .training import TrainingJob
+
+        init = self.model_state
+        if init is not None:
+            from ..train.checkpoint import classes_from_checkpoint, config_from_checkpoint
+
+            same = (
+                classes_from_checkpoint(init).names == ts.classes.names
+                and config_from_checkpoint(init).model == cfg.model
+            )
+            if not same:
+                init = None  # another architecture or class list: start afresh
+        self.job = TrainingJob(ts.labelled, ts.unlabelled, ts.classes, cfg, init_from=init)
+        self.plot.reset()
+        self.progress.setMaximum(cfg.iterations)
+        self.progress.setValue(0)
+        self.status.setText(
+            f"{cfg.method}: {len(ts.labelled)} labelled, {len(ts.unlabelled)} unlabelled tiles"
+            + (" (warm start)" if init is not None else "")
+        )
+        self.last_error = None
+        if synchronous:  # tests and scripts: same code path, no thread
+            gen = self.job.run()
+            try:
+                while True:
+                    self._on_yielded(next(gen))
+            except StopIteration as stop:
+                self._on_returned(stop.value)
+            except Exception as exc:
+                self._on_errored(exc)
+            self._on_finished()
+            return
+        from napari.qt.threading import create_worker
+
+        self.worker = create_worker(self.job.run, _start_thread=False, _ignore_errors=True)  # we show them
+        self.worker.yielded.connect(self._on_yielded)
+        self.worker.returned.connect(self._on_returned)
+        self.worker.errored.connect(self._on_errored)
+        self.worker.finished.connect(self._on_finished)
+        self._update_enabled()
+        self.worker.start()
+
+    def cancel(self) -> None:
+        if self.job is not None:
+            self.job.cancel()
+            self.status.setText("cancelling…")
+
+    def _on_yielded(self, ev) -> None:
+        from ..train.events import IterationEvent, PhaseEvent
+        from .training import PredictProgress
+
+        if isinstance(ev, IterationEvent):
+            self.progress.setValue(ev.iteration)
+            pseudo = (
+                f", {sum(ev.pseudo_per_image) / len(ev.pseudo_per_image):.1f} pseudo-boxes/tile"
+                if ev.pseudo_per_image
+                else ""
+            )
+            self.status.setText(
+                f"{ev.phase}: iteration {ev.iteration}/{ev.total}, loss {ev.losses['total']:.3f}"
+                f"{pseudo}, ETA {_eta(ev.eta)}"
+            )
+            self.plot.add(ev.iteration, ev.losses)
+        elif isinstance(ev, PhaseEvent):
+            show_info(ev.message)
+        elif isinstance(ev, PredictProgress):
+            self.status.setText(f"predicting unlabelled tiles {ev.done}/{ev.total}")
+
+    def _on_returned(self, result) -> None:
+        self.plot._draw()
+        if result.cancelled:
+            self.status.setText(f"cancelled after {result.iterations} iterations; the previous model is kept")
+            return
+        self.model_state = result.checkpoint
+        ts = self.project.tileset
+        self.session.pull()
+        for tile_id, boxes in result.predictions.items():
+            tile = ts.by_id(tile_id)
+            if not tile.is_labelled:
+                tile.predictions = boxes
+        self.session.refresh()
+        self._refresh_list_rows(all_rows=True)
+        self._save_model_to_project()
+        n = sum(len(b) for b in result.predictions.values())
+        self.status.setText(
+            f"done: {result.iterations} iterations; {n} predicted boxes on "
+            f"{len(result.predictions)} unlabelled tiles"
+        )
+        self._changed()
+
+    def _on_errored(self, exc: Exception) -> None:
+        self._report_error(exc, prefix="training failed")
+
+    def _on_finished(self) -> None:
+        self.worker = None
+        self.job = None
+        self._update_enabled()
+
+    def _report_error(self, exc: Exception, prefix: str = "error") -> None:
+        msg = f"{prefix}: {exc}"
+        self.last_error = msg
+        self.status.setText(msg)
+        show_error(msg)
+
+    # ================================================================== persistence
+    def _changed(self) -> None:
+        self._autosave.start()
+
+    def save_project(self) -> None:
+        if self.session is None:
+            return
+        self._autosave.stop()
+        try:
+            self.session.pull()
+            self.project.save()
+        except (NapariRmtError, OSError) as exc:
+            self._report_error(exc, prefix="autosave failed")
+
+    def _flush(self) -> None:
+        if self.session is not None and self._autosave.isActive():
+            self.save_project()
+
+    def _save_model_to_project(self) -> None:
+        if self.model_state is not None and self.project.folder is not None:
+            from ..train.checkpoint import save_checkpoint
+
+            payload = {k: v for k, v in self.model_state.items() if k not in ("format", "version", "_path")}
+            save_checkpoint(self.project.folder / MODEL, payload)
+
+    def save_model(self, path: str | Path) -> Path:
+        if self.model_state is None:
+            raise NapariRmtError("there is no trained model yet")
+        from ..train.checkpoint import save_checkpoint
+
+        payload = {k: v for k, v in self.model_state.items() if k not in ("format", "version", "_path")}
+        return save_checkpoint(path, payload)
+
+    def load_model(self, path: str | Path) -> None:
+        from ..train.checkpoint import classes_from_checkpoint, read_checkpoint
+
+        ckpt = read_checkpoint(path)
+        names = classes_from_checkpoint(ckpt).names
+        if self.session is not None and names != self.project.tileset.classes.names:
+            raise NapariRmtError(
+                f"{path}: the model knows classes {names}, this project {self.project.tileset.classes.names}"
+            )
+        self.model_state = ckpt
+        self.status.setText(f"model loaded from {path}")
+
+    def export_annotations(self, path: str | Path) -> Path:
+        self.session.pull()
+        return write_coco(self.project.tileset, path)
+
+    def export_geojson(self, path: str | Path, predictions: bool = False) -> Path:
+        self.session.pull()
+        return write_geojson(self.project.tileset, path, predictions=predictions)
+
+    def export_predictions(self, path: str | Path) -> Path:
+        self.session.pull()
+        return write_coco_results(self.project.tileset, path)
+
+    # ================================================================== dialogs
+    def _guarded(self, fn) -> None:
+        try:
+            fn()
+        except (NapariRmtError, OSError) as exc:
+            self._report_error(exc)
+
+    def _ask_folder(self) -> None:
+        d = QFileDialog.getExistingDirectory(self, "Folder of tiles")
+        if d:
+            self._guarded(lambda: self.open_folder(d))
+
+    def _ask_project(self) -> None:
+        d = QFileDialog.getExistingDirectory(self, "napari-rmt project folder")
+        if d:
+            self._guarded(lambda: self.open_project(d))
+
+    def _ask_coco(self) -> None:
+        f, _ = QFileDialog.getOpenFileName(self, "COCO annotations", filter="COCO json (*.json)")
+        if f:
+            self._guarded(lambda: self.open_coco(f))
+
+    def _ask_save(self, title: str, filt: str, fn) -> None:
+        if self.session is None:
+            return
+        f, _ = QFileDialog.getSaveFileName(self, title, filter=filt)
+        if f:
+            self._guarded(lambda: show_info(f"wrote {fn(f)}"))
+
+    def _ask_export_coco(self) -> None:
+        self._ask_save("Export annotations", "COCO json (*.json)", self.export_annotations)
+
+    def _ask_export_geojson(self) -> None:
+        self._ask_save("Export GeoJSON (QuPath)", "GeoJSON (*.geojson *.json)", self.export_geojson)
+
+    def _ask_export_predictions(self) -> None:
+        self._ask_save("Export predictions", "COCO results (*.json)", self.export_predictions)
+
+    def _ask_save_model(self) -> None:
+        self._ask_save("Save model", "PyTorch (*.pt)", self.save_model)
+
+    def _ask_load_model(self) -> None:
+        f, _ = QFileDialog.getOpenFileName(self, "Load model", filter="PyTorch (*.pt)")
+        if f:
+            self._guarded(lambda: self.load_model(f))
+
+    def _update_enabled(self) -> None:
+        has = self.session is not None
+        running = self.worker is not None
+        for w in (
+            self.prev_btn,
+            self.next_btn,
+            self.suggest_btn,
+            self.labelled_box,
+            self.accept_tile_btn,
+            self.accept_sel_btn,
+            self.score_slider,
+        ):
+            w.setEnabled(has)
+        self.train_btn.setEnabled(has and not running)
+        self.cancel_btn.setEnabled(running)
+
+
+def _row_text(t: Tile) -> str:
+    status = t.status.value
+    if not t.is_labelled and len(t.predictions):
+        status = "predicted"
+    text = f"{t.name} — {status} — {len(t.boxes)} boxes"
+    if len(t.predictions):
+        text += f", {len(t.predictions)} predicted"
+    return text
+
+
+def _eta(seconds: float) -> str:
+    s = int(max(0, seconds))
+    return f"{s // 60}:{s % 60:02d}"
+
+
+def _spin(lo: int, hi: int, value: int) -> QSpinBox:
+    w = QSpinBox()
+    w.setRange(lo, hi)
+    w.setValue(value)
+    return w
+
+
+def _dspin(lo: float, hi: float, value: float, step: float, decimals: int = 2) -> QDoubleSpinBox:
+    w = QDoubleSpinBox()
+    w.setDecimals(decimals)
+    w.setRange(lo, hi)
+    w.setSingleStep(step)
+    w.setValue(value)
+    return w
+
+
+def _fresh_project_folder(name: str) -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    return DEFAULT_PROJECTS / f"{name}-{stamp}"

@@ -1,0 +1,153 @@
+"""The napari workflow end to end, in a real viewer under Xvfb."""
+
+import numpy as np
+import pytest
+from pycocotools.coco import COCO
+
+pytest.importorskip("napari")
+
+from napari_rmt.data import TileStatus
+from napari_rmt.gui import widget as widget_mod
+from napari_rmt.gui.widget import RMTWidget
+from napari_rmt.model import ModelConfig
+from napari_rmt.train import TrainConfig
+
+
+def tiny(**kw):
+    base = dict(
+        method="rmt",
+        iterations=2,
+        burn_in=1,
+        warmup=1,
+        threshold=0.0,
+        labelled_batch=1,
+        unlabelled_batch=1,
+        model=ModelConfig(backbone="mobilenet_v3_large"),
+    )
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+@pytest.fixture
+def widget(make_napari_viewer, tmp_path, monkeypatch):
+    monkeypatch.setattr(widget_mod, "DEFAULT_PROJECTS", tmp_path / "projects")
+    viewer = make_napari_viewer(show=True)
+    w = RMTWidget(viewer)
+    viewer.window.add_dock_widget(w)
+    w.open_sample()
+    return w
+
+
+def test_annotate_train_review_export_reopen(widget, tmp_path):
+    w, s = widget, widget.session
+    ts = w.project.tileset
+    assert len(ts) == 16 and len(ts.labelled) == 8
+    assert w.tile_list.count() == 16
+    first_unlabelled = next(i for i, t in enumerate(ts) if not t.is_labelled)
+    w.show_tile(first_unlabelled)
+    assert len(s.annotations.data) == 0 and s.image.data.shape == (256, 256, 3)
+
+    # Draw a box with the current class, then re-class it with a number key's action.
+    w.set_class("lymphocyte")
+    s.annotations.add_rectangles(np.array([[10, 10], [10, 30], [30, 30], [30, 10]], dtype=float))
+    assert list(s.annotations.features["class"]) == ["lymphocyte"]
+    np.testing.assert_allclose(s.annotations.edge_color[0], ts.classes.by_name("lymphocyte").rgba)
+    s.annotations.selected_data = {0}
+    w._class_key(0)()  # key "1": tumor
+    assert list(s.annotations.features["class"]) == ["tumor"]
+    np.testing.assert_allclose(s.annotations.edge_color[0], ts.classes.by_name("tumor").rgba)
+    w.labelled_box.setChecked(True)
+    assert ts[first_unlabelled].status is TileStatus.LABELLED
+    w.go(1)  # switching writes the layer back into the store
+    assert len(ts[first_unlabelled].boxes) == 1 and ts[first_unlabelled].boxes.class_ids[0] == 1
+
+    # Train (synchronously, same code path as the thread) -> predictions on unlabelled tiles.
+    w.train(config=tiny(), synchronous=True)
+    assert w.last_error is None, w.last_error
+    assert w.model_state is not None and (w.project.folder / "model.pt").is_file()
+    unl = [i for i, t in enumerate(ts) if not t.is_labelled]
+    assert unl and all(len(ts[i].predictions) > 0 for i in unl)
+    w.score_slider.setValue(0)
+    w.show_tile(unl[0])
+    pred_layer = s.predictions
+    n_pred = len(pred_layer.data)
+    assert n_pred == len(ts[unl[0]].predictions)
+    assert set(pred_layer.features.columns) >= {"class", "score", "source"}
+    assert (pred_layer.features["source"] == "predicted").all()
+    w.score_slider.setValue(100)  # hides all (scores < 1)
+    assert len(pred_layer.data) == 0 and len(ts[unl[0]].predictions) == n_pred  # hidden, not lost
+    w.score_slider.setValue(0)
+
+    # Accept one box, then the whole tile.
+    pred_layer.selected_data = {0}
+    assert w.accept_selected() == 1
+    assert len(ts[unl[0]].boxes) == 1 and len(ts[unl[0]].predictions) == n_pred - 1
+    assert w.accept_tile() == n_pred - 1
+    assert ts[unl[0]].status is TileStatus.REVIEWED and len(ts[unl[0]].boxes) == n_pred
+
+    out = w.export_annotations(tmp_path / "export.json")
+    coco = COCO(str(out))
+    assert len(coco.getAnnIds()) == sum(len(t.boxes) for t in ts)
+    res = coco.loadRes(str(w.export_predictions(tmp_path / "pred.json")))
+    assert len(res.getAnnIds()) == sum(len(t.predictions) for t in ts)
+
+    # The autosaved project reopens with tiles, boxes, statuses and the model.
+    w.save_project()
+    folder = w.project.folder
+    statuses = [t.status for t in ts]
+    counts = [len(t.boxes) for t in ts]
+    w2 = RMTWidget(w.viewer)
+    w2.open_project(folder)
+    ts2 = w2.project.tileset
+    assert [t.status for t in ts2] == statuses and [len(t.boxes) for t in ts2] == counts
+    assert w2.model_state is not None
+
+    # Warm start from the trained model.
+    w2.train(config=tiny(method="supervised"), synchronous=True)
+    assert "warm start" in w2.status.text() or w2.last_error is None
+
+
+def test_cancel_keeps_previous_model_and_work(widget, qtbot):
+    w = widget
+    ts = w.project.tileset
+    before = [len(t.boxes) for t in ts]
+    w.train(config=tiny(iterations=10_000, burn_in=1))
+    qtbot.waitUntil(lambda: w.progress.value() >= 1, timeout=120_000)
+    w.cancel()
+    qtbot.waitUntil(lambda: w.worker is None, timeout=30_000)
+    assert "cancelled" in w.status.text()
+    assert w.model_state is None and not (w.project.folder / "model.pt").exists()
+    assert [len(t.boxes) for t in ts] == before
+    assert w.train_btn.isEnabled() and not w.cancel_btn.isEnabled()
+
+
+def test_error_in_the_training_thread_is_shown_and_nothing_is_lost(widget, qtbot):
+    w = widget
+    ts = w.project.tileset
+    before = [t.boxes.xyxy.copy() for t in ts]
+    w.train(config=tiny(device="cuda:7"))  # no GPU here: the trainer refuses inside the thread
+    qtbot.waitUntil(lambda: w.worker is None, timeout=60_000)
+    assert w.last_error is not None and "CUDA is not available" in w.last_error
+    assert all(np.array_equal(a, t.boxes.xyxy) for a, t in zip(before, ts, strict=True))
+
+
+def test_no_labelled_tiles_is_a_clear_error(make_napari_viewer, tmp_path, monkeypatch):
+    from conftest import write_tiles
+
+    monkeypatch.setattr(widget_mod, "DEFAULT_PROJECTS", tmp_path / "projects")
+    w = RMTWidget(make_napari_viewer())
+    w.open_folder(write_tiles(tmp_path / "tiles", n=3)[0].parent)
+    w.train(config=tiny(), synchronous=True)
+    assert "no labelled tiles" in w.last_error
+
+
+def test_suggest_next_goes_to_the_most_uncertain_tile(widget):
+    from napari_rmt.data import Boxes
+
+    w = widget
+    ts = w.project.tileset
+    unl = [i for i, t in enumerate(ts) if not t.is_labelled]
+    ts[unl[0]].predictions = Boxes([[0, 0, 5, 5]], [1], [0.97])
+    ts[unl[3]].predictions = Boxes([[0, 0, 5, 5], [9, 9, 20, 20]], [1, 2], [0.5, 0.45])
+    w.suggest_next()
+    assert w.session.index == unl[3] and w.tile_list.currentRow() == unl[3]
