@@ -4,6 +4,9 @@ from pycocotools.coco import COCO
 
 from napari_rmt.cli import main
 
+# A few steps that exercise every phase: burn-in, then pseudo-labels from any score.
+TINY_TRAINING = ["--burn-in", "1", "--warmup", "1", "--threshold", "0.0", "--batch", "1"]
+
 
 def test_demo_trains_and_writes_predictions(tmp_path, capsys):
     assert main(["demo", "--out", str(tmp_path), "--iterations", "2"]) == 0
@@ -34,14 +37,7 @@ def test_train_then_predict_on_a_tiny_coco(tmp_path, capsys):
             "0.5",
             "--iterations",
             "3",
-            "--burn-in",
-            "1",
-            "--warmup",
-            "1",
-            "--threshold",
-            "0.0",
-            "--batch",
-            "1",
+            *TINY_TRAINING,
             "--out",
             str(run),
         ]
@@ -111,14 +107,7 @@ def test_experiment_grid_resumes_and_writes_reports(tmp_path, capsys):
         "rmt",
         "--iterations",
         "2",
-        "--burn-in",
-        "1",
-        "--warmup",
-        "1",
-        "--threshold",
-        "0.0",
-        "--batch",
-        "1",
+        *TINY_TRAINING,
         "--out",
         str(out),
     ]

@@ -133,31 +133,25 @@ class Session:
                 self._updating = False
 
     def _set_layer_boxes(self, layer, boxes: Boxes) -> None:
+        """Replace a layer's shapes in one assignment (napari builds each shape once)."""
         import pandas as pd
 
         self._updating = True
         try:
             layer.selected_data = set()
-            layer.data = []
-            if len(boxes):
-                layer.add_rectangles(
-                    list(boxes_to_rectangles(boxes.xyxy)),
-                    edge_color=class_colours(self.classes, boxes.class_ids),
-                )
-                layer.features = pd.DataFrame(
-                    {
-                        "class": pd.Categorical(
-                            [self.classes.by_id(int(c)).name for c in boxes.class_ids],
-                            categories=self.classes.names,
-                        ),
-                        "score": boxes.scores,
-                        "source": pd.Categorical(
-                            [SOURCE_NAMES[BoxSource(int(s))] for s in boxes.sources],
-                            categories=list(SOURCE_NAMES.values()),
-                        ),
-                    }
-                )
+            if len(boxes) or len(layer.data):
+                layer.data = list(boxes_to_rectangles(boxes.xyxy))
+                layer.features = pd.DataFrame({
+                    "class": pd.Categorical([self.classes.by_id(int(c)).name for c in boxes.class_ids],
+                                            categories=self.classes.names),
+                    "score": boxes.scores,
+                    "source": pd.Categorical([SOURCE_NAMES[BoxSource(int(s))] for s in boxes.sources],
+                                             categories=list(SOURCE_NAMES.values())),
+                })
+                if len(boxes):
+                    layer.edge_color = class_colours(self.classes, boxes.class_ids)
             layer.feature_defaults = {"class": self.current_class, "score": np.nan, "source": "manual"}
+            layer.current_edge_color = self.classes.by_name(self.current_class).hex
             self._counts[layer.name] = len(layer.data)
         finally:
             self._updating = False

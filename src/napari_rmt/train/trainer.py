@@ -350,7 +350,7 @@ class Trainer:
                 im = im.flip(-1)
             weak_views.append(im)
         assert self.teacher is not None
-        dets = predict_images(self.teacher, weak_views, batch_size=len(weak_views), device=self.device)
+        dets = self._teacher_predict(weak_views, cfg.threshold)
         images, targets, per_image = [], [], []
         mixed = unmixed = 0
         for view, det in zip(weak_views, dets, strict=True):
@@ -364,12 +364,24 @@ class Trainer:
             targets.append({"boxes": boxes.to(self.device), "labels": labels.to(self.device)})
         return images, targets, {"pseudo_per_image": per_image, "mixed": mixed, "unmixed": unmixed}
 
+    def _teacher_predict(self, views: list[Tensor], threshold: float) -> list[dict[str, Tensor]]:
+        """Teacher detections for pseudo-labels; boxes under ``threshold`` are dropped
+        inside the box head, before its NMS, which is where its post-processing spends."""
+        assert self.teacher is not None
+        heads = self.teacher.roi_heads
+        saved = heads.score_thresh
+        heads.score_thresh = max(saved, threshold)
+        try:
+            return predict_images(self.teacher, views, batch_size=len(views), device=self.device)
+        finally:
+            heads.score_thresh = saved
+
     def _make_stac_pseudo_labels(self) -> list[tuple[Tensor, Tensor]]:
         assert self.teacher is not None
         out = []
         for k in range(0, len(self._unlabelled), 8):
             views = [im.float().div(255) for im in self._unlabelled[k : k + 8]]
-            for det in predict_images(self.teacher, views, batch_size=len(views), device=self.device):
+            for det in self._teacher_predict(views, self.cfg.stac_threshold):
                 keep = det["scores"] >= self.cfg.stac_threshold
                 out.append((det["boxes"][keep], det["labels"][keep]))
         return out

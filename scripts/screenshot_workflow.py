@@ -1,0 +1,99 @@
+"""Screenshots of each step of the workflow, for the README and docs/.
+
+Opens a few CoNSeP test tiles (half marked fully annotated, the rest unlabelled with
+their boxes removed) in the widget, optionally loads a trained model (warm start),
+trains in the widget's thread worker, then reviews and accepts predictions.
+
+    xvfb-run -a python scripts/screenshot_workflow.py --model runs/learn/supervised/model.pt
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "consep"
+OUT = Path(__file__).resolve().parents[1] / "docs" / "images"
+
+
+def subset(n: int, folder: Path) -> Path:
+    coco = json.loads((DATA / "annotations.json").read_text())
+    imgs = [i for i in coco["images"] if i["source_tile"] in ("test_3", "test_7")][:n]
+    ids = {i["id"] for i in imgs}
+    for k, img in enumerate(imgs):
+        img["file_name"] = str(DATA / img["file_name"])
+        img["napari_rmt_status"] = "labelled" if k % 2 == 0 else "unlabelled"
+    unl = {i["id"] for i in imgs if i["napari_rmt_status"] == "unlabelled"}
+    anns = [a for a in coco["annotations"] if a["image_id"] in ids and a["image_id"] not in unl]
+    path = folder / "subset.json"
+    path.write_text(json.dumps({**coco, "images": imgs, "annotations": anns}))
+    return path
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--iterations", type=int, default=20)
+    ap.add_argument("--tiles", type=int, default=16)
+    args = ap.parse_args()
+
+    import napari
+    from qtpy.QtWidgets import QApplication
+
+    import napari_rmt.gui.widget as wm
+    from napari_rmt.model import ModelConfig
+    from napari_rmt.train import TrainConfig
+
+    tmp = Path(tempfile.mkdtemp())
+    wm.DEFAULT_PROJECTS = tmp / "projects"
+    viewer = napari.Viewer(show=True)
+    viewer.window.resize(1500, 950)
+    w = wm.RMTWidget(viewer)
+    viewer.window.add_dock_widget(w, name="Cell detection (RMT)")
+    w.open_coco(subset(args.tiles, tmp))
+    if args.model:
+        w.load_model(args.model)
+
+    def pump(seconds: float = 0.3) -> None:
+        end = time.perf_counter() + seconds
+        while time.perf_counter() < end:
+            QApplication.processEvents()
+            time.sleep(0.01)
+
+    def shot(name: str) -> None:
+        pump()
+        viewer.screenshot(str(OUT / name), canvas_only=False, flash=False)
+        print("wrote", OUT / name, flush=True)
+
+    OUT.mkdir(parents=True, exist_ok=True)
+    w.show_tile(0)
+    viewer.reset_view()
+    shot("workflow-1-annotate.png")
+
+    cfg = TrainConfig(method="rmt", iterations=args.iterations, burn_in=1 if args.model else args.iterations // 2,
+                      warmup=1, lr=0.005 if args.model else 0.02, threshold=0.5,
+                      model=ModelConfig(backbone="resnet18"))
+    w.train(config=cfg)
+    while w.worker is not None and w.progress.value() < max(2, args.iterations * 2 // 3):
+        pump(0.2)
+    shot("workflow-2-training.png")
+    while w.worker is not None:
+        pump(0.2)
+    print("status:", w.status.text(), flush=True)
+
+    unl = next(i for i, t in enumerate(w.project.tileset) if not t.is_labelled)
+    w.show_tile(unl)
+    w.score_slider.setValue(50)
+    viewer.layers.selection.active = w.session.predictions
+    shot("workflow-3-review.png")
+    w.accept_tile()
+    shot("workflow-4-accepted.png")
+    w.save_project()
+    viewer.close()
+
+
+if __name__ == "__main__":
+    main()
