@@ -404,6 +404,7 @@ def _cmd_experiment(args: argparse.Namespace) -> int:
         seeds=args.seeds,
         split_seed=args.split_seed,
         labelled_by_group=args.labelled_by_group,
+        score_threshold=args.eval_score_threshold,
         train=_config_from_args(args),
     )
     bars: dict[str, ProgressBar] = {}
@@ -490,6 +491,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--labelled-by-group",
         action="store_true",
         help="pick labelled images by whole groups (default: image by image, as the paper)",
+    )
+    ex.add_argument(
+        "--eval-score-threshold",
+        type=float,
+        default=0.5,
+        help="test predictions kept above this score for F1 (the paper: 0.5)",
     )
     ex.add_argument("--out", required=True)
     _add_training_options(ex)

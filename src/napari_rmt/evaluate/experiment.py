@@ -151,6 +151,7 @@ def _one_run(cfg, classes, method, fraction, seed, lab, unl, test, run_dir: Path
         "config": trainer.cfg.to_dict(),
         "labelled_ids": [t.id for t in lab],
         "predicts_with": trainer.predict_with,
+        "eval": {"score_threshold": cfg.score_threshold, "iou": cfg.iou, "nms": 0.5},
         "model": evaluate_model(trainer.model, test, classes, cfg, trainer.device),
     }
     if trainer.teacher is not None and trainer.predict_with == "teacher":
@@ -220,6 +221,8 @@ def results_table(records: list[dict], class_names: Sequence[str]) -> str:
         vals = [cells[(m, f, c)][0] for m in methods if (m, f, c) in cells]
         best[(f, c)] = max(vals) if vals else None
     n_seeds = {len({r["seed"] for r in records if r["method"] == m}) for m in methods}
+    ev = records[0].get("eval", {}) if records else {}
+    thr, iou = ev.get("score_threshold", 0.5), ev.get("iou", 0.5)
     header = "| method | " + " | ".join(f"{f:g} {c}" for f, c in cols) + " |"
     lines = [header, "|---" * (len(cols) + 1) + "|"]
     for m in methods:
@@ -236,7 +239,8 @@ def results_table(records: list[dict], class_names: Sequence[str]) -> str:
         lines.append("| " + " | ".join(row) + " |")
     note = (
         f"\nF1 % of the teacher (mean teacher methods) or the trained model, on the test split; "
-        f"score > 0.5, NMS, IoU >= 0.5; mAP = COCO AP@[.5:.95] %. Seeds per cell: {sorted(n_seeds)}.\n"
+        f"score > {thr:g}, NMS, IoU >= {iou:g}; mAP = COCO AP@[.5:.95] % (all scores). "
+        f"Seeds per cell: {sorted(n_seeds)}.\n"
     )
     return "\n".join(lines) + "\n" + note
 

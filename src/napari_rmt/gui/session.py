@@ -141,13 +141,19 @@ class Session:
             layer.selected_data = set()
             if len(boxes) or len(layer.data):
                 layer.data = list(boxes_to_rectangles(boxes.xyxy))
-                layer.features = pd.DataFrame({
-                    "class": pd.Categorical([self.classes.by_id(int(c)).name for c in boxes.class_ids],
-                                            categories=self.classes.names),
-                    "score": boxes.scores,
-                    "source": pd.Categorical([SOURCE_NAMES[BoxSource(int(s))] for s in boxes.sources],
-                                             categories=list(SOURCE_NAMES.values())),
-                })
+                layer.features = pd.DataFrame(
+                    {
+                        "class": pd.Categorical(
+                            [self.classes.by_id(int(c)).name for c in boxes.class_ids],
+                            categories=self.classes.names,
+                        ),
+                        "score": boxes.scores,
+                        "source": pd.Categorical(
+                            [SOURCE_NAMES[BoxSource(int(s))] for s in boxes.sources],
+                            categories=list(SOURCE_NAMES.values()),
+                        ),
+                    }
+                )
                 if len(boxes):
                     layer.edge_color = class_colours(self.classes, boxes.class_ids)
             layer.feature_defaults = {"class": self.current_class, "score": np.nan, "source": "manual"}
