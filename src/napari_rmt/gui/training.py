@@ -48,6 +48,7 @@ class TrainingJob:
         config,
         init_from: dict | None = None,
         predict_batch: int = 4,
+        save_to=None,
     ) -> None:
         self.labelled = snapshot(labelled)
         self.unlabelled = snapshot(unlabelled)
@@ -55,6 +56,7 @@ class TrainingJob:
         self.config = config
         self.init_from = init_from
         self.predict_batch = predict_batch
+        self.save_to = save_to  # where a finished run's model goes (written in this thread)
         self.trainer = None
         self._cancel = False
 
@@ -101,4 +103,9 @@ class TrainingJob:
                 )
                 predictions.update({t.id: b for t, b in zip(chunk, out, strict=True)})
                 yield PredictProgress(min(start + self.predict_batch, total), total)
-        return JobResult(self.trainer.state_dict(), predictions, cancelled, self.trainer.iteration)
+        state = self.trainer.state_dict()
+        if not cancelled and self.save_to is not None:
+            from ..train.checkpoint import save_checkpoint
+
+            save_checkpoint(self.save_to, state)  # a 100 MB write must not block the viewer
+        return JobResult(state, predictions, cancelled, self.trainer.iteration)

@@ -51,18 +51,29 @@ BACKBONES = ("resnet18", "mobilenet_v3_large", "resnet50")
 
 
 class LossPlot(QWidget):
-    """Live loss curves (total, supervised, unsupervised, L_reg), redrawn at most twice a second."""
+    """Live loss curves (total, supervised, unsupervised, L_reg).
+
+    Redrawn at most once a second by updating the existing lines: clearing the axes and
+    re-laying out the figure on every event took over 100 ms of the event loop here.
+    """
 
     TERMS = ("total", "sup", "unsup", "reg")
+    INTERVAL = 1.0
 
     def __init__(self, parent=None) -> None:
         super().__init__(parent)
         from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
         from matplotlib.figure import Figure
 
-        self.figure = Figure(figsize=(3.2, 1.8), dpi=90, tight_layout=True)
+        self.figure = Figure(figsize=(3.2, 1.8), dpi=90)
+        self.figure.subplots_adjust(left=0.16, right=0.98, top=0.95, bottom=0.22)
         self.canvas = FigureCanvasQTAgg(self.figure)
         self.ax = self.figure.add_subplot(111)
+        self.ax.set_xlabel("iteration", fontsize=7)
+        self.ax.set_ylabel("loss", fontsize=7)
+        self.ax.tick_params(labelsize=6)
+        self.lines = {k: self.ax.plot([], [], label=k, linewidth=1)[0] for k in self.TERMS}
+        self.ax.legend(fontsize=6, loc="upper right")
         layout = QVBoxLayout(self)
         layout.setContentsMargins(0, 0, 0, 0)
         layout.addWidget(self.canvas)
@@ -72,27 +83,21 @@ class LossPlot(QWidget):
         self.x: list[int] = []
         self.y: dict[str, list[float]] = {k: [] for k in self.TERMS}
         self._last = 0.0
-        self._draw()
+        self.redraw()
 
     def add(self, iteration: int, losses: dict[str, float]) -> None:
         self.x.append(iteration)
         for k in self.TERMS:
             self.y[k].append(losses.get(k, 0.0))
-        if time.perf_counter() - self._last > 0.5:
-            self._draw()
+        if time.perf_counter() - self._last > self.INTERVAL:
+            self.redraw()
 
-    def _draw(self) -> None:
+    def redraw(self) -> None:
         self._last = time.perf_counter()
-        ax = self.ax
-        ax.clear()
-        for k in self.TERMS:
-            if any(self.y[k]):
-                ax.plot(self.x, self.y[k], label=k, linewidth=1)
-        ax.set_xlabel("iteration", fontsize=7)
-        ax.set_ylabel("loss", fontsize=7)
-        ax.tick_params(labelsize=6)
-        if self.x:
-            ax.legend(fontsize=6, loc="upper right")
+        for k, line in self.lines.items():
+            line.set_data(self.x, self.y[k])
+        self.ax.relim()
+        self.ax.autoscale_view()
         self.canvas.draw_idle()
 
 
@@ -526,7 +531,8 @@ class RMTWidget(QWidget):
             )
             if not same:
                 init = None  # another architecture or class list: start afresh
-        self.job = TrainingJob(ts.labelled, ts.unlabelled, ts.classes, cfg, init_from=init)
+        save_to = self.project.folder / MODEL if self.project.folder is not None else None
+        self.job = TrainingJob(ts.labelled, ts.unlabelled, ts.classes, cfg, init_from=init, save_to=save_to)
         self.plot.reset()
         self.progress.setMaximum(cfg.iterations)
         self.progress.setValue(0)
@@ -583,7 +589,7 @@ class RMTWidget(QWidget):
             self.status.setText(f"predicting unlabelled tiles {ev.done}/{ev.total}")
 
     def _on_returned(self, result) -> None:
-        self.plot._draw()
+        self.plot.redraw()
         if result.cancelled:
             self.status.setText(f"cancelled after {result.iterations} iterations; the previous model is kept")
             return
@@ -596,7 +602,6 @@ class RMTWidget(QWidget):
                 tile.predictions = boxes
         self.session.refresh()
         self._refresh_list_rows(all_rows=True)
-        self._save_model_to_project()
         n = sum(len(b) for b in result.predictions.values())
         self.status.setText(
             f"done: {result.iterations} iterations; {n} predicted boxes on "
@@ -635,13 +640,6 @@ class RMTWidget(QWidget):
     def _flush(self) -> None:
         if self.session is not None and self._autosave.isActive():
             self.save_project()
-
-    def _save_model_to_project(self) -> None:
-        if self.model_state is not None and self.project.folder is not None:
-            from ..train.checkpoint import save_checkpoint
-
-            payload = {k: v for k, v in self.model_state.items() if k not in ("format", "version", "_path")}
-            save_checkpoint(self.project.folder / MODEL, payload)
 
     def save_model(self, path: str | Path) -> Path:
         if self.model_state is None:
