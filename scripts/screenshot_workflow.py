@@ -38,6 +38,9 @@ def main() -> None:
     ap.add_argument("--model", default=None)
     ap.add_argument("--iterations", type=int, default=20)
     ap.add_argument("--tiles", type=int, default=16)
+    ap.add_argument("--method", default="rmt")
+    ap.add_argument("--threshold", type=float, default=0.3, help="pseudo-label threshold")
+    ap.add_argument("--show-score", type=float, default=0.3, help="score slider for the review shots")
     args = ap.parse_args()
 
     import napari
@@ -63,18 +66,20 @@ def main() -> None:
             QApplication.processEvents()
             time.sleep(0.01)
 
-    def shot(name: str) -> None:
+    def shot(name: str, reset: bool = True) -> None:
         pump()
+        if reset:  # after the dock widget has taken its room, fit the tile to the canvas
+            viewer.reset_view()
+            pump(0.1)
         viewer.screenshot(str(OUT / name), canvas_only=False, flash=False)
         print("wrote", OUT / name, flush=True)
 
     OUT.mkdir(parents=True, exist_ok=True)
     w.show_tile(0)
-    viewer.reset_view()
     shot("workflow-1-annotate.png")
 
-    cfg = TrainConfig(method="rmt", iterations=args.iterations, burn_in=1 if args.model else args.iterations // 2,
-                      warmup=1, lr=0.005 if args.model else 0.02, threshold=0.5,
+    cfg = TrainConfig(method=args.method, iterations=args.iterations, burn_in=1 if args.model else args.iterations // 2,
+                      warmup=1, lr=0.005 if args.model else 0.02, threshold=args.threshold,
                       model=ModelConfig(backbone="resnet18"))
     w.train(config=cfg)
     while w.worker is not None and w.progress.value() < max(2, args.iterations * 2 // 3):
@@ -86,7 +91,7 @@ def main() -> None:
 
     unl = next(i for i, t in enumerate(w.project.tileset) if not t.is_labelled)
     w.show_tile(unl)
-    w.score_slider.setValue(50)
+    w.score_slider.setValue(round(100 * args.show_score))
     viewer.layers.selection.active = w.session.predictions
     shot("workflow-3-review.png")
     w.accept_tile()

@@ -41,6 +41,7 @@ class Session:
         self._counts: dict[str, int] = {}
         self._make_layers()
         self.show_tile(0)
+        viewer.reset_view()
 
     # ------------------------------------------------------------------ properties
     @property
