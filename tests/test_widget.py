@@ -102,6 +102,11 @@ def test_annotate_train_review_export_reopen(widget, tmp_path):
     assert [t.status for t in ts2] == statuses and [len(t.boxes) for t in ts2] == counts
     assert w2.model_state is not None
 
+    # Save and load the model by hand; a model for other classes is refused by name.
+    saved = w2.save_model(tmp_path / "exported.pt")
+    w2.load_model(saved)
+    assert w2.model_state["_path"] == str(saved)
+
     # Warm start from the trained model.
     w2.train(config=tiny(method="supervised"), synchronous=True)
     assert "warm start" in w2.status.text() or w2.last_error is None

@@ -685,8 +685,7 @@ class RMTWidget(QWidget):
             raise NapariRmtError("there is no trained model yet")
         from ..train.checkpoint import save_checkpoint
 
-        payload = {k: v for k, v in self.model_state.items() if k not in ("format", "version", "_path")}
-        return save_checkpoint(path, payload)
+        return save_checkpoint(path, self.model_state)
 
     def load_model(self, path: str | Path) -> None:
         from ..train.checkpoint import classes_from_checkpoint, read_checkpoint

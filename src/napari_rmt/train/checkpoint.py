@@ -30,8 +30,10 @@ class CheckpointError(NapariRmtError):
 
 
 def save_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> Path:
+    """Write atomically; a payload read back by ``read_checkpoint`` can be saved as it is."""
+    body = {k: v for k, v in payload.items() if k not in ("format", "version", "_path")}
     buf = io.BytesIO()
-    torch.save({"format": FORMAT, "version": VERSION, **payload}, buf)
+    torch.save({"format": FORMAT, "version": VERSION, **body}, buf)
     data = buf.getvalue()
     return atomic_write(path, lambda fh: fh.write(data))
 
