@@ -42,3 +42,11 @@ def test_invalid_class_operations_raise_clear_errors(action, message):
     with pytest.raises(ClassListError, match=message):
         action(cl)
     assert list(cl) == before  # nothing lost
+
+
+def test_json_round_trip_and_bad_records():
+    cl = ClassList.default()
+    cl.recolour(2, (1, 2, 3))
+    assert ClassList.from_json(cl.to_json()) == cl
+    with pytest.raises(ClassListError, match="bad class list"):
+        ClassList.from_json([{"id": 1, "name": "x", "color": "red"}])

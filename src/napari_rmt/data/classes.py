@@ -171,6 +171,19 @@ class ClassList:
     def to_json(self) -> list[dict]:
         return [{"id": c.id, "name": c.name, "color": c.hex} for c in self._classes]
 
+    @classmethod
+    def from_json(cls, records: Iterable[dict]) -> ClassList:
+        """The inverse of ``to_json`` (checkpoints and layer metadata store classes this way)."""
+        try:
+            return cls(
+                CellClass(
+                    int(r["id"]), str(r["name"]), tuple(int(r["color"][k : k + 2], 16) for k in (1, 3, 5))
+                )
+                for r in records
+            )
+        except (KeyError, TypeError, ValueError, IndexError) as exc:
+            raise ClassListError(f"bad class list ({type(exc).__name__}: {exc})") from exc
+
     # -- internals ---------------------------------------------------------------
     def _find_name(self, name: str) -> CellClass | None:
         key = name.strip().lower()

@@ -18,7 +18,7 @@ import json
 import math
 import os
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -421,8 +421,3 @@ def _info(description: str) -> dict:
         "date_created": now.isoformat(timespec="seconds"),
         "url": "",
     }
-
-
-def categories_of(classes: ClassList) -> Sequence[dict]:
-    """The category records an export writes (also used by the results writer's callers)."""
-    return _categories(classes)

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from ..data.boxes import Boxes, BoxSource
-from ..data.classes import CellClass, ClassList
+from ..data.classes import ClassList
 from ..data.errors import AnnotationError
 from ..data.tiles import Tile, TileSet, TileStatus
 
@@ -184,9 +184,7 @@ def tileset_from_shapes(data: Sequence[np.ndarray], meta: Mapping[str, Any]) -> 
     xyxy, planes = rectangles_to_boxes(verts)
 
     if records:
-        classes = ClassList(
-            CellClass(int(c["id"]), str(c["name"]), _hex_to_rgb(c["color"])) for c in records["classes"]
-        )
+        classes = ClassList.from_json(records["classes"])
         tiles = [
             Tile(
                 id=int(r["id"]),
@@ -252,7 +250,3 @@ def _feature(features: Any, key: str, n: int, default: Any = None) -> list:
     if default is None:
         raise AnnotationError(f"the layer has no {key!r} feature; cannot tell the boxes' classes")
     return [default] * n
-
-
-def _hex_to_rgb(value: str) -> tuple[int, int, int]:
-    return tuple(int(value[k : k + 2], 16) for k in (1, 3, 5))  # type: ignore[return-value]

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ..data.atomic import atomic_write
-from ..data.classes import CellClass, ClassList
+from ..data.classes import ClassList
 from ..data.errors import NapariRmtError
 from ..model.detector import build_detector
 from .config import TrainConfig
@@ -65,11 +65,8 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
 
 def classes_from_checkpoint(ckpt: dict[str, Any]) -> ClassList:
     try:
-        return ClassList(
-            CellClass(int(c["id"]), str(c["name"]), tuple(int(c["color"][k : k + 2], 16) for k in (1, 3, 5)))
-            for c in ckpt["classes"]
-        )
-    except (KeyError, TypeError, ValueError) as exc:
+        return ClassList.from_json(ckpt["classes"])
+    except (KeyError, NapariRmtError) as exc:
         raise CheckpointError(f"{ckpt.get('_path', 'checkpoint')}: bad class list ({exc})") from exc
 
 
