@@ -78,9 +78,15 @@ def main() -> None:
     w.show_tile(0)
     shot("workflow-1-annotate.png")
 
-    cfg = TrainConfig(method=args.method, iterations=args.iterations, burn_in=1 if args.model else args.iterations // 2,
-                      warmup=1, lr=0.005 if args.model else 0.02, threshold=args.threshold,
-                      model=ModelConfig(backbone="resnet18"))
+    cfg = TrainConfig(
+        method=args.method,
+        iterations=args.iterations,
+        burn_in=1 if args.model else args.iterations // 2,
+        warmup=1,
+        lr=0.005 if args.model else 0.02,
+        threshold=args.threshold,
+        model=ModelConfig(backbone="resnet18"),
+    )
     w.train(config=cfg)
     while w.worker is not None and w.progress.value() < max(2, args.iterations * 2 // 3):
         pump(0.2)

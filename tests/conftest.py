@@ -87,6 +87,14 @@ def consep_dir() -> Path:
     return d
 
 
+@pytest.fixture(scope="session")
+def monuseg_dir() -> Path:
+    d = SHARED_DATA / "monuseg"
+    if not (d / "annotations.json").is_file():
+        pytest.skip("../shared/data/monuseg is not here")
+    return d
+
+
 def synthetic_tiles(n: int = 6, size: int = 64, seed: int = 0, n_classes: int = 3):
     """Tiles with dark square 'nuclei' on a pink background; class = size bucket.
 

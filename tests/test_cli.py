@@ -123,3 +123,40 @@ def test_experiment_grid_resumes_and_writes_reports(tmp_path, capsys):
     capsys.readouterr()
     assert main(args) == 0  # second call: everything done, skipped
     assert "skipped" in capsys.readouterr().err
+
+
+def test_predict_a_large_zarr_image_writes_whole_image_boxes(tmp_path, capsys):
+    import numpy as np
+
+    from conftest import make_coco
+    from napari_rmt.data.large import open_large_image, write_zarr_image
+    from napari_rmt.model.wholeimage import predict_large_image, read_boxes_zarr
+    from napari_rmt.train.checkpoint import load_model
+
+    coco = make_coco(tmp_path / "data", n_images=2, size=(64, 64))
+    run = tmp_path / "run"
+    args = ["train", "--coco", str(coco), "--method", "supervised", "--iterations", "1", "--out", str(run)]
+    assert main([*args, "--warmup", "1", "--batch", "1"]) == 0
+    rng = np.random.default_rng(0)
+    write_zarr_image(rng.integers(0, 256, (200, 300, 3), dtype=np.uint8), tmp_path / "big.zarr", chunks=64)
+    pred = tmp_path / "pred.json"
+    rc = main(
+        [
+            "predict", "--model", str(run), str(tmp_path / "big.zarr"), "--out", str(pred),
+            "--window", "64", "--context", "32", "--score-threshold", "0.0", "--zarr", str(tmp_path / "boxes"),
+        ]
+    )  # fmt: skip
+    assert rc == 0
+    rows = json.loads(pred.read_text())
+    assert rows and {r["image_id"] for r in rows} == {1}
+    xywh = np.array([r["bbox"] for r in rows])
+    assert (xywh[:, 0] >= 0).all() and (xywh[:, 0] + xywh[:, 2] <= 300 + 1e-3).all()
+    assert (xywh[:, 1] + xywh[:, 3] <= 200 + 1e-3).all() and xywh[:, 0].max() > 64  # beyond the first window
+    boxes, classes, size = read_boxes_zarr(tmp_path / "boxes" / "big.zarr")
+    assert size == (300, 200) and len(boxes) == len(rows)
+    model, classes, _ = load_model(run / "model.pt")
+    direct = predict_large_image(
+        model, open_large_image(tmp_path / "big.zarr"), classes, window=64, context=32, score_threshold=0.0
+    )
+    np.testing.assert_allclose(np.sort(direct.scores), np.sort(boxes.scores), atol=1e-5)
+    assert "windows" in capsys.readouterr().err

@@ -156,3 +156,69 @@ def test_suggest_next_goes_to_the_most_uncertain_tile(widget):
     ts[unl[3]].predictions = Boxes([[0, 0, 5, 5], [9, 9, 20, 20]], [1, 2], [0.5, 0.45])
     w.suggest_next()
     assert w.session.index == unl[3] and w.tile_list.currentRow() == unl[3]
+
+
+def test_large_image_grid_whole_image_prediction_and_reopen(make_napari_viewer, tmp_path, monkeypatch):
+    import json
+
+    import tifffile
+
+    from napari_rmt.model.wholeimage import read_boxes_zarr
+
+    monkeypatch.setattr(widget_mod, "DEFAULT_PROJECTS", tmp_path / "projects")
+    rng = np.random.default_rng(0)
+    big = rng.integers(0, 256, (520, 640, 3), dtype=np.uint8)
+    tifffile.imwrite(tmp_path / "big.tif", big, tile=(128, 128))
+    viewer = make_napari_viewer(show=True)
+    w = RMTWidget(viewer)
+    viewer.window.add_dock_widget(w)
+    w.open_large_image(tmp_path / "big.tif", tile=256, overlap=0)
+    ts = w.project.tileset
+    assert len(ts) == 9 and all(t.window for t in ts)
+    assert "whole image" in viewer.layers and len(viewer.layers["tile grid"].data) == 9
+    # the tile on screen sits at its place over the whole image
+    w.show_tile(4)
+    t = ts[4]
+    assert t.origin == (256, 256)
+    np.testing.assert_array_equal(w.session.image.data, big[256:512, 256:512])
+    np.testing.assert_allclose(w.session.annotations.translate, (256, 256))
+    w.session.annotations.add_rectangles(np.array([[10, 10], [10, 30], [30, 30], [30, 10]], dtype=float))
+    w.labelled_box.setChecked(True)
+    np.testing.assert_allclose(viewer.layers["tile grid"].edge_color[4][:3], (1, 1, 1))  # labelled: white
+    w.train(config=tiny(method="supervised", iterations=1), synchronous=True)
+    assert w.model_state is not None and w.last_error is None
+
+    w.predict_whole_image(synchronous=True, window=256, context=64)
+    assert w.last_error is None
+    boxes = w.whole.boxes
+    assert len(boxes) > 0
+    assert boxes.xyxy[:, 2].max() <= 640 + 1e-3 and boxes.xyxy[:, 3].max() <= 520 + 1e-3
+    w.score_slider.setValue(0)
+    assert len(viewer.layers["whole-image cells"].data) == len(boxes)
+    from napari_rmt.gui.session import camera_of
+
+    camera_of(viewer).center = (100, 100)
+    camera_of(viewer).zoom = 4.0
+    drawn = w.whole.update_in_view()
+    x0, y0, x1, y1 = w.whole.visible_region()
+    inside = (
+        (boxes.xyxy[:, 2] >= x0)
+        & (boxes.xyxy[:, 0] <= x1)
+        & (boxes.xyxy[:, 3] >= y0)
+        & (boxes.xyxy[:, 1] <= y1)
+    )
+    assert drawn == inside.sum() and drawn < len(boxes)
+
+    out = w.export_whole_predictions(tmp_path / "whole.json")
+    rows = json.loads(out.read_text())
+    assert len(rows) == len(boxes) and {r["image_id"] for r in rows} == {1}
+    back, _, size = read_boxes_zarr(w.export_whole_predictions(tmp_path / "whole.zarr"))
+    assert size == (640, 520) and len(back) == len(boxes)
+
+    w.save_project()
+    folder = w.project.folder
+    w2 = RMTWidget(viewer)
+    w2.open_project(folder)
+    ts2 = w2.project.tileset
+    assert len(ts2) == 9 and ts2[4].window and ts2[4].status is TileStatus.LABELLED and len(ts2[4].boxes) == 1
+    assert w2.whole is not None and "whole image" in viewer.layers

@@ -229,8 +229,10 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     from .data.atomic import atomic_write_json
     from .data.coco import write_coco_results
     from .data.imageio import image_size
+    from .data.large import is_zarr_path, open_large_image, tile_grid
     from .data.tiles import Tile, TileSet
     from .model.predict import predict_tiles
+    from .model.wholeimage import predict_large_image, write_boxes_zarr
     from .train.checkpoint import load_model
     from .train.trainer import resolve_device
 
@@ -251,22 +253,58 @@ def _cmd_predict(args: argparse.Namespace) -> int:
             raise NapariRmtError("give --coco ANN.json or image paths to predict")
         tiles = []
         for i, p in enumerate(args.paths, start=1):
-            w, h = image_size(p)
+            w, h = open_large_image(p).size if is_zarr_path(p) else image_size(p)
             tiles.append(Tile(id=i, name=Path(p).name, width=w, height=h, path=Path(p)))
-    out_set = TileSet(tiles=[], classes=classes)
-    bar = ProgressBar(len(tiles), label="predict")
+    # Images larger than one window (and zarr stores) are predicted window by window
+    # and stitched; the rest in batches of whole tiles.
+    side = args.window + 2 * args.context
+    large = [
+        t for t in tiles if not args.coco and (t.width > side or t.height > side or is_zarr_path(t.path))
+    ]
+    small = [t for t in tiles if t not in large]
     t0 = time.perf_counter()
-    predict_tiles(
-        model,
-        tiles,
-        classes,
-        batch_size=args.batch_size,
-        score_threshold=args.score_threshold,
-        nms_iou=args.nms,
-        device=device,
-        progress=lambda d, n: bar.update(d),
-    )
-    bar.close()
+    if small:
+        bar = ProgressBar(len(small), label="predict")
+        predict_tiles(
+            model,
+            small,
+            classes,
+            batch_size=args.batch_size,
+            score_threshold=args.score_threshold,
+            nms_iou=args.nms,
+            device=device,
+            progress=lambda d, n: bar.update(d),
+        )
+        bar.close()
+    for t in large:
+        image = open_large_image(t.path)
+        n_windows = len(tile_grid(image.width, image.height, args.window, args.overlap))
+        bar = ProgressBar(n_windows, label=f"{t.name[:24]} windows")
+        started = time.perf_counter()
+        t.predictions = predict_large_image(
+            model,
+            image,
+            classes,
+            window=args.window,
+            overlap=args.overlap,
+            context=args.context,
+            batch_size=args.batch_size,
+            score_threshold=args.score_threshold,
+            nms_iou=args.nms,
+            device=device,
+            progress=lambda d, n, b=bar, s0=started: b.update(
+                d, eta=(time.perf_counter() - s0) / d * (n - d)
+            ),
+        )
+        bar.close()
+        if args.zarr:
+            folder = Path(args.zarr)
+            folder.mkdir(parents=True, exist_ok=True)
+            store = write_boxes_zarr(
+                t.predictions, folder / f"{Path(t.name).stem}.zarr", classes, image.size, source=str(t.path)
+            )
+            print(f"napari-rmt: {len(t.predictions)} boxes of {t.name} -> {store}")
+    out_set = TileSet(tiles=[], classes=classes)
     for t in tiles:
         out_set.add(
             Tile(id=t.id, name=t.name, width=t.width, height=t.height, path=t.path, predictions=t.predictions)
@@ -275,7 +313,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     if not args.coco:
         atomic_write_json(
             Path(args.out).with_suffix(".images.json"),
-            [{"id": t.id, "file_name": str(t.path)} for t in tiles],
+            [{"id": t.id, "file_name": str(t.path), "width": t.width, "height": t.height} for t in tiles],
             indent=1,
         )
     n = sum(len(t.predictions) for t in tiles)
@@ -465,6 +503,15 @@ def build_parser() -> argparse.ArgumentParser:
     pred.add_argument("--nms", type=float, default=0.5, help="class-agnostic NMS IoU")
     pred.add_argument("--batch-size", type=int, default=4)
     pred.add_argument("--device", default="auto")
+    big = pred.add_argument_group(
+        "large images",
+        "image files larger than window + 2 x context (and zarr stores) are predicted in windows "
+        "and stitched into whole-image boxes",
+    )
+    big.add_argument("--window", type=int, default=512, help="window size in pixels (default 512)")
+    big.add_argument("--overlap", type=int, default=0, help="overlap between windows (default 0)")
+    big.add_argument("--context", type=int, default=128, help="pixels read around each window (default 128)")
+    big.add_argument("--zarr", default=None, help="also write each large image's boxes to DIR/<name>.zarr")
     pred.set_defaults(func=_cmd_predict)
 
     ev = sub.add_parser("evaluate", help="per-class F1 and COCO mAP of predictions against annotations")

@@ -33,7 +33,9 @@ from .tiles import Tile, TileSet, TileStatus
 
 STATUS_KEY = "napari_rmt_status"
 ORIGIN_KEY = "napari_rmt_origin"
-_IMAGE_CORE_KEYS = {"id", "file_name", "width", "height", STATUS_KEY, ORIGIN_KEY}
+# true: file_name is a large image and the record is its window at the origin
+WINDOW_KEY = "napari_rmt_window"
+_IMAGE_CORE_KEYS = {"id", "file_name", "width", "height", STATUS_KEY, ORIGIN_KEY, WINDOW_KEY}
 
 
 # --------------------------------------------------------------------------- reading
@@ -218,12 +220,19 @@ def _parse_image(rec: Any, where: str, images_dir: Path) -> Tile:
     origin = rec.get(ORIGIN_KEY, [0, 0])
     if not (isinstance(origin, list) and len(origin) == 2 and all(_is_int(v) for v in origin)):
         raise AnnotationError(f"{where}: {ORIGIN_KEY} {origin!r} is not two integers [x, y]")
+    window = rec.get(WINDOW_KEY, False)
+    if not isinstance(window, bool):
+        raise AnnotationError(f"{where}: {WINDOW_KEY} {window!r} is not true or false")
+    if window and (origin[0] < 0 or origin[1] < 0):
+        raise AnnotationError(f"{where}: window origin {origin} is negative")
     path = Path(file_name)
     if not path.is_absolute():
         path = images_dir / path
+    name = window_name(path, origin[0], origin[1]) if window else Path(file_name).name
     return Tile(
         id=image_id,
-        name=Path(file_name).name,
+        name=name,
+        window=window,
         width=width,
         height=height,
         path=path,
@@ -232,8 +241,18 @@ def _parse_image(rec: Any, where: str, images_dir: Path) -> Tile:
     )
 
 
+def window_name(path: Path, x: int, y: int) -> str:
+    """How a window of a large image is called in lists: the image and the offset."""
+    return f"{path.stem} x{x} y{y}"
+
+
 def _check_files_exist(tileset: TileSet, source: str) -> None:
-    missing = [t.path for t in tileset if t.path is not None and not t.path.is_file()]
+    # a window's large image may be a zarr folder
+    missing = [
+        t.path
+        for t in tileset
+        if t.path is not None and not (t.path.exists() if t.window else t.path.is_file())
+    ]
     if missing:
         shown = ", ".join(str(p) for p in missing[:5])
         more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
@@ -388,8 +407,10 @@ def _image_record(tile: Tile, json_dir: Path | None) -> dict:
         height=int(tile.height),
     )
     rec[STATUS_KEY] = tile.status.value
-    if tuple(tile.origin) != (0, 0):
+    if tuple(tile.origin) != (0, 0) or tile.window:
         rec[ORIGIN_KEY] = [int(tile.origin[0]), int(tile.origin[1])]
+    if tile.window:
+        rec[WINDOW_KEY] = True
     return rec
 
 

@@ -42,8 +42,8 @@ PixelSource = Callable[[], np.ndarray]
 class Tile:
     """One image tile.
 
-    ``path`` (a file) or ``loader`` (any callable, e.g. a window of a zarr array) gives
-    the pixels. ``origin`` is the tile's (x, y) offset in a larger image, so boxes map
+    ``path`` (a file) or ``loader`` (any callable) gives the pixels; with ``window``
+    the file is a large image and the tile is the part of it at ``origin``. ``origin`` is the tile's (x, y) offset in a larger image, so boxes map
     back to whole-image coordinates; ``meta`` keeps the extra fields of the source
     file (CoNSeP's ``source_tile``, say) so that an export gives them back.
     """
@@ -59,11 +59,17 @@ class Tile:
     predictions: Boxes = field(default_factory=Boxes)
     origin: tuple[int, int] = (0, 0)
     meta: dict[str, Any] = field(default_factory=dict)
+    window: bool = False  # ``path`` is a large image and the tile is its window at ``origin``
 
     def pixels(self) -> np.ndarray:
         """The tile as ``(H, W, 3) uint8``; read each time (callers cache if they need)."""
         if self.loader is not None:
             arr = to_uint8_rgb(self.loader(), where=f"tile {self.name!r}")
+        elif self.window and self.path is not None:
+            from .large import cached_large_image
+
+            image = cached_large_image(str(self.path))
+            arr = image.read(int(self.origin[0]), int(self.origin[1]), self.width, self.height)
         elif self.path is not None:
             arr = read_image(self.path)
         else:

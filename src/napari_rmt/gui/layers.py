@@ -155,6 +155,7 @@ def tile_records(tileset: TileSet) -> dict:
                 "path": str(t.path) if t.path is not None else None,
                 "status": t.status.value,
                 "origin": list(t.origin),
+                "window": t.window,
                 "meta": t.meta,
             }
             for t in tileset
@@ -194,6 +195,7 @@ def tileset_from_shapes(data: Sequence[np.ndarray], meta: Mapping[str, Any]) -> 
                 path=Path(r["path"]) if r.get("path") else None,
                 status=TileStatus(r["status"]),
                 origin=tuple(r.get("origin", (0, 0))),
+                window=bool(r.get("window", False)),
                 meta=dict(r.get("meta") or {}),
             )
             for r in records["tiles"]

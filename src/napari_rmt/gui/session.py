@@ -25,6 +25,12 @@ ANNOTATION_LAYER = "annotations"
 PREDICTION_LAYER = "predictions"
 
 
+def camera_of(viewer):
+    """napari 0.9 moved the camera to ``viewer.scene``; older versions have ``viewer.camera``."""
+    scene = getattr(viewer, "scene", None)
+    return scene.camera if scene is not None and hasattr(scene, "camera") else viewer.camera
+
+
 class Session:
     """Binds a ``Project`` to a napari viewer."""
 
@@ -42,6 +48,8 @@ class Session:
         self._make_layers()
         self.show_tile(0)
         viewer.reset_view()
+        if self.tile.window:
+            self.frame_tile()
 
     # ------------------------------------------------------------------ properties
     @property
@@ -203,9 +211,24 @@ class Session:
         t = self.tile
         self.image.data = t.pixels()
         self.image.metadata["tile_id"] = t.id
+        # A window of a large image sits at its place over the whole-image overview;
+        # layer data stay in tile pixels, the translation is napari's.
+        offset = (float(t.origin[1]), float(t.origin[0])) if t.window else (0.0, 0.0)
+        for layer in (self.image, self.annotations, self.predictions):
+            if tuple(layer.translate) != offset:
+                layer.translate = offset
+        if t.window:
+            camera_of(self.viewer).center = (offset[0] + t.height / 2, offset[1] + t.width / 2)
         self._set_layer_boxes(self.annotations, t.boxes)
         self._show_predictions()
         self._caption()
+
+    def frame_tile(self) -> None:
+        """Centre and zoom the camera on the tile (a window of a large image)."""
+        t = self.tile
+        h, w = self.viewer.canvas.size
+        camera_of(self.viewer).center = (t.origin[1] + t.height / 2, t.origin[0] + t.width / 2)
+        camera_of(self.viewer).zoom = 0.9 * min(h / t.height, w / t.width)
 
     def _show_predictions(self) -> None:
         p = self.tile.predictions

@@ -43,7 +43,7 @@ from ..data.geojson import write_geojson  # noqa: E402
 from ..data.project import MODEL, Project  # noqa: E402
 from ..data.sample import load_sample  # noqa: E402
 from ..data.tiles import Tile, TileSet, TileStatus  # noqa: E402
-from .session import Session  # noqa: E402
+from .session import Session, camera_of  # noqa: E402
 
 DEFAULT_PROJECTS = Path.home() / ".napari-rmt" / "projects"
 METHODS = ("rmt", "rmt-noreg", "ubt", "stac", "supervised")
@@ -149,6 +149,13 @@ class RMTWidget(QWidget):
         self.worker = None
         self.job = None
         self.last_error: str | None = None
+        self.whole = None  # WholeImageView when the tiles are windows of a large image
+        self._whole_cancel = False
+        self._camera_timer = QTimer(self)
+        self._camera_timer.setSingleShot(True)
+        self._camera_timer.setInterval(150)
+        self._camera_timer.timeout.connect(self._update_in_view)
+        camera_of(viewer).events.connect(self._on_camera)
         self._autosave = QTimer(self)
         self._autosave.setSingleShot(True)
         self._autosave.setInterval(1000)
@@ -197,6 +204,33 @@ class RMTWidget(QWidget):
         self.labelled_box.toggled.connect(self._on_labelled)
         tl.addWidget(self.labelled_box)
         root.addWidget(tiles)
+
+        large = QGroupBox("Large image")
+        lg = QVBoxLayout(large)
+        row = QHBoxLayout()
+        b = QPushButton("Open large image…")
+        b.setToolTip("TIFF, PNG, zarr or OME-Zarr; cut into a grid of tiles to annotate")
+        b.clicked.connect(self._ask_large)
+        row.addWidget(b, 2)
+        row.addWidget(QLabel("tile"))
+        self.grid_tile_spin = _spin(32, 8192, 256)
+        row.addWidget(self.grid_tile_spin)
+        row.addWidget(QLabel("overlap"))
+        self.grid_overlap_spin = _spin(0, 4096, 0)
+        row.addWidget(self.grid_overlap_spin)
+        lg.addLayout(row)
+        row = QHBoxLayout()
+        self.predict_whole_btn = QPushButton("Predict whole image")
+        self.predict_whole_btn.setToolTip(
+            "Detect cells over the whole image in windows, stitched at their borders"
+        )
+        self.predict_whole_btn.clicked.connect(lambda: self.predict_whole_image())
+        self.export_whole_btn = QPushButton("Export whole-image…")
+        self.export_whole_btn.clicked.connect(self._ask_export_whole)
+        row.addWidget(self.predict_whole_btn)
+        row.addWidget(self.export_whole_btn)
+        lg.addLayout(row)
+        root.addWidget(large)
 
         classes = QGroupBox("Class of new boxes (keys 1–9)")
         cl = QHBoxLayout(classes)
@@ -312,10 +346,44 @@ class RMTWidget(QWidget):
         self.class_combo.addItems(tileset.classes.names)
         self.class_combo.blockSignals(False)
         self.project_label.setText(f"project: {folder}")
+        self._attach_whole(tileset)
         self._fill_list()
         self._sync_tile_controls()
         self._update_enabled()
         self.save_project()
+
+    def _attach_whole(self, tileset: TileSet) -> None:
+        """Show the large image the tiles are windows of (if they are), under them."""
+        if self.whole is not None:
+            self.whole.remove()
+            self.whole = None
+        windows = [t for t in tileset if t.window and t.path is not None]
+        if not windows:
+            return
+        from ..data.large import cached_large_image
+        from .wholeimage import WholeImageView
+
+        sources = {str(t.path) for t in windows}
+        if len(sources) > 1:
+            show_info(
+                f"tiles come from {len(sources)} large images; the overview shows {windows[0].path.name}"
+            )
+        self.whole = WholeImageView(self.viewer, cached_large_image(str(windows[0].path)), tileset.classes)
+        self.whole.show_grid([t for t in tileset if t.window and str(t.path) == str(windows[0].path)])
+        self.session.frame_tile()
+
+    def open_large_image(self, path: str | Path, tile: int | None = None, overlap: int | None = None) -> None:
+        """Cut a large image into a grid of tiles (all unlabelled) and show it whole."""
+        from ..data.large import grid_tiles
+
+        path = Path(path)
+        tiles = grid_tiles(
+            path,
+            tile=tile or self.grid_tile_spin.value(),
+            overlap=self.grid_overlap_spin.value() if overlap is None else overlap,
+        )
+        self.set_tileset(TileSet(tiles), path.stem)
+        show_info(f"{path.name}: {len(tiles)} tiles; annotate a few and tick 'fully annotated'")
 
     def open_sample(self) -> None:
         self._guarded(lambda: self._open_sample())
@@ -451,6 +519,7 @@ class RMTWidget(QWidget):
             self.session.pull()
             self.session.set_labelled(checked)
             self._refresh_list_rows()
+            self._refresh_grid()
 
     def _on_class(self, name: str) -> None:
         if self.session is not None and name:
@@ -495,6 +564,8 @@ class RMTWidget(QWidget):
         self.score_label.setText(f"score ≥ {value / 100:.2f}")
         if self.session is not None:
             self.session.set_score_threshold(value / 100)
+        if self.whole is not None and len(self.whole.boxes):
+            self.whole.show_predictions(score_threshold=value / 100)
 
     def accept_tile(self) -> int:
         if self.session is None:
@@ -502,6 +573,7 @@ class RMTWidget(QWidget):
         n = self.session.accept_tile()
         self._sync_tile_controls()
         self._refresh_list_rows()
+        self._refresh_grid()
         return n
 
     def accept_selected(self) -> int:
@@ -602,8 +674,10 @@ class RMTWidget(QWidget):
         self.worker.start()
 
     def cancel(self) -> None:
+        self._whole_cancel = True
         if self.job is not None:
             self.job.cancel()
+        if self.worker is not None:
             self.status.setText("cancelling…")
 
     def _on_yielded(self, ev) -> None:
@@ -661,6 +735,116 @@ class RMTWidget(QWidget):
         self.last_error = msg
         self.status.setText(msg)
         show_error(msg)
+
+    # ================================================================== large image
+    def _on_camera(self, event=None) -> None:
+        if self.whole is not None and len(self.whole.boxes):
+            self._camera_timer.start()  # redraw the boxes in view once the camera rests
+
+    def _update_in_view(self) -> None:
+        if self.whole is not None:
+            self.whole.update_in_view()
+
+    def _refresh_grid(self) -> None:
+        if self.whole is not None:
+            path = str(self.whole.image.path)
+            self.whole.show_grid([t for t in self.project.tileset if t.window and str(t.path) == path])
+
+    def predict_whole_image(self, synchronous: bool = False, window: int = 512, context: int = 128) -> None:
+        """Detect cells over the whole large image with the current model, in a thread."""
+        if self.whole is None:
+            self._report_error(NapariRmtError("open a large image first (Large image… )"))
+            return
+        if self.model_state is None:
+            self._report_error(NapariRmtError("there is no model yet: train one or load one"))
+            return
+        if self.worker is not None:
+            show_info("busy: wait for the running job or cancel it")
+            return
+        ckpt, image = self.model_state, self.whole.image
+        self._whole_cancel = False
+
+        def run():
+            guard_triton()
+            from ..model.wholeimage import iter_predict_large_image
+            from ..train.checkpoint import model_from_checkpoint
+
+            model, classes, _ = model_from_checkpoint(ckpt)
+            steps = iter_predict_large_image(model, image, classes, window=window, context=context)
+            while True:
+                if self._whole_cancel:
+                    return None
+                try:
+                    done, total = next(steps)
+                except StopIteration as stop:
+                    return stop.value
+                yield ("whole", done, total)
+
+        self.status.setText(f"predicting {image.name} ({image.width} x {image.height})…")
+        self.last_error = None
+        if synchronous:
+            gen = run()
+            try:
+                while True:
+                    self._on_whole_progress(next(gen))
+            except StopIteration as stop:
+                self._on_whole_returned(stop.value)
+            except Exception as exc:
+                self._report_error(exc, prefix="whole-image prediction failed")
+            return
+        from napari.qt.threading import create_worker
+
+        self.worker = create_worker(run, _start_thread=False, _ignore_errors=True)
+        self.worker.yielded.connect(self._on_whole_progress)
+        self.worker.returned.connect(self._on_whole_returned)
+        self.worker.errored.connect(
+            lambda exc: self._report_error(exc, prefix="whole-image prediction failed")
+        )
+        self.worker.finished.connect(self._on_finished)
+        self._update_enabled()
+        self.worker.start()
+
+    def _on_whole_progress(self, msg) -> None:
+        _, done, total = msg
+        self.progress.setMaximum(total)
+        self.progress.setValue(done)
+        self.status.setText(f"predicting whole image: window {done}/{total}")
+
+    def _on_whole_returned(self, boxes) -> None:
+        if boxes is None:
+            self.status.setText("whole-image prediction cancelled")
+            return
+        n = self.whole.show_predictions(boxes, score_threshold=self.session.score_threshold)
+        self.status.setText(
+            f"whole image: {len(boxes)} cells found, {n} shown at score ≥ {self.session.score_threshold:.2f}"
+        )
+
+    def export_whole_predictions(self, path: str | Path) -> Path:
+        """Whole-image boxes as COCO results (.json), a zarr box store (.zarr) or GeoJSON."""
+        if self.whole is None or not len(self.whole.boxes):
+            raise NapariRmtError("there are no whole-image predictions yet (Predict whole image)")
+        path = Path(path)
+        image, boxes, classes = self.whole.image, self.whole.boxes, self.project.tileset.classes
+        if path.suffix.lower() == ".zarr":
+            from ..model.wholeimage import write_boxes_zarr
+
+            return write_boxes_zarr(boxes, path, classes, image.size, source=str(image.path or image.name))
+        whole = TileSet(
+            [
+                Tile(
+                    id=1,
+                    name=image.name,
+                    width=image.width,
+                    height=image.height,
+                    path=image.path,
+                    predictions=boxes,
+                )
+            ],
+            classes,
+        )
+        if path.suffix.lower() == ".geojson":
+            return write_geojson(whole, path, predictions=True)
+        return write_coco_results(whole, path)
 
     # ================================================================== persistence
     def _changed(self) -> None:
@@ -740,6 +924,22 @@ class RMTWidget(QWidget):
         if f:
             self._guarded(lambda: show_info(f"wrote {fn(f)}"))
 
+    def _ask_large(self) -> None:
+        f, _ = QFileDialog.getOpenFileName(
+            self, "Large image", filter="Images (*.tif *.tiff *.png *.jpg *.jpeg);;All files (*)"
+        )
+        if not f:
+            f = QFileDialog.getExistingDirectory(self, "…or a zarr / OME-Zarr folder")
+        if f:
+            self._guarded(lambda: self.open_large_image(f))
+
+    def _ask_export_whole(self) -> None:
+        self._ask_save(
+            "Export whole-image predictions",
+            "COCO results (*.json);;zarr box store (*.zarr);;GeoJSON (*.geojson)",
+            self.export_whole_predictions,
+        )
+
     def _ask_export_coco(self) -> None:
         self._ask_save("Export annotations", "COCO json (*.json)", self.export_annotations)
 
@@ -772,6 +972,8 @@ class RMTWidget(QWidget):
             w.setEnabled(has)
         self.train_btn.setEnabled(has and not running)
         self.cancel_btn.setEnabled(running)
+        self.predict_whole_btn.setEnabled(self.whole is not None and not running)
+        self.export_whole_btn.setEnabled(self.whole is not None)
 
 
 def _row_text(t: Tile) -> str:

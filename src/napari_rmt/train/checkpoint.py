@@ -100,12 +100,16 @@ def load_state(model: nn.Module, state: dict[str, torch.Tensor], where: str) -> 
 
 def load_model(path: str | os.PathLike) -> tuple[nn.Module, ClassList, TrainConfig]:
     """The model a checkpoint predicts with (the teacher for mean-teacher methods)."""
-    ckpt = read_checkpoint(path)
+    return model_from_checkpoint(read_checkpoint(path))
+
+
+def model_from_checkpoint(ckpt: dict[str, Any]) -> tuple[nn.Module, ClassList, TrainConfig]:
+    """``load_model`` for a checkpoint already in memory (the GUI keeps its latest)."""
     classes = classes_from_checkpoint(ckpt)
     cfg = config_from_checkpoint(ckpt)
     model = build_detector(len(classes), cfg.model)
     which = ckpt.get("predict_with", "student")
     state = ckpt.get(which) or ckpt["student"]
-    load_state(model, state, ckpt["_path"])
+    load_state(model, state, ckpt.get("_path", "checkpoint"))
     model.eval()
     return model, classes, cfg

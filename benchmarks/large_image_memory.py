@@ -1,0 +1,202 @@
+"""Peak memory of whole-image prediction on a synthetic 20,000 x 20,000 image (zarr on disk).
+
+Three steps, each in its own process so that the figure is prediction's alone:
+
+1. ``make``: a synthetic H&E-like image (pink stroma, dark purple nuclei of 8-24 px) is
+   written chunk by chunk to ``OUT/image.zarr`` (1.2 GB of pixels; never all in memory),
+   with the true nucleus boxes in ``OUT/truth.npy``.
+2. ``train``: a small detector (MobileNetV3-FPN, random init) learns the synthetic
+   nuclei from 256 px crops of the image's first rows, so that its proposals are
+   nuclei, as a real model's would be (an untrained model proposes everywhere).
+3. ``predict``: ``predict_large_image`` over the whole image; the process's peak
+   resident memory (``ru_maxrss``), time, windows and boxes are written to
+   ``OUT/result.json``, with the recall of the true nuclei and the duplicate count.
+
+    python benchmarks/large_image_memory.py --size 20000 --out runs/large20k
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+CHUNK = 1000  # generation chunks: deliberately not the window size, so cells cross windows
+
+
+def make(out: Path, size: int, seed: int) -> None:
+    import zarr
+
+    z = zarr.open(
+        str(out / "image.zarr"), mode="w", shape=(size, size, 3), chunks=(1024, 1024, 3), dtype="u1"
+    )
+    truth = []
+    n_side = (size + CHUNK - 1) // CHUNK
+    for cy in range(n_side):
+        for cx in range(n_side):
+            rng = np.random.default_rng(seed * 100_003 + cy * n_side + cx)
+            h, w = min(CHUNK, size - cy * CHUNK), min(CHUNK, size - cx * CHUNK)
+            yy, xx = np.mgrid[0:h, 0:w]
+            base = np.empty((h, w, 3), dtype=np.float32)
+            base[..., 0], base[..., 1], base[..., 2] = 232, 180, 205
+            base += rng.normal(0, 6, size=(h, w, 1)).astype(np.float32)
+            for _ in range(int(rng.integers(250, 450))):
+                rx, ry = rng.uniform(4, 12, size=2)
+                x, y = rng.uniform(rx, w - rx), rng.uniform(ry, h - ry)
+                x0, x1 = int(x - rx), int(np.ceil(x + rx))
+                y0, y1 = int(y - ry), int(np.ceil(y + ry))
+                inside = ((xx[y0:y1, x0:x1] - x) / rx) ** 2 + ((yy[y0:y1, x0:x1] - y) / ry) ** 2 <= 1
+                colour = np.array([95, 60, 140], np.float32) + rng.normal(0, 10, 3).astype(np.float32)
+                base[y0:y1, x0:x1][inside] = colour
+                truth.append(
+                    (cx * CHUNK + x - rx, cy * CHUNK + y - ry, cx * CHUNK + x + rx, cy * CHUNK + y + ry)
+                )
+            z[cy * CHUNK : cy * CHUNK + h, cx * CHUNK : cx * CHUNK + w] = np.clip(base, 0, 255).astype(
+                np.uint8
+            )
+    np.save(out / "truth.npy", np.array(truth, dtype=np.float32))
+    print(f"wrote {size}x{size} image with {len(truth)} nuclei to {out / 'image.zarr'}", flush=True)
+
+
+def train(out: Path, iterations: int) -> None:
+    import torch
+
+    from napari_rmt.data import Boxes, ClassList
+    from napari_rmt.data.large import boxes_in_window, grid_tiles, open_large_image
+    from napari_rmt.data.tiles import TileStatus
+    from napari_rmt.model import ModelConfig
+    from napari_rmt.train import TrainConfig, Trainer
+
+    image = open_large_image(out / "image.zarr")
+    truth = np.load(out / "truth.npy").astype(np.float64)
+    boxes = Boxes(xyxy=truth, class_ids=np.ones(len(truth), dtype=np.int64))
+    tiles = [t for t in grid_tiles(image, tile=256) if t.origin[1] < 1024 and t.origin[0] < 4096]
+    near = (truth[:, 1] < 1400) & (truth[:, 0] < 4500)
+    for t in tiles:
+        t.boxes = boxes_in_window(boxes[near], *t.origin, t.width, t.height)
+        t.status = TileStatus.LABELLED
+    cfg = TrainConfig(
+        method="supervised", iterations=iterations, warmup=20, lr=0.02, labelled_batch=4, seed=0,
+        model=ModelConfig(backbone="mobilenet_v3_large"),
+    )  # fmt: skip
+    trainer = Trainer(tiles, [], ClassList.from_names(["nucleus"]), cfg)
+    torch.set_num_threads(2)
+    for ev in trainer.run():
+        if getattr(ev, "iteration", 0) % 20 == 0 and hasattr(ev, "losses"):
+            print(f"train {ev.iteration}/{iterations} loss {ev.losses['total']:.3f}", flush=True)
+    trainer.save(out / "model.pt")
+
+
+def predict(out: Path, window: int, context: int, batch: int) -> None:
+    import torch
+
+    from napari_rmt.data.large import open_large_image, tile_grid
+    from napari_rmt.model.wholeimage import predict_large_image, write_boxes_zarr
+    from napari_rmt.train.checkpoint import load_model
+
+    torch.set_num_threads(2)
+    model, classes, _ = load_model(out / "model.pt")
+    image = open_large_image(out / "image.zarr")
+    n_windows = len(tile_grid(image.width, image.height, window, 0))
+    t0 = time.perf_counter()
+    last = [t0]
+
+    def progress(done: int, total: int) -> None:
+        if time.perf_counter() - last[0] > 60 or done == total:
+            last[0] = time.perf_counter()
+            rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+            print(f"{done}/{total} windows, {last[0] - t0:.0f} s, peak {rss:.2f} GiB", flush=True)
+
+    boxes = predict_large_image(
+        model, image, classes, window=window, context=context, batch_size=batch, progress=progress
+    )
+    seconds = time.perf_counter() - t0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
+    write_boxes_zarr(boxes, out / "pred.zarr", classes, image.size, source=str(out / "image.zarr"))
+    keep = boxes.scores >= 0.5
+    confident, conf_scores = boxes.xyxy[keep], boxes.scores[keep]
+    truth = np.load(out / "truth.npy").astype(np.float64)
+    tp, dup = _check(confident, conf_scores, truth, image.width, image.height)
+    result = {
+        "image": f"{image.width}x{image.height} RGB uint8 zarr, chunks 1024",
+        "window": window,
+        "context": context,
+        "batch": batch,
+        "windows": n_windows,
+        "seconds": round(seconds, 1),
+        "peak_rss_gib": round(peak, 3),
+        "boxes": len(boxes),
+        "boxes_score_ge_0.5": len(confident),
+        "true_nuclei": len(truth),
+        "recall_at_0.5": round(tp / max(1, len(truth)), 4),
+        "precision_at_0.5": round(tp / max(1, len(confident)), 4),
+        "duplicate_pairs_iou_gt_0.5": dup,
+        "threads": torch.get_num_threads(),
+        "machine": platform.machine(),
+    }
+    (out / "result.json").write_text(json.dumps(result, indent=1))
+    print(json.dumps(result, indent=1), flush=True)
+
+
+def _check(
+    pred: np.ndarray, scores: np.ndarray, truth: np.ndarray, width: int, height: int, block: int = 1000
+):
+    """True positives (IoU >= 0.5, one-to-one) and duplicate pairs (IoU > 0.5), block by
+    block of box centres so that the matrices stay small; a pair is looked for in the
+    block of its first box's centre, with a 32 px halo."""
+    from napari_rmt.evaluate.metrics import iou_matrix, match_boxes
+
+    def centres(b):
+        return (b[:, 0] + b[:, 2]) / 2, (b[:, 1] + b[:, 3]) / 2
+
+    pcx, pcy = centres(pred)
+    tcx, tcy = centres(truth)
+    tp = dup = 0
+    for y in range(0, height, block):
+        for x in range(0, width, block):
+            core_p = (pcx >= x) & (pcx < x + block) & (pcy >= y) & (pcy < y + block)
+            core_t = (tcx >= x) & (tcx < x + block) & (tcy >= y) & (tcy < y + block)
+            tp += match_boxes(pred[core_p], scores[core_p], truth[core_t], iou=0.5)
+            halo = (pcx >= x - 32) & (pcx < x + block + 32) & (pcy >= y - 32) & (pcy < y + block + 32)
+            idx_core, idx_halo = np.where(core_p)[0], np.where(halo)[0]
+            if len(idx_core) and len(idx_halo):
+                iou = iou_matrix(pred[idx_core], pred[idx_halo])
+                later = idx_halo[None, :] > idx_core[:, None]  # each pair once
+                dup += int(((iou > 0.5) & later).sum())
+    return tp, dup
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("step", nargs="?", choices=("all", "make", "train", "predict"), default="all")
+    ap.add_argument("--size", type=int, default=20000)
+    ap.add_argument("--iterations", type=int, default=150)
+    ap.add_argument("--window", type=int, default=1024)
+    ap.add_argument("--context", type=int, default=64)
+    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.step == "make":
+        make(out, args.size, args.seed)
+    elif args.step == "train":
+        train(out, args.iterations)
+    elif args.step == "predict":
+        predict(out, args.window, args.context, args.batch)
+    else:
+        for step in ("make", "train", "predict"):
+            subprocess.run([sys.executable, __file__, step, *sys.argv[2:]] if len(sys.argv) > 1 and sys.argv[1] == "all"
+                           else [sys.executable, __file__, step, *sys.argv[1:]], check=True)  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

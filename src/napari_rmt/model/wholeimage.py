@@ -1,0 +1,391 @@
+"""Detection over a whole large image: overlapping windows, batched, stitched.
+
+Memory is bounded by one batch of windows (plus the boxes found): the image is read
+window by window from its lazy array, never whole.
+
+Each window of the grid is read with a margin of context around it (the detector
+sees ``window + 2 * context`` px); the stitching rule, for a context wider than the
+largest cell:
+
+1. Each window's detections get the usual score threshold and class-agnostic NMS.
+2. A box that touches an edge of the pixels read that lies inside the image is a cell
+   cut by that edge; it is dropped, because the window that owns it sees it whole.
+3. A box is kept only by the window that *owns* its centre (``Window.owned``: the owned
+   regions meet in the middle of each overlap and partition the image), so a cell
+   seen whole by two windows is counted once.
+4. The same cell seen by two windows can still land with its centre on both sides of
+   an owned border (the two windows see slightly different context); boxes whose
+   centres lie near a border go through NMS together with the neighbouring windows'
+   boxes near the same border, and the higher score wins.
+
+Windows start on multiples of the stride (see ``data.large.tile_grid``) and only
+windows of one shape are batched together, so the padding torchvision adds is the
+padding a pass over the whole image would add at the image's right and bottom edges;
+with a stride and a context that are multiples of 64 px (FPN's coarsest level) every
+window sees its pixels in phase with the whole-image pass.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable, Generator, Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torchvision.ops import nms
+
+from ..data.boxes import Boxes, BoxSource
+from ..data.classes import ClassList
+from ..data.errors import NapariRmtError
+from ..data.large import LargeImage, Window, tile_grid
+from .predict import image_tensor, predict_images, select
+
+# A floor on RPN objectness for windows and whole images. Measured on a 768 px MoNuSeg
+# window with a CoNSeP-trained ResNet-18: 0.01 kept every box that scored >= 0.3 without
+# a floor and halved the time (the box head ran on fewer proposals); 0.05 lost 30 %.
+DEFAULT_OBJECTNESS = 0.01
+
+
+@contextlib.contextmanager
+def detection_limits(
+    model: nn.Module, per_image: int | None, objectness: float | None = None
+) -> Iterator[None]:
+    """Raise the RPN's proposal counts and the detections per image for large inputs.
+
+    Limits sized for 256 px tiles would silently cut a dense 512 px window (or a whole
+    image) short of its cells; ``per_image`` is the least number each stage may keep.
+    Count limits are also global to an input: which proposals survive depends on the
+    rest of the window. ``objectness`` (a floor on the RPN's proposal probability) is a
+    local rule instead, the same for a cell whichever window sees it; with it, the
+    counts only need to be high enough never to bind.
+    """
+    if per_image is None or not hasattr(model, "rpn"):
+        yield
+        return
+    rpn, heads = model.rpn, model.roi_heads
+    saved = (dict(rpn._pre_nms_top_n), dict(rpn._post_nms_top_n), heads.detections_per_img, rpn.score_thresh)
+    try:
+        rpn._pre_nms_top_n["testing"] = max(saved[0]["testing"], 4 * per_image)
+        rpn._post_nms_top_n["testing"] = max(saved[1]["testing"], per_image)
+        heads.detections_per_img = max(saved[2], per_image)
+        if objectness is not None:
+            rpn.score_thresh = objectness
+        yield
+    finally:
+        rpn._pre_nms_top_n, rpn._post_nms_top_n = saved[0], saved[1]
+        heads.detections_per_img = saved[2]
+        rpn.score_thresh = saved[3]
+
+
+def limit_for_area(width: int, height: int) -> int:
+    """Proposals / detections to allow for a window: one per 16 x 16 px of area.
+
+    Nuclei at 40x are 12-30 px across (CoNSeP: one per ~1,500 px²), so this is several
+    times the densest tissue; it also bounds the box head's memory, which grows with
+    the number of proposals (about 50 kB each at FPN's 7 x 7 x 256 RoI features).
+    """
+    return max(300, (width * height) // 256)
+
+
+def read_region(w: Window, image: LargeImage, context: int) -> tuple[int, int, int, int]:
+    """The pixels the detector sees for window ``w``: the window and ``context`` px of
+    image around it, cut at the image border, as ``(x, y, width, height)``."""
+    x0, y0 = max(0, w.x - context), max(0, w.y - context)
+    x1 = min(image.width, w.x + w.width + context)
+    y1 = min(image.height, w.y + w.height + context)
+    return x0, y0, x1 - x0, y1 - y0
+
+
+def _window_boxes(
+    det: dict[str, torch.Tensor],
+    w: Window,
+    region: tuple[int, int, int, int],
+    image: LargeImage,
+    score_threshold: float,
+    nms_iou: float | None,
+    touch_px: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    keep = select(det["boxes"], det["scores"], det["labels"], score_threshold, nms_iou)
+    boxes, scores, labels = det["boxes"][keep], det["scores"][keep], det["labels"][keep]
+    rx, ry, rw, rh = region
+    ok = torch.ones(len(boxes), dtype=torch.bool)
+    if rx > 0:
+        ok &= boxes[:, 0] > touch_px
+    if ry > 0:
+        ok &= boxes[:, 1] > touch_px
+    if rx + rw < image.width:
+        ok &= boxes[:, 2] < rw - touch_px
+    if ry + rh < image.height:
+        ok &= boxes[:, 3] < rh - touch_px
+    boxes = boxes[ok] + torch.tensor([rx, ry, rx, ry], dtype=boxes.dtype)
+    scores, labels = scores[ok], labels[ok]
+    cx, cy = (boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2
+    x0, y0, x1, y1 = w.owned
+    owned = (cx >= x0) & (cx < x1) & (cy >= y0) & (cy < y1)
+    return boxes[owned], scores[owned], labels[owned]
+
+
+class _Stitcher:
+    """Collects owned boxes window by window and settles duplicates at owned borders."""
+
+    def __init__(self, image: LargeImage, margin: float, nms_iou: float) -> None:
+        self.image = image
+        self.margin = margin
+        self.nms_iou = nms_iou
+        self.boxes: list[torch.Tensor] = []
+        self.scores: list[torch.Tensor] = []
+        self.labels: list[torch.Tensor] = []
+        self.alive: list[torch.Tensor] = []
+        # (row, col) -> (chunk index, indices of boxes near an owned border)
+        self.edge: dict[tuple[int, int], tuple[int, torch.Tensor]] = {}
+        self.duplicates = 0
+
+    def add(self, w: Window, boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor) -> None:
+        k = len(self.boxes)
+        self.boxes.append(boxes)
+        self.scores.append(scores)
+        self.labels.append(labels)
+        self.alive.append(torch.ones(len(boxes), dtype=torch.bool))
+        cx, cy = (boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2
+        x0, y0, x1, y1 = w.owned
+        m = self.margin
+        near = torch.zeros(len(boxes), dtype=torch.bool)
+        if x0 > 0:
+            near |= cx < x0 + m
+        if y0 > 0:
+            near |= cy < y0 + m
+        if x1 < self.image.width:
+            near |= cx >= x1 - m
+        if y1 < self.image.height:
+            near |= cy >= y1 - m
+        mine = torch.where(near)[0]
+        self.edge[(w.row, w.col)] = (k, mine)
+        neighbours = [
+            self.edge[key]
+            for key in (
+                (w.row - 1, w.col - 1),
+                (w.row - 1, w.col),
+                (w.row - 1, w.col + 1),
+                (w.row, w.col - 1),
+            )
+            if key in self.edge
+        ]
+        if mine.numel() and neighbours:
+            self._settle([(k, mine), *neighbours])
+        for key in [key for key in self.edge if key[0] < w.row - 1]:
+            del self.edge[key]
+
+    def _settle(self, groups: list[tuple[int, torch.Tensor]]) -> None:
+        refs = [(k, idx[self.alive[k][idx]]) for k, idx in groups]
+        refs = [(k, idx) for k, idx in refs if idx.numel()]
+        if len(refs) < 2:
+            return
+        boxes = torch.cat([self.boxes[k][idx] for k, idx in refs])
+        scores = torch.cat([self.scores[k][idx] for k, idx in refs])
+        # Only pairs from different windows can be duplicates: within a window NMS ran already.
+        survivors = torch.zeros(len(boxes), dtype=torch.bool)
+        survivors[nms(boxes, scores, self.nms_iou)] = True
+        start = 0
+        for k, idx in refs:
+            gone = idx[~survivors[start : start + len(idx)]]
+            self.alive[k][gone] = False
+            self.duplicates += int(gone.numel())
+            start += len(idx)
+
+    def result(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if not self.boxes:
+            return torch.zeros((0, 4)), torch.zeros(0), torch.zeros(0, dtype=torch.int64)
+        alive = torch.cat(self.alive)
+        return (
+            torch.cat(self.boxes)[alive],
+            torch.cat(self.scores)[alive],
+            torch.cat(self.labels)[alive],
+        )
+
+
+def iter_predict_large_image(
+    model: nn.Module,
+    image: LargeImage,
+    classes: ClassList,
+    window: int = 512,
+    overlap: int = 0,
+    context: int = 128,
+    batch_size: int = 4,
+    score_threshold: float = 0.05,
+    nms_iou: float = 0.5,
+    device: torch.device | str = "cpu",
+    per_window_limit: int | None = None,
+    objectness: float | None = DEFAULT_OBJECTNESS,
+) -> Generator[tuple[int, int], None, Boxes]:
+    """Boxes over the whole image, in whole-image pixel coordinates.
+
+    A generator: it yields ``(windows done, windows in all)`` after each batch (a GUI
+    can stop between batches by not asking for more) and returns the boxes.
+
+    ``window`` and ``overlap`` lay the grid (``data.large.tile_grid``); each window
+    answers for its owned region. The detector sees each window with ``context`` px of
+    the image around it, so that a cell near a window edge is judged with the same
+    surroundings as in a whole-image pass: a CNN's features feel a window's edge far
+    into it (measured on MoNuSeg, docs/benchmarks.md). ``context`` plus half the overlap
+    must exceed the largest cell (the cut-cell rule relies on it). A stride
+    ``window - overlap`` and a ``context`` that are multiples of 64 px keep every
+    window in phase with the network's feature grid.
+    """
+    if context < 0 or overlap // 2 + context < 16:
+        raise NapariRmtError(
+            f"whole-image prediction needs each window to see more than a cell beyond its edge "
+            f"(overlap {overlap} / 2 + context {context} px < 16 px); use context=128"
+        )
+    windows = tile_grid(image.width, image.height, window, overlap)
+    side = window + 2 * context
+    limit = per_window_limit or limit_for_area(min(side, image.width), min(side, image.height))
+    stitcher = _Stitcher(image, margin=max(overlap / 2, 16.0), nms_iou=nms_iou)
+    ids = np.array(classes.ids, dtype=np.int64)
+    done = 0
+    # Row-major order matters to the stitcher; batches hold consecutive windows of one shape.
+    batches: list[list[tuple[Window, tuple[int, int, int, int]]]] = []
+    for w in windows:
+        region = read_region(w, image, context)
+        if batches and len(batches[-1]) < batch_size and batches[-1][0][1][2:] == region[2:]:
+            batches[-1].append((w, region))
+        else:
+            batches.append([(w, region)])
+    with detection_limits(model, limit, objectness):
+        for batch in batches:
+            tensors = [image_tensor(image.read(*region)) for _, region in batch]
+            dets = predict_images(model, tensors, batch_size=len(batch), device=device)
+            for (w, region), det in zip(batch, dets, strict=True):
+                stitcher.add(w, *_window_boxes(det, w, region, image, score_threshold, nms_iou, touch_px=1.0))
+            done += len(batch)
+            yield done, len(windows)
+    boxes, scores, labels = stitcher.result()
+    order = torch.argsort(scores, descending=True)
+    boxes, scores, labels = boxes[order], scores[order], labels[order]
+    return Boxes(
+        xyxy=boxes.numpy().astype(np.float64),
+        class_ids=ids[labels.numpy() - 1] if len(labels) else np.zeros(0, dtype=np.int64),
+        scores=scores.numpy().astype(np.float64),
+        sources=np.full(len(boxes), BoxSource.PREDICTED, dtype=np.int8),
+    )
+
+
+def predict_large_image(
+    model: nn.Module,
+    image: LargeImage,
+    classes: ClassList,
+    window: int = 512,
+    overlap: int = 0,
+    context: int = 128,
+    batch_size: int = 4,
+    score_threshold: float = 0.05,
+    nms_iou: float = 0.5,
+    device: torch.device | str = "cpu",
+    progress: Callable[[int, int], None] | None = None,
+    per_window_limit: int | None = None,
+    objectness: float | None = DEFAULT_OBJECTNESS,
+) -> Boxes:
+    """``iter_predict_large_image`` run to the end, reporting to ``progress``."""
+    steps = iter_predict_large_image(
+        model, image, classes, window=window, overlap=overlap, context=context, batch_size=batch_size,
+        score_threshold=score_threshold, nms_iou=nms_iou, device=device,
+        per_window_limit=per_window_limit, objectness=objectness,
+    )  # fmt: skip
+    while True:
+        try:
+            done, total = next(steps)
+        except StopIteration as stop:
+            return stop.value
+        if progress is not None:
+            progress(done, total)
+
+
+def predict_whole_at_once(
+    model: nn.Module,
+    pixels: np.ndarray,
+    classes: ClassList,
+    score_threshold: float = 0.05,
+    nms_iou: float = 0.5,
+    device: torch.device | str = "cpu",
+    limit: int | None = None,
+    objectness: float | None = DEFAULT_OBJECTNESS,
+) -> Boxes:
+    """One pass over an image that fits in memory, with limits raised to its area.
+
+    The reference that windowed prediction is checked against.
+    """
+    h, w = pixels.shape[:2]
+    with detection_limits(model, limit or limit_for_area(w, h), objectness):
+        det = predict_images(model, [image_tensor(pixels)], batch_size=1, device=device)[0]
+    keep = select(det["boxes"], det["scores"], det["labels"], score_threshold, nms_iou)
+    ids = np.array(classes.ids, dtype=np.int64)
+    return Boxes(
+        xyxy=det["boxes"][keep].numpy().astype(np.float64),
+        class_ids=ids[det["labels"][keep].numpy() - 1],
+        scores=det["scores"][keep].numpy().astype(np.float64),
+        sources=np.full(len(keep), BoxSource.PREDICTED, dtype=np.int8),
+    )
+
+
+def write_boxes_zarr(
+    boxes: Boxes,
+    path: str | os.PathLike,
+    classes: ClassList,
+    image_size: tuple[int, int],
+    source: str = "",
+) -> Path:
+    """Whole-image boxes as a zarr group: ``xyxy`` (N, 4), ``class_id``, ``score``.
+
+    Class names and colours and the image size are in the group's attributes, so the
+    store is read without the model.
+    """
+    import zarr
+
+    path = Path(path)
+    root = zarr.open_group(str(path), mode="w")
+    n = len(boxes)
+    chunk = max(1, min(n, 1 << 16))
+    create = getattr(root, "create_array", None) or root.create_dataset
+    for name, data in (
+        ("xyxy", boxes.xyxy.astype(np.float32).reshape(n, 4)),
+        ("class_id", boxes.class_ids.astype(np.int32)),
+        ("score", boxes.scores.astype(np.float32)),
+    ):
+        arr = create(name, shape=data.shape, chunks=(chunk, *data.shape[1:]), dtype=data.dtype)
+        if n:
+            arr[...] = data
+    root.attrs.update(
+        {
+            "napari_rmt": {
+                "classes": classes.to_json(),
+                "image_width": int(image_size[0]),
+                "image_height": int(image_size[1]),
+                "source": source,
+                "coordinates": "xyxy, whole-image pixels",
+            }
+        }
+    )
+    return path
+
+
+def read_boxes_zarr(path: str | os.PathLike) -> tuple[Boxes, ClassList, tuple[int, int]]:
+    import zarr
+
+    from ..data.errors import AnnotationError
+
+    path = Path(path)
+    try:
+        root = zarr.open_group(str(path), mode="r")
+        meta = dict(root.attrs)["napari_rmt"]
+        xyxy = np.asarray(root["xyxy"][...], dtype=np.float64)
+        cid = np.asarray(root["class_id"][...], dtype=np.int64)
+        score = np.asarray(root["score"][...], dtype=np.float64)
+        classes = ClassList.from_json(meta["classes"])
+    except Exception as exc:
+        raise AnnotationError(f"{path}: not a napari-rmt box store ({type(exc).__name__}: {exc})") from exc
+    boxes = Boxes(
+        xyxy=xyxy, class_ids=cid, scores=score, sources=np.full(len(cid), BoxSource.PREDICTED, np.int8)
+    )
+    return boxes, classes, (int(meta["image_width"]), int(meta["image_height"]))
