@@ -77,3 +77,23 @@ def test_read_folder_and_coco_then_save_with_the_writer(make_napari_viewer, coco
 
     folder_layers = viewer.open(str(coco_file.parent / "images"), plugin="napari-rmt")
     assert folder_layers[0].data.shape == (3, 32, 48, 3) and len(folder_layers[1].data) == 0
+
+
+def test_reader_opens_an_ome_zarr_pyramid_lazily(tmp_path):
+    import numpy as np
+    import zarr
+
+    from napari_rmt.gui.reader import get_reader
+
+    g = zarr.open_group(str(tmp_path / "img.zarr"), mode="w")
+    create = getattr(g, "create_array", None) or g.create_dataset
+    full = np.random.default_rng(0).integers(0, 256, (64, 80, 3), dtype=np.uint8)
+    create("0", shape=full.shape, chunks=(32, 32, 3), dtype="u1")[...] = full
+    create("1", shape=(32, 40, 3), chunks=(32, 32, 3), dtype="u1")[...] = full[::2, ::2]
+    g.attrs["multiscales"] = [{"axes": ["y", "x", "c"], "datasets": [{"path": "0"}, {"path": "1"}]}]
+    reader = get_reader(str(tmp_path / "img.zarr"))
+    assert reader is not None
+    [(data, meta, kind)] = reader(str(tmp_path / "img.zarr"))
+    assert kind == "image" and meta["multiscale"] and meta["rgb"]
+    assert [tuple(d.shape) for d in data] == [(64, 80, 3), (32, 40, 3)]
+    np.testing.assert_array_equal(np.asarray(data[0]), full)

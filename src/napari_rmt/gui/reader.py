@@ -1,4 +1,5 @@
-"""npe2 reader: a COCO json (with its images) or a folder of tiles -> image + Shapes layers."""
+"""npe2 reader: a COCO json (with its images) or a folder of tiles -> image + Shapes layers;
+a zarr / OME-Zarr store -> a lazy (multiscale) image layer."""
 
 from __future__ import annotations
 
@@ -23,6 +24,10 @@ def get_reader(path: str | list[str]) -> Callable[[str | list[str]], list[LayerD
             return None
         path = path[0]
     p = Path(path)
+    from ..data.large import is_zarr_path
+
+    if is_zarr_path(p):
+        return read_zarr_image
     if p.is_dir():
         try:
             return read_path if list_images(p) or (p / "annotations.json").is_file() else None
@@ -54,3 +59,17 @@ def read_path(path: str | list[str]) -> list[LayerData]:
         tileset = read_coco(p)
         name = p.stem if p.stem != "annotations" else p.parent.name
     return tileset_to_layers(tileset, name=name)
+
+
+def read_zarr_image(path: str | list[str]) -> list[LayerData]:
+    """A zarr array or OME-Zarr multiscale group as one lazy (multiscale) image layer;
+    the widget's "Open large image…" cuts it into tiles for annotation."""
+    from ..data.large import open_large_image
+    from .wholeimage import overview_data
+
+    if isinstance(path, list):
+        path = path[0]
+    image = open_large_image(path)
+    data, rgb = overview_data(image)
+    meta = {"name": image.name, "rgb": rgb, "multiscale": isinstance(data, list)}
+    return [(data, meta, "image")]
