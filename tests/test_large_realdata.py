@@ -24,29 +24,35 @@ from napari_rmt.train import TrainConfig, Trainer
 
 
 @pytest.fixture(scope="module")
-def monuseg_model(monuseg_dir):
+def monuseg_model(monuseg_dir, pytestconfig):
+    """Trained once, then kept in pytest's cache folder (.pytest_cache) for later runs."""
+    from napari_rmt.train.checkpoint import load_model
+
     ts = read_coco(monuseg_dir / "annotations.json")
-    tiles = []
-    for src in list(ts)[:2]:
-        for t in grid_tiles(src.path, tile=256, overlap=0, start_id=len(tiles) + 1):
-            t.boxes = boxes_in_window(src.boxes, *t.origin, t.width, t.height)
-            t.status = TileStatus.LABELLED
-            tiles.append(t)
-    torch.manual_seed(0)
-    cfg = TrainConfig(
-        method="supervised",
-        iterations=40,
-        warmup=10,
-        lr=0.02,
-        labelled_batch=2,
-        seed=0,
-        model=ModelConfig(backbone="resnet18"),
-    )
-    trainer = Trainer(tiles, [], ts.classes, cfg)
-    for _ in trainer.run():
-        pass
-    model = trainer.model.eval()
-    return model, ts.classes, list(ts)[2]
+    cached = pytestconfig.cache.mkdir("napari-rmt-monuseg-r18-150") / "model.pt"
+    if not cached.is_file():
+        tiles = []
+        for src in list(ts)[:2]:
+            for t in grid_tiles(src.path, tile=256, overlap=0, start_id=len(tiles) + 1):
+                t.boxes = boxes_in_window(src.boxes, *t.origin, t.width, t.height)
+                t.status = TileStatus.LABELLED
+                tiles.append(t)
+        torch.manual_seed(0)
+        cfg = TrainConfig(
+            method="supervised",
+            iterations=150,
+            warmup=20,
+            lr=0.02,
+            labelled_batch=2,
+            seed=0,
+            model=ModelConfig(backbone="resnet18"),
+        )
+        trainer = Trainer(tiles, [], ts.classes, cfg)
+        for _ in trainer.run():
+            pass
+        trainer.save(cached)
+    model, classes, _ = load_model(cached)
+    return model, classes, list(ts)[2]
 
 
 def _match(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -62,28 +68,31 @@ def test_stitched_monuseg_prediction_matches_the_whole_image_pass(monuseg_model)
     model, classes, tile = monuseg_model
     image = open_large_image(tile.path)
     assert image.size == (1000, 1000)
-    thr = 0.5
+    thr, margin = 0.5, 0.1
     # limits far above what either pass keeps, so that neither is cut short by a count
     limit = 20_000
     whole = predict_whole_at_once(
-        model, image.read(0, 0, 1000, 1000), classes, score_threshold=thr, limit=limit
+        model, image.read(0, 0, 1000, 1000), classes, score_threshold=thr - margin, limit=limit
     )
     stitched = predict_large_image(
-        model, image, classes, window=256, overlap=64, context=128, batch_size=4, score_threshold=thr,
-        per_window_limit=limit,
+        model, image, classes, window=256, overlap=64, context=128, batch_size=4,
+        score_threshold=thr - margin, per_window_limit=limit,
     )  # fmt: skip
-    print(f"whole-image pass: {len(whole)} boxes, stitched: {len(stitched)}")
-    assert 100 <= len(whole) < limit, f"the briefly trained model found {len(whole)} nuclei"
-    same_w = _match(whole.xyxy, stitched.xyxy)
-    same_s = _match(stitched.xyxy, whole.xyxy)
-    # Near a window the network's features differ slightly from the whole-image pass
-    # (padding), so a box whose score sits at the threshold may fall on either side.
-    assert same_w.mean() >= 0.95, f"{(~same_w).sum()} of {len(whole)} whole-image boxes have no stitched twin"
-    print(f"matched within 1 px: {same_w.mean():.4f} of whole-image boxes, {same_s.mean():.4f} of stitched")
-    assert same_s.mean() >= 0.95, (
-        f"{(~same_s).sum()} of {len(stitched)} stitched boxes have no whole-image twin"
+    w_hi, s_hi = whole[whole.scores >= thr], stitched[stitched.scores >= thr]
+    print(f"whole-image pass: {len(w_hi)} boxes, stitched: {len(s_hi)} (score >= {thr})")
+    assert len(w_hi) >= 100 and len(whole) < limit, f"the briefly trained model found {len(w_hi)} nuclei"
+    # Features near a window edge differ slightly from the whole-image pass, so a box whose
+    # score sits at the threshold may land on either side of it: a box of one pass at
+    # score >= 0.5 must have a twin (every side within 1 px) in the other at >= 0.4.
+    same_w = _match(w_hi.xyxy, stitched.xyxy)
+    same_s = _match(s_hi.xyxy, whole.xyxy)
+    exact_w = _match(w_hi.xyxy, s_hi.xyxy)
+    print(
+        f"twins within 1 px: {same_w.mean():.4f} of whole-image boxes, {same_s.mean():.4f} of stitched; "
+        f"at one threshold: {exact_w.mean():.4f}"
     )
-    assert abs(len(stitched) - len(whole)) <= 0.03 * len(whole)
+    assert same_w.mean() >= 0.97, f"{(~same_w).sum()} of {len(w_hi)} whole-image boxes have no stitched twin"
+    assert same_s.mean() >= 0.97, f"{(~same_s).sum()} of {len(s_hi)} stitched boxes have no whole-image twin"
     # no duplicates at window borders: no two stitched boxes overlap like one nucleus
     iou = iou_matrix(stitched.xyxy, stitched.xyxy)
     np.fill_diagonal(iou, 0)

@@ -68,7 +68,10 @@ def detection_limits(
     rpn, heads = model.rpn, model.roi_heads
     saved = (dict(rpn._pre_nms_top_n), dict(rpn._post_nms_top_n), heads.detections_per_img, rpn.score_thresh)
     try:
-        rpn._pre_nms_top_n["testing"] = max(saved[0]["testing"], 4 * per_image)
+        # A generous per-level count before the RPN's NMS: with a floor, every anchor
+        # above it should get there (a count that binds cuts a whole image's anchors where
+        # a window's are all kept), while the count still bounds memory and time.
+        rpn._pre_nms_top_n["testing"] = max(saved[0]["testing"], 16 * per_image)
         rpn._post_nms_top_n["testing"] = max(saved[1]["testing"], per_image)
         heads.detections_per_img = max(saved[2], per_image)
         if objectness is not None:
