@@ -49,10 +49,6 @@ class Window:
     height: int
     owned: tuple[int, int, int, int]
 
-    @property
-    def shape(self) -> tuple[int, int]:
-        return self.height, self.width
-
 
 def _starts(size: int, tile: int, stride: int) -> list[int]:
     n = 1 if size <= tile else math.ceil((size - tile) / stride) + 1

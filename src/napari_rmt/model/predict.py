@@ -39,6 +39,19 @@ def select(
     return keep[torch.argsort(scores[keep], descending=True)]
 
 
+def detections_to_boxes(
+    boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor, classes: ClassList
+) -> Boxes:
+    """Detector output (model labels 1..K) as ``Boxes`` with the class list's ids."""
+    ids = np.array(classes.ids, dtype=np.int64)
+    return Boxes(
+        xyxy=boxes.numpy().astype(np.float64),
+        class_ids=ids[labels.numpy() - 1],
+        scores=scores.numpy().astype(np.float64),
+        sources=np.full(len(boxes), BoxSource.PREDICTED, dtype=np.int8),
+    )
+
+
 @torch.no_grad()
 def predict_images(
     model: nn.Module,
@@ -74,7 +87,6 @@ def predict_tiles(
 ) -> list[Boxes]:
     """Predict every tile; with ``store`` the result also becomes ``tile.predictions``."""
     tiles = list(tiles)
-    ids = np.array(classes.ids, dtype=np.int64)
     results: list[Boxes] = []
     for start in range(0, len(tiles), batch_size):
         chunk = tiles[start : start + batch_size]
@@ -83,13 +95,7 @@ def predict_tiles(
             keep = select(
                 det["boxes"], det["scores"], det["labels"], score_threshold, nms_iou, class_agnostic
             )
-            labels = det["labels"][keep].numpy()
-            boxes = Boxes(
-                xyxy=det["boxes"][keep].numpy().astype(np.float64),
-                class_ids=ids[labels - 1],
-                scores=det["scores"][keep].numpy().astype(np.float64),
-                sources=np.full(len(keep), BoxSource.PREDICTED, dtype=np.int8),
-            )
+            boxes = detections_to_boxes(det["boxes"][keep], det["scores"][keep], det["labels"][keep], classes)
             if store:
                 tile.predictions = boxes
             results.append(boxes)

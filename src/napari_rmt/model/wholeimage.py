@@ -41,7 +41,7 @@ from ..data.boxes import Boxes, BoxSource
 from ..data.classes import ClassList
 from ..data.errors import NapariRmtError
 from ..data.large import LargeImage, Window, tile_grid
-from .predict import image_tensor, predict_images, select
+from .predict import detections_to_boxes, image_tensor, predict_images, select
 
 # A floor on RPN objectness for windows and whole images. Measured on a 768 px MoNuSeg
 # window with a CoNSeP-trained ResNet-18: 0.01 kept every box that scored >= 0.3 without
@@ -246,7 +246,6 @@ def iter_predict_large_image(
     side = window + 2 * context
     limit = per_window_limit or limit_for_area(min(side, image.width), min(side, image.height))
     stitcher = _Stitcher(image, margin=max(overlap / 2, 16.0), nms_iou=nms_iou)
-    ids = np.array(classes.ids, dtype=np.int64)
     done = 0
     # Row-major order matters to the stitcher; batches hold consecutive windows of one shape.
     batches: list[list[tuple[Window, tuple[int, int, int, int]]]] = []
@@ -266,13 +265,7 @@ def iter_predict_large_image(
             yield done, len(windows)
     boxes, scores, labels = stitcher.result()
     order = torch.argsort(scores, descending=True)
-    boxes, scores, labels = boxes[order], scores[order], labels[order]
-    return Boxes(
-        xyxy=boxes.numpy().astype(np.float64),
-        class_ids=ids[labels.numpy() - 1] if len(labels) else np.zeros(0, dtype=np.int64),
-        scores=scores.numpy().astype(np.float64),
-        sources=np.full(len(boxes), BoxSource.PREDICTED, dtype=np.int8),
-    )
+    return detections_to_boxes(boxes[order], scores[order], labels[order], classes)
 
 
 def predict_large_image(
@@ -323,13 +316,7 @@ def predict_whole_at_once(
     with detection_limits(model, limit or limit_for_area(w, h), objectness):
         det = predict_images(model, [image_tensor(pixels)], batch_size=1, device=device)[0]
     keep = select(det["boxes"], det["scores"], det["labels"], score_threshold, nms_iou)
-    ids = np.array(classes.ids, dtype=np.int64)
-    return Boxes(
-        xyxy=det["boxes"][keep].numpy().astype(np.float64),
-        class_ids=ids[det["labels"][keep].numpy() - 1],
-        scores=det["scores"][keep].numpy().astype(np.float64),
-        sources=np.full(len(keep), BoxSource.PREDICTED, dtype=np.int8),
-    )
+    return detections_to_boxes(det["boxes"][keep], det["scores"][keep], det["labels"][keep], classes)
 
 
 def write_boxes_zarr(
