@@ -3,7 +3,9 @@
 For each grid setting (window, overlap, context) the same model predicts one field at
 once and in windows; reported: boxes of each, the share of whole-image boxes with a
 stitched box within 1 px on every side (and the reverse), duplicates (IoU > 0.5 among
-stitched boxes), and times. Count limits are raised far above what either pass keeps.
+stitched boxes), and times. Both passes select proposals by the same local rule (an
+objectness floor and a count per 64 px cell, ``model.proposals.LocalRPN``); ``--per-cell``
+changes that count (0: no count at all).
 
     python benchmarks/stitch_monuseg.py --model runs/learn/supervised/model.pt \\
         --grid 256x64x128 512x0x128 256x64x0 512x128x0
@@ -42,14 +44,15 @@ def main() -> None:
     ap.add_argument("--image", default="TCGA-21-5784-01Z-00-DX1.png")
     ap.add_argument("--grid", nargs="+", default=["256x64x128", "512x0x128", "256x64x0", "512x128x0"])
     ap.add_argument("--score-threshold", type=float, default=0.5)
-    ap.add_argument("--limit", type=int, default=20000)
+    ap.add_argument("--per-cell", type=int, default=None)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     model, classes, _ = load_model(args.model)
     image = open_large_image(DATA / args.image)
+    per_cell = None if args.per_cell is None else args.per_cell or 1 << 30
     t0 = time.perf_counter()
     whole = predict_whole_at_once(
-        model, image.read(0, 0, image.width, image.height), classes, args.score_threshold, limit=args.limit
+        model, image.read(0, 0, image.width, image.height), classes, args.score_threshold, per_cell=per_cell
     )
     t_whole = time.perf_counter() - t0
     rows = []
@@ -58,7 +61,7 @@ def main() -> None:
         t0 = time.perf_counter()
         st = predict_large_image(
             model, image, classes, window=window, overlap=overlap, context=max(context, 0),
-            score_threshold=args.score_threshold, per_window_limit=args.limit,
+            score_threshold=args.score_threshold, per_cell=per_cell,
         )  # fmt: skip
         iou = iou_matrix(st.xyxy, st.xyxy)
         np.fill_diagonal(iou, 0)

@@ -315,3 +315,27 @@ def test_boxes_between_image_and_window():
     np.testing.assert_array_equal(got.class_ids, [1, 2])
     shifted = boxes_in_window(b, 90, 0, 100, 100)
     np.testing.assert_array_equal(boxes_to_image(shifted, (90, 0)).xyxy[0], [95, 5, 105, 15])
+
+
+def test_an_objectness_floor_lifts_every_count_limit():
+    """Counts are global to an input (a whole image would lose cells a window keeps);
+    with a floor, no count per input binds (a count per cell of the input may)."""
+    from napari_rmt.model import ModelConfig, build_detector
+    from napari_rmt.model.wholeimage import detection_limits
+
+    torch.manual_seed(0)
+    model = build_detector(1, ModelConfig(backbone="resnet18")).eval()
+    image = [torch.rand(3, 256, 256)]
+    with torch.no_grad():
+        batch, _ = model.transform(image)
+        feats = model.backbone(batch.tensors)
+        counted, _ = model.rpn(batch, feats)
+        with detection_limits(model, per_image=10, objectness=0.0, per_cell=1 << 20):
+            floored, _ = model.rpn(batch, feats)
+        with detection_limits(model, per_image=1000, objectness=None):
+            raised, _ = model.rpn(batch, feats)
+    assert len(counted[0]) == model.rpn.post_nms_top_n() == 300
+    assert len(floored[0]) > 1000
+    assert len(raised[0]) == 1000
+    assert model.rpn.score_thresh == 0.0 and model.rpn.post_nms_top_n() == 300  # restored
+    assert model.rpn.per_cell is None

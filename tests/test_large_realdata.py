@@ -69,32 +69,29 @@ def test_stitched_monuseg_prediction_matches_the_whole_image_pass(monuseg_model)
     image = open_large_image(tile.path)
     assert image.size == (1000, 1000)
     thr, margin = 0.5, 0.1
-    # limits far above what either pass keeps, so that neither is cut short by a count
-    limit = 20_000
-    whole = predict_whole_at_once(
-        model, image.read(0, 0, 1000, 1000), classes, score_threshold=thr - margin, limit=limit
-    )
+    whole = predict_whole_at_once(model, image.read(0, 0, 1000, 1000), classes, score_threshold=thr - margin)
     stitched = predict_large_image(
-        model, image, classes, window=256, overlap=64, context=128, batch_size=4,
-        score_threshold=thr - margin, per_window_limit=limit,
-    )  # fmt: skip
+        model, image, classes, window=256, overlap=64, context=128, batch_size=4, score_threshold=thr - margin
+    )
     w_hi, s_hi = whole[whole.scores >= thr], stitched[stitched.scores >= thr]
     print(f"whole-image pass: {len(w_hi)} boxes, stitched: {len(s_hi)} (score >= {thr})")
-    assert len(w_hi) >= 100 and len(whole) < limit, f"the briefly trained model found {len(w_hi)} nuclei"
-    # Features near a window edge differ slightly from the whole-image pass, so a box whose
-    # score sits at the threshold may land on either side of it: a box of one pass at
-    # score >= 0.5 must have a twin (every side within 1 px) in the other at >= 0.4.
+    assert len(w_hi) >= 100, f"the briefly trained model found {len(w_hi)} nuclei"
+    # A box of one pass at score >= 0.5 must have a twin (every side within 1 px) in the
+    # other at >= 0.4: features near a window edge differ in the last bits, so a score at
+    # the threshold may land on either side of it.
     same_w = _match(w_hi.xyxy, stitched.xyxy)
     same_s = _match(s_hi.xyxy, whole.xyxy)
-    exact_w = _match(w_hi.xyxy, s_hi.xyxy)
     print(
         f"twins within 1 px: {same_w.mean():.4f} of whole-image boxes, {same_s.mean():.4f} of stitched; "
-        f"at one threshold: {exact_w.mean():.4f}"
+        f"scores of boxes without a twin: {np.round(w_hi.scores[~same_w], 3)}, {np.round(s_hi.scores[~same_s], 3)}"
     )
-    # Measured 2026-11-29 (docs/benchmarks.md): 0.953 and 0.886. The issue asks for every box;
-    # these bounds guard what is reached while the gap is open (issue 6).
-    assert same_w.mean() >= 0.95, f"{(~same_w).sum()} of {len(w_hi)} whole-image boxes have no stitched twin"
-    assert same_s.mean() >= 0.85, f"{(~same_s).sum()} of {len(s_hi)} stitched boxes have no whole-image twin"
+    # Measured 2026-11-29 (docs/benchmarks.md): 98.7 % both ways; the boxes
+    # without a twin are near-ties of two overlapping candidates at scores 0.50-0.58, where
+    # those last bits decide which one the final NMS keeps. While the RPN kept a count of
+    # proposals per input (now a count per 64 px cell) the figures were 95 % / 89 %.
+    assert same_w.mean() >= 0.98, f"{(~same_w).sum()} of {len(w_hi)} whole-image boxes have no stitched twin"
+    assert same_s.mean() >= 0.98, f"{(~same_s).sum()} of {len(s_hi)} stitched boxes have no whole-image twin"
+    assert (w_hi.scores[~same_w] < thr + 0.2).all() and (s_hi.scores[~same_s] < thr + 0.2).all()
     # no duplicates at window borders: no two stitched boxes overlap like one nucleus
     iou = iou_matrix(stitched.xyxy, stitched.xyxy)
     np.fill_diagonal(iou, 0)

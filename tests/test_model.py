@@ -78,3 +78,58 @@ def test_strong_augmentation_is_photometric():
     out = StrongAugment()(img)
     assert out.shape == img.shape and out.min() >= 0 and out.max() <= 1
     assert not torch.equal(out, img)
+
+
+def test_box_head_in_chunks_gives_the_same_detections():
+    """Large windows run the box head over proposals in chunks; the answer must not change."""
+    from napari_rmt.model.wholeimage import detection_limits
+
+    torch.manual_seed(0)
+    model = build_detector(2, ModelConfig(backbone="resnet18")).eval()
+    model.roi_heads.score_thresh = 0.0
+    images = [torch.rand(3, 160, 128), torch.rand(3, 96, 160)]
+    with torch.no_grad(), detection_limits(model, None, objectness=0.0, per_cell=1 << 20):
+        model.roi_heads.eval_chunk = 1 << 30
+        whole = model(images)
+        model.roi_heads.eval_chunk = 97  # slices that straddle the two images
+        chunked = model(images)
+    for a, b in zip(whole, chunked, strict=True):
+        assert len(a["boxes"]) > 100
+        torch.testing.assert_close(a["boxes"], b["boxes"], atol=1e-3, rtol=0)
+        torch.testing.assert_close(a["scores"], b["scores"], atol=1e-5, rtol=0)
+        assert torch.equal(a["labels"], b["labels"])
+
+
+def test_proposals_are_capped_per_cell_by_score():
+    from napari_rmt.model.proposals import top_per_cell
+
+    # centres: cell (0,0) x3, cell (1,0) x2, cell (0,1) x1 with 64 px cells
+    centres = [(10, 10), (20, 30), (60, 5), (70, 10), (100, 60), (5, 70)]
+    boxes = torch.tensor([[x - 2, y - 2, x + 2, y + 2] for x, y in centres], dtype=torch.float32)
+    scores = torch.tensor([0.2, 0.9, 0.5, 0.3, 0.8, 0.1])
+    keep = top_per_cell(boxes, scores, None, cell=64, k=2)
+    assert keep.tolist() == [1, 4, 2, 3, 5]  # index 0 is the third best of its cell
+    # groups (pyramid levels) are capped separately
+    levels = torch.tensor([0, 1, 0, 0, 0, 0])
+    assert sorted(top_per_cell(boxes, scores, levels, cell=64, k=1).tolist()) == [1, 2, 4, 5]
+    assert top_per_cell(boxes[:0], scores[:0], None, 64, 1).numel() == 0
+
+
+def test_local_rpn_keeps_the_tile_density_of_proposals_on_a_large_input():
+    from napari_rmt.model.proposals import LocalRPN
+    from napari_rmt.model.wholeimage import detection_limits
+
+    torch.manual_seed(0)
+    model = build_detector(1, ModelConfig(backbone="resnet18")).eval()
+    assert isinstance(model.rpn, LocalRPN)
+    with torch.no_grad():
+        batch, _ = model.transform([torch.rand(3, 512, 512)])
+        feats = model.backbone(batch.tensors)
+        counted, _ = model.rpn(batch, feats)
+        with detection_limits(model, None, objectness=0.0):
+            local, _ = model.rpn(batch, feats)
+    assert len(counted[0]) == 300  # torchvision's count: 300 for the whole 512 px input
+    p = local[0]
+    cells = ((p[:, :2] + p[:, 2:]) / 2 // 64).long()
+    per_cell = torch.unique(cells[:, 1] * 8 + cells[:, 0], return_counts=True)[1]
+    assert per_cell.max() == 19 and len(p) > 4 * 300  # 300 per 256 px tile = 19 per 64 px cell

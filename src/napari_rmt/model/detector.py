@@ -30,6 +30,7 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 
 from ..data.errors import NapariRmtError
 from .heads import FocalRoIHeads
+from .proposals import LocalRPN
 
 BACKBONES = ("resnet50", "resnet18", "mobilenet_v3_large")
 
@@ -158,6 +159,7 @@ def build_detector(num_classes: int, cfg: ModelConfig | None = None) -> FasterRC
         detections_per_img=old.detections_per_img,
         gamma=cfg.focal_gamma,
     )
+    model.rpn = LocalRPN.from_rpn(model.rpn)
     t = model.transform
     model.transform = NativeSizeTransform(
         min_size=t.min_size, max_size=t.max_size, image_mean=t.image_mean, image_std=t.image_std

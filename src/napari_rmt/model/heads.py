@@ -2,7 +2,9 @@
 
 torchvision's ``RoIHeads`` hard-wires cross-entropy; this subclass reuses its sampling,
 pooling and post-processing and replaces only the loss. It also keeps the class logits
-of the last training forward, which the sparse regulariser (Eq. 5) needs.
+of the last training forward, which the sparse regulariser (Eq. 5) needs, and at
+inference runs the box head over the proposals in chunks, so that a large window with
+tens of thousands of proposals does not hold all their pooled features at once.
 """
 
 from __future__ import annotations
@@ -36,6 +38,9 @@ def box_regression_loss(box_regression: Tensor, labels: Tensor, regression_targe
 class FocalRoIHeads(RoIHeads):
     """``RoIHeads`` whose training loss is focal (classification) + smooth L1 (boxes)."""
 
+    #: Proposals pooled at once at inference: 4,096 RoIs of 256 x 7 x 7 floats are 200 MB.
+    eval_chunk = 4096
+
     def __init__(self, *args, gamma: float = 1.5, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.gamma = gamma
@@ -44,7 +49,16 @@ class FocalRoIHeads(RoIHeads):
     def forward(self, features, proposals, image_shapes, targets=None):  # type: ignore[override]
         if not self.training:
             self.last_class_logits = None
-            return super().forward(features, proposals, image_shapes, targets)
+            if sum(len(p) for p in proposals) <= self.eval_chunk:
+                return super().forward(features, proposals, image_shapes, targets)
+            class_logits, box_regression = self._chunked_outputs(features, proposals, image_shapes)
+            boxes, scores, labels = self.postprocess_detections(
+                class_logits, box_regression, proposals, image_shapes
+            )
+            return [
+                {"boxes": b, "labels": lab, "scores": s}
+                for b, s, lab in zip(boxes, scores, labels, strict=True)
+            ], {}
         if targets is None:
             raise ValueError("targets are needed in training mode")
         proposals, _, labels, regression_targets = self.select_training_samples(proposals, targets)
@@ -58,3 +72,26 @@ class FocalRoIHeads(RoIHeads):
             "loss_box_reg": box_regression_loss(box_regression, labels_t, targets_t),
         }
         return [], losses
+
+    def _chunked_outputs(self, features, proposals, image_shapes) -> tuple[Tensor, Tensor]:
+        """Box-head outputs for all proposals, in their order, ``eval_chunk`` at a time.
+
+        Each chunk is a slice of the proposals concatenated over the batch; the pooler gets
+        the whole batch's features and image shapes (its level rule depends on them) and
+        an empty proposal list for images outside the slice.
+        """
+        counts = [len(p) for p in proposals]
+        starts = [sum(counts[:i]) for i in range(len(counts))]
+        total = sum(counts)
+        logits, deltas = [], []
+        for lo in range(0, total, self.eval_chunk):
+            hi = min(total, lo + self.eval_chunk)
+            part = [
+                p[min(max(lo - s, 0), n) : min(max(hi - s, 0), n)]
+                for p, s, n in zip(proposals, starts, counts, strict=True)
+            ]
+            pooled = self.box_roi_pool(features, part, image_shapes)
+            c, r = self.box_predictor(self.box_head(pooled))
+            logits.append(c)
+            deltas.append(r)
+        return torch.cat(logits), torch.cat(deltas)

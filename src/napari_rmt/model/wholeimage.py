@@ -42,6 +42,7 @@ from ..data.classes import ClassList
 from ..data.errors import NapariRmtError
 from ..data.large import LargeImage, Window, tile_grid
 from .predict import detections_to_boxes, image_tensor, predict_images, select
+from .proposals import LocalRPN
 
 # A floor on RPN objectness for windows and whole images. Measured on a 768 px MoNuSeg
 # window with a CoNSeP-trained ResNet-18: 0.01 kept every box that scored >= 0.3 without
@@ -51,44 +52,72 @@ DEFAULT_OBJECTNESS = 0.01
 
 @contextlib.contextmanager
 def detection_limits(
-    model: nn.Module, per_image: int | None, objectness: float | None = None
+    model: nn.Module,
+    per_image: int | None,
+    objectness: float | None = None,
+    per_cell: int | None = None,
 ) -> Iterator[None]:
-    """Raise the RPN's proposal counts and the detections per image for large inputs.
+    """Let the RPN and the box head keep what a large input needs, by a local rule.
 
-    Limits sized for 256 px tiles would silently cut a dense 512 px window (or a whole
-    image) short of its cells; ``per_image`` is the least number each stage may keep.
-    Count limits are also global to an input: which proposals survive depends on the
-    rest of the window. ``objectness`` (a floor on the RPN's proposal probability) is a
-    local rule instead, the same for a cell whichever window sees it; with it, the
-    counts only need to be high enough never to bind.
+    Count limits are global to an input: which proposals survive a count depends on the
+    rest of the window, so a cell could be found in a window and lost in a whole-image
+    pass. With ``objectness`` (a floor on the RPN's proposal probability) the rule is
+    local: the floor, and at most ``per_cell`` proposals per cell of the input
+    (``model.proposals.LocalRPN``); every count per input is lifted. By default
+    ``per_cell`` gives a window the density of proposals that the model keeps on a
+    256 px tile (``tile_density_per_cell``), so whole images are judged as tiles are.
+    Without a floor, ``per_image`` is the least number each stage may keep
+    (torchvision's counts).
     """
-    if per_image is None or not hasattr(model, "rpn"):
+    if not hasattr(model, "rpn") or (per_image is None and objectness is None):
         yield
         return
     rpn, heads = model.rpn, model.roi_heads
     saved = (dict(rpn._pre_nms_top_n), dict(rpn._post_nms_top_n), heads.detections_per_img, rpn.score_thresh)
+    saved_cell = getattr(rpn, "per_cell", None)
     try:
-        # A generous per-level count before the RPN's NMS: with a floor, every anchor
-        # above it should get there (a count that binds cuts a whole image's anchors where
-        # a window's are all kept), while the count still bounds memory and time.
-        rpn._pre_nms_top_n["testing"] = max(saved[0]["testing"], 16 * per_image)
-        rpn._post_nms_top_n["testing"] = max(saved[1]["testing"], per_image)
-        heads.detections_per_img = max(saved[2], per_image)
         if objectness is not None:
             rpn.score_thresh = objectness
+            if isinstance(rpn, LocalRPN):
+                rpn.per_cell = per_cell or tile_density_per_cell(rpn, saved[1]["testing"])
+            pre = post = det = _UNLIMITED
+        else:
+            assert per_image is not None
+            pre, post, det = 16 * per_image, per_image, per_image
+        rpn._pre_nms_top_n["testing"] = max(saved[0]["testing"], pre)
+        rpn._post_nms_top_n["testing"] = max(saved[1]["testing"], post)
+        heads.detections_per_img = max(saved[2], det)
         yield
     finally:
         rpn._pre_nms_top_n, rpn._post_nms_top_n = saved[0], saved[1]
         heads.detections_per_img = saved[2]
         rpn.score_thresh = saved[3]
+        if isinstance(rpn, LocalRPN):
+            rpn.per_cell = saved_cell
+
+
+def tile_density_per_cell(rpn: LocalRPN, per_tile: int, tile: int = 256) -> int:
+    """Proposals per ``rpn.cell`` cell at the density of ``per_tile`` per ``tile`` px tile
+    (light heads: 300 per 256 px tile, 19 per 64 px cell).
+
+    Measured on a MoNuSeg field with a briefly trained ResNet-18 (docs/benchmarks.md):
+    its box head scores nuclei well from proposals the RPN ranks low, so caps matter;
+    the density the model is used with on tiles keeps whole images consistent with them.
+    """
+    return max(1, round(per_tile * rpn.cell**2 / tile**2))
+
+
+# Counts that never bind (torchvision takes min(count, anchors) before NMS).
+_UNLIMITED = 1 << 40
 
 
 def limit_for_area(width: int, height: int) -> int:
-    """Proposals / detections to allow for a window: one per 16 x 16 px of area.
+    """Proposals / detections to allow for a window when there is no objectness floor:
+    one per 16 x 16 px of area.
 
     Nuclei at 40x are 12-30 px across (CoNSeP: one per ~1,500 px²), so this is several
-    times the densest tissue; it also bounds the box head's memory, which grows with
-    the number of proposals (about 50 kB each at FPN's 7 x 7 x 256 RoI features).
+    times the densest tissue's cells, though a weak model's proposals can outnumber it
+    (see ``detection_limits``).
     """
     return max(300, (width * height) // 256)
 
@@ -222,6 +251,7 @@ def iter_predict_large_image(
     device: torch.device | str = "cpu",
     per_window_limit: int | None = None,
     objectness: float | None = DEFAULT_OBJECTNESS,
+    per_cell: int | None = None,
 ) -> Generator[tuple[int, int], None, Boxes]:
     """Boxes over the whole image, in whole-image pixel coordinates.
 
@@ -235,7 +265,11 @@ def iter_predict_large_image(
     into it (measured on MoNuSeg, docs/benchmarks.md). ``context`` plus half the overlap
     must exceed the largest cell (the cut-cell rule relies on it). A stride
     ``window - overlap`` and a ``context`` that are multiples of 64 px keep every
-    window in phase with the network's feature grid.
+    window in phase with the network's feature grid and with the cells of the
+    proposal rule: an objectness floor (``objectness``) and at most ``per_cell``
+    proposals per 64 px cell (``detection_limits``), so that which proposals a cell gets
+    does not depend on the window that sees it. With ``objectness=None`` torchvision's
+    per-input counts apply instead, raised to ``per_window_limit``.
     """
     if context < 0 or overlap // 2 + context < 16:
         raise NapariRmtError(
@@ -255,7 +289,7 @@ def iter_predict_large_image(
             batches[-1].append((w, region))
         else:
             batches.append([(w, region)])
-    with detection_limits(model, limit, objectness):
+    with detection_limits(model, limit, objectness, per_cell):
         for batch in batches:
             tensors = [image_tensor(image.read(*region)) for _, region in batch]
             dets = predict_images(model, tensors, batch_size=len(batch), device=device)
@@ -282,12 +316,13 @@ def predict_large_image(
     progress: Callable[[int, int], None] | None = None,
     per_window_limit: int | None = None,
     objectness: float | None = DEFAULT_OBJECTNESS,
+    per_cell: int | None = None,
 ) -> Boxes:
     """``iter_predict_large_image`` run to the end, reporting to ``progress``."""
     steps = iter_predict_large_image(
         model, image, classes, window=window, overlap=overlap, context=context, batch_size=batch_size,
         score_threshold=score_threshold, nms_iou=nms_iou, device=device,
-        per_window_limit=per_window_limit, objectness=objectness,
+        per_window_limit=per_window_limit, objectness=objectness, per_cell=per_cell,
     )  # fmt: skip
     while True:
         try:
@@ -307,13 +342,14 @@ def predict_whole_at_once(
     device: torch.device | str = "cpu",
     limit: int | None = None,
     objectness: float | None = DEFAULT_OBJECTNESS,
+    per_cell: int | None = None,
 ) -> Boxes:
-    """One pass over an image that fits in memory, with limits raised to its area.
+    """One pass over an image that fits in memory, by the windows' rule for proposals.
 
     The reference that windowed prediction is checked against.
     """
     h, w = pixels.shape[:2]
-    with detection_limits(model, limit or limit_for_area(w, h), objectness):
+    with detection_limits(model, limit or limit_for_area(w, h), objectness, per_cell):
         det = predict_images(model, [image_tensor(pixels)], batch_size=1, device=device)[0]
     keep = select(det["boxes"], det["scores"], det["labels"], score_threshold, nms_iou)
     return detections_to_boxes(det["boxes"][keep], det["scores"][keep], det["labels"][keep], classes)
