@@ -54,6 +54,7 @@ def main() -> None:
     ap.add_argument("--labelled-batch", type=int, default=4)
     ap.add_argument("--unlabelled-batch", type=int, default=2)
     ap.add_argument("--threshold", type=float, default=0.7)
+    ap.add_argument("--semi-lr", type=float, default=None, help="lr after burn-in (default 0.02, as before)")
     ap.add_argument("--backbone", default="resnet18")
     ap.add_argument("--full-heads", action="store_true")
     ap.add_argument("--fraction", type=float, default=0.1)
@@ -72,6 +73,7 @@ def main() -> None:
         burn_in=args.burn_in,
         warmup=100,
         lr=0.02,
+        semi_lr=args.semi_lr,
         labelled_batch=args.labelled_batch,
         unlabelled_batch=args.unlabelled_batch,
         threshold=args.threshold,

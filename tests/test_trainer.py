@@ -268,3 +268,17 @@ def test_periodic_validation_events(tiny_tiles):
     events = list(Trainer(tiny_tiles[:3], tiny_tiles[3:], CLASSES, cfg, validate=validate).run())
     vals = [e for e in events if isinstance(e, ValidationEvent)]
     assert [(v.iteration, v.metrics["score"]) for v in vals] == [(2, 1.0), (4, 2.0)]
+
+
+@pytest.mark.parametrize("method", ["rmt", "supervised"])
+def test_semi_lr_applies_after_burn_in_only(tiny_tiles, method):
+    cfg = tiny_config(method, semi_lr=0.002)
+    lrs = [
+        e.lr
+        for e in Trainer(tiny_tiles[:3], tiny_tiles[3:], CLASSES, cfg).run()
+        if isinstance(e, IterationEvent)
+    ]
+    expected = [0.01 * 0.001, 0.01, 0.002, 0.002] if method == "rmt" else [0.01 * 0.001, 0.01, 0.01, 0.01]
+    assert lrs == pytest.approx(expected)
+    with pytest.raises(Exception, match="semi_lr"):
+        tiny_config(method, semi_lr=0.0)

@@ -71,6 +71,7 @@ def _add_training_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--full-heads", action="store_true", help="torchvision's proposal counts (slower)")
     p.add_argument("--batch", type=int, default=2, help="labelled and unlabelled images per step")
     p.add_argument("--lr", type=float, default=0.02)
+    p.add_argument("--semi-lr", type=float, default=None, help="lr after burn-in (default: --lr)")
     p.add_argument("--warmup", type=int, default=100)
     p.add_argument("--threshold", type=float, default=0.7, help="pseudo-label confidence")
     p.add_argument("--lambda-u", type=float, default=4.0)
@@ -96,6 +97,7 @@ def _config_from_args(args: argparse.Namespace):
         labelled_batch=args.batch,
         unlabelled_batch=args.batch,
         lr=args.lr,
+        semi_lr=args.semi_lr,
         warmup=args.warmup,
         threshold=args.threshold,
         lambda_u=args.lambda_u,

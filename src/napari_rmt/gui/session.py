@@ -165,8 +165,17 @@ class Session:
                 )
                 if len(boxes):
                     layer.edge_color = class_colours(self.classes, boxes.class_ids)
-            layer.feature_defaults = {"class": self.current_class, "score": np.nan, "source": "manual"}
-            layer.current_edge_color = self.classes.by_name(self.current_class).hex
+            # Each of these assignments redraws the layer's thumbnail: only when they change.
+            fd = layer.feature_defaults
+            if (
+                len(fd) != 1
+                or str(fd["class"].iloc[0]) != self.current_class
+                or fd["source"].iloc[0] != "manual"
+            ):
+                layer.feature_defaults = {"class": self.current_class, "score": np.nan, "source": "manual"}
+            colour = self.classes.by_name(self.current_class).hex
+            if str(layer.current_edge_color).lower()[:7] != colour.lower()[:7]:
+                layer.current_edge_color = colour
             self._counts[layer.name] = len(layer.data)
         finally:
             self._updating = False

@@ -354,7 +354,8 @@ class Trainer:
             factor = 0.001 + (1 - 0.001) * self.iteration / cfg.warmup
         else:
             factor = 1.0
-        lr = cfg.lr * factor
+        semi = cfg.method != "supervised" and self.iteration >= cfg.burn_in
+        lr = (cfg.semi_lr if semi and cfg.semi_lr is not None else cfg.lr) * factor
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         return lr
