@@ -57,8 +57,8 @@ class LocalRPN(RegionProposalNetwork):
         new = cls(
             rpn.anchor_generator,
             rpn.head,
-            fg_iou_thresh=0.7,
-            bg_iou_thresh=0.3,
+            fg_iou_thresh=rpn.proposal_matcher.high_threshold,
+            bg_iou_thresh=rpn.proposal_matcher.low_threshold,
             batch_size_per_image=rpn.fg_bg_sampler.batch_size_per_image,
             positive_fraction=rpn.fg_bg_sampler.positive_fraction,
             pre_nms_top_n=dict(rpn._pre_nms_top_n),
@@ -66,7 +66,7 @@ class LocalRPN(RegionProposalNetwork):
             nms_thresh=rpn.nms_thresh,
             score_thresh=rpn.score_thresh,
         )
-        new.proposal_matcher = rpn.proposal_matcher
+        new.proposal_matcher = rpn.proposal_matcher  # keeps allow_low_quality_matches as built
         return new
 
     def filter_proposals(self, proposals, objectness, image_shapes, num_anchors_per_level):  # type: ignore[override]
