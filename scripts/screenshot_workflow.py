@@ -53,7 +53,7 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp())
     wm.DEFAULT_PROJECTS = tmp / "projects"
     viewer = napari.Viewer(show=True)
-    viewer.window.resize(1500, 950)
+    viewer.window.resize(1500, 1200)
     w = wm.RMTWidget(viewer)
     viewer.window.add_dock_widget(w, name="Cell detection (RMT)")
     w.open_coco(subset(args.tiles, tmp))

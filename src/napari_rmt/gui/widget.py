@@ -31,6 +31,7 @@ from qtpy.QtWidgets import (  # noqa: E402
     QListWidget,
     QProgressBar,
     QPushButton,
+    QScrollArea,
     QSlider,
     QSpinBox,
     QVBoxLayout,
@@ -166,7 +167,19 @@ class RMTWidget(QWidget):
 
     # ================================================================== layout
     def _build(self) -> None:
-        root = QVBoxLayout(self)
+        # Everything in a scroll area: on a laptop screen the dock is taller than the window,
+        # and Qt would otherwise squeeze the last groups below their minimum (seen in the
+        # screenshots: the loss plot cut in half).
+        outer = QVBoxLayout(self)
+        outer.setContentsMargins(0, 0, 0, 0)
+        scroll = QScrollArea()
+        scroll.setWidgetResizable(True)
+        scroll.setFrameShape(QScrollArea.Shape.NoFrame)
+        scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+        body = QWidget()
+        scroll.setWidget(body)
+        outer.addWidget(scroll)
+        root = QVBoxLayout(body)
 
         tiles = QGroupBox("Tiles")
         tl = QVBoxLayout(tiles)
@@ -255,7 +268,14 @@ class RMTWidget(QWidget):
         self.advanced = QGroupBox("advanced")
         self.advanced.setCheckable(True)
         self.advanced.setChecked(False)
-        adv = QFormLayout(self.advanced)
+        # The settings show only while "advanced" is ticked: a disabled form squeezed into
+        # the dock's height was unreadable (seen in the screenshots).
+        self.advanced_body = QWidget()
+        adv = QFormLayout(self.advanced_body)
+        adv.setContentsMargins(0, 0, 0, 0)
+        QVBoxLayout(self.advanced).addWidget(self.advanced_body)
+        self.advanced_body.setVisible(False)
+        self.advanced.toggled.connect(self.advanced_body.setVisible)
         self.burn_spin = _spin(0, 1_000_000, 200)
         self.thr_spin = _dspin(0, 1, 0.7, 0.05)
         self.lu_spin = _dspin(0, 100, 4.0, 0.5)
