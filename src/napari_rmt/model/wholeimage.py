@@ -31,6 +31,7 @@ import contextlib
 import os
 from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -306,24 +307,12 @@ def predict_large_image(
     model: nn.Module,
     image: LargeImage,
     classes: ClassList,
-    window: int = 512,
-    overlap: int = 0,
-    context: int = 128,
-    batch_size: int = 4,
-    score_threshold: float = 0.05,
-    nms_iou: float = 0.5,
-    device: torch.device | str = "cpu",
     progress: Callable[[int, int], None] | None = None,
-    per_window_limit: int | None = None,
-    objectness: float | None = DEFAULT_OBJECTNESS,
-    per_cell: int | None = None,
+    **options: Any,
 ) -> Boxes:
-    """``iter_predict_large_image`` run to the end, reporting to ``progress``."""
-    steps = iter_predict_large_image(
-        model, image, classes, window=window, overlap=overlap, context=context, batch_size=batch_size,
-        score_threshold=score_threshold, nms_iou=nms_iou, device=device,
-        per_window_limit=per_window_limit, objectness=objectness, per_cell=per_cell,
-    )  # fmt: skip
+    """``iter_predict_large_image`` run to the end, reporting ``(done, total)`` windows
+    to ``progress``; ``options`` are that function's keyword arguments."""
+    steps = iter_predict_large_image(model, image, classes, **options)
     while True:
         try:
             done, total = next(steps)
