@@ -677,23 +677,28 @@ class RMTWidget(QWidget):
             + (" (warm start)" if init is not None else "")
         )
         self.last_error = None
-        if synchronous:  # tests and scripts: same code path, no thread
-            gen = self.job.run()
+        self._run_job(self.job.run, self._on_yielded, self._on_returned, self._on_errored, synchronous)
+
+    def _run_job(self, run, on_yielded, on_returned, on_errored, synchronous: bool) -> None:
+        """Run a job generator in a napari thread worker, or (tests and scripts) here,
+        through the same callbacks; errors go to ``on_errored``, which shows them."""
+        if synchronous:
+            gen = run()
             try:
                 while True:
-                    self._on_yielded(next(gen))
+                    on_yielded(next(gen))
             except StopIteration as stop:
-                self._on_returned(stop.value)
+                on_returned(stop.value)
             except Exception as exc:
-                self._on_errored(exc)
+                on_errored(exc)
             self._on_finished()
             return
         from napari.qt.threading import create_worker
 
-        self.worker = create_worker(self.job.run, _start_thread=False, _ignore_errors=True)  # we show them
-        self.worker.yielded.connect(self._on_yielded)
-        self.worker.returned.connect(self._on_returned)
-        self.worker.errored.connect(self._on_errored)
+        self.worker = create_worker(run, _start_thread=False, _ignore_errors=True)
+        self.worker.yielded.connect(on_yielded)
+        self.worker.returned.connect(on_returned)
+        self.worker.errored.connect(on_errored)
         self.worker.finished.connect(self._on_finished)
         self._update_enabled()
         self.worker.start()
@@ -809,27 +814,13 @@ class RMTWidget(QWidget):
 
         self.status.setText(f"predicting {image.name} ({image.width} x {image.height})…")
         self.last_error = None
-        if synchronous:
-            gen = run()
-            try:
-                while True:
-                    self._on_whole_progress(next(gen))
-            except StopIteration as stop:
-                self._on_whole_returned(stop.value)
-            except Exception as exc:
-                self._report_error(exc, prefix="whole-image prediction failed")
-            return
-        from napari.qt.threading import create_worker
-
-        self.worker = create_worker(run, _start_thread=False, _ignore_errors=True)
-        self.worker.yielded.connect(self._on_whole_progress)
-        self.worker.returned.connect(self._on_whole_returned)
-        self.worker.errored.connect(
-            lambda exc: self._report_error(exc, prefix="whole-image prediction failed")
+        self._run_job(
+            run,
+            self._on_whole_progress,
+            self._on_whole_returned,
+            lambda exc: self._report_error(exc, prefix="whole-image prediction failed"),
+            synchronous,
         )
-        self.worker.finished.connect(self._on_finished)
-        self._update_enabled()
-        self.worker.start()
 
     def _on_whole_progress(self, msg) -> None:
         _, done, total = msg
