@@ -1,6 +1,7 @@
 import json
 
 import numpy as np
+import pytest
 
 from napari_rmt.data import Boxes, BoxSource, read_coco, write_geojson
 
@@ -28,3 +29,80 @@ def test_geojson_predictions_carry_scores(coco_file, tmp_path):
     assert len(fc["features"]) == 1
     props = fc["features"][0]["properties"]
     assert props["objectType"] == "detection" and props["measurements"] == {"score": 0.5}
+
+
+def test_qupath_round_trip_brings_boxes_and_classes_back(coco_file, tmp_path):
+    from napari_rmt.data.geojson import read_geojson
+
+    ts = read_coco(coco_file)
+    ts.by_id(2).origin = (100, 200)  # tiles of one large image: whole-image coordinates
+    ts.by_id(3).origin = (300, 0)
+    ts.by_id(1).predictions = Boxes(np.array([[1.0, 1, 6, 7]]), [3], [0.75], [BoxSource.PREDICTED])
+    write_geojson(ts, tmp_path / "a.geojson")
+    write_geojson(ts, tmp_path / "p.geojson", predictions=True)
+    fresh = read_coco(coco_file)
+    fresh.by_id(2).origin, fresh.by_id(3).origin = (100, 200), (300, 0)
+    for t in fresh:
+        t.boxes = Boxes()
+    for f in (tmp_path / "a.geojson", tmp_path / "p.geojson"):
+        read_geojson(f, fresh)
+    for a, b in zip(ts, fresh, strict=True):
+        np.testing.assert_allclose(a.boxes.xyxy, b.boxes.xyxy)
+        assert a.boxes.class_ids.tolist() == b.boxes.class_ids.tolist()
+    p = fresh.by_id(1).predictions
+    assert p.class_ids.tolist() == [3] and p.scores.tolist() == [0.75]
+
+
+def test_qupath_features_without_tile_names_go_by_position(coco_file, tmp_path):
+    from napari_rmt.data.geojson import read_geojson
+
+    ts = read_coco(coco_file)
+    for t in ts:
+        t.boxes = Boxes()
+    ts.by_id(2).origin = (48, 0)  # tiles are 48 px wide: side by side
+    ring = [[50.0, 2], [58, 2], [58, 9], [50, 9], [50, 2]]
+    fc = {"type": "FeatureCollection", "features": [
+        {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [ring]},
+         "properties": {"objectType": "annotation", "classification": {"name": "Mitosis", "color": [1, 2, 3]}}},
+        {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [[[900, 900], [905, 900], [905, 905], [900, 900]]]},
+         "properties": {"classification": {"name": "tumor"}}},
+    ]}
+    (tmp_path / "q.geojson").write_text(json.dumps(fc))
+    with pytest.warns(UserWarning, match=r"feature \[1\].*none of the tiles"):
+        read_geojson(tmp_path / "q.geojson", ts)
+    b = ts.by_id(2).boxes
+    assert b.xyxy.tolist() == [[2.0, 2.0, 10.0, 9.0]]
+    assert ts.classes.by_id(int(b.class_ids[0])).name == "Mitosis"  # a new class, by name
+    assert len(ts.by_id(1).boxes) == 0
+
+
+@pytest.mark.parametrize(
+    "feature, message",
+    [
+        ({"type": "Feature", "geometry": {"type": "Point", "coordinates": [1, 2]}, "properties": {"name": "x"}},
+         "not a Polygon"),
+        ({"type": "Feature", "properties": {"classification": {"name": "tumor"}}}, "no geometry"),
+        ({"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [[["a", 1]]]},
+          "properties": {"classification": {"name": "tumor"}}}, "not lists of"),
+        ({"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [[[1, 1], [1, 5], [1, 1]]]},
+          "properties": {"classification": {"name": "tumor"}}}, "no area"),
+        ({"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [[[1, 1], [4, 1], [4, 4]]]},
+          "properties": {}}, "no class"),
+        ({"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [[[1, 1], [4, 1], [4, 4]]]},
+          "properties": {"classification": {"name": "tumor"}, "measurements": {"score": "high"}}}, "score"),
+        ("junk", "is not a GeoJSON Feature"),
+    ],
+)
+def test_malformed_geojson_is_refused_naming_the_feature(coco_file, tmp_path, feature, message):
+    from napari_rmt.data.errors import AnnotationError
+    from napari_rmt.data.geojson import read_geojson
+
+    ts = read_coco(coco_file)
+    before = [t.boxes.xyxy.copy() for t in ts]
+    (tmp_path / "bad.geojson").write_text(json.dumps({"type": "FeatureCollection", "features": [feature]}))
+    with pytest.raises(AnnotationError, match=rf"bad\.geojson: feature \[0\].*{message}"):
+        read_geojson(tmp_path / "bad.geojson", ts)
+    assert all(np.array_equal(a, t.boxes.xyxy) for a, t in zip(before, ts, strict=True))  # nothing changed
+    (tmp_path / "notgeo.json").write_text("[1, 2")
+    with pytest.raises(AnnotationError, match="not a JSON file"):
+        read_geojson(tmp_path / "notgeo.json", ts)

@@ -45,7 +45,7 @@ def _params(model):
     return {k: v.detach().clone() for k, v in model.state_dict().items() if v.dtype.is_floating_point}
 
 
-@pytest.mark.parametrize("method", ["supervised", "stac", "ubt", "rmt", "rmt-noreg"])
+@pytest.mark.parametrize("method", ["supervised", "stac", "ubt", "rmt", "rmt-noreg", "rmt+"])
 def test_each_method_trains_and_changes_what_it_should(tiny_tiles, method):
     lab, unl = tiny_tiles[:3], tiny_tiles[3:]
     trainer = Trainer(lab, unl, CLASSES, tiny_config(method))
@@ -85,11 +85,11 @@ def test_each_method_trains_and_changes_what_it_should(tiny_tiles, method):
     assert all(e.phase == "burn-in" and e.pseudo_per_image == [] for e in burn)
     assert all(sum(e.pseudo_per_image) > 0 for e in semi), "no pseudo-labels after burn-in"
     assert all(e.losses["unsup"] > 0 for e in semi)
-    if method in ("rmt", "rmt-noreg"):
+    if method in ("rmt", "rmt-noreg", "rmt+"):
         assert all(e.mixed > 0 for e in semi)
     else:
         assert all(e.mixed == 0 for e in semi)
-    if method == "rmt":
+    if method in ("rmt", "rmt+"):
         assert all(e.losses["reg"] > 0 for e in semi)
     else:
         assert all(e.losses["reg"] == 0 for e in semi)

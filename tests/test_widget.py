@@ -222,3 +222,53 @@ def test_large_image_grid_whole_image_prediction_and_reopen(make_napari_viewer, 
     ts2 = w2.project.tileset
     assert len(ts2) == 9 and ts2[4].window and ts2[4].status is TileStatus.LABELLED and len(ts2[4].boxes) == 1
     assert w2.whole is not None and "whole image" in viewer.layers
+
+
+def test_widget_import_geojson_and_layer_project_reopen(widget, tmp_path):
+    """QuPath objects come in on their tiles (a new class too); a project made from an
+    image layer reopens with its pixels and boxes."""
+    import json
+
+    w = widget
+    ts = w.project.tileset
+    tile = next(iter(ts))
+    ring = [[5.0, 5], [25, 5], [25, 20], [5, 20], [5, 5]]
+    (tmp_path / "q.geojson").write_text(json.dumps({"type": "FeatureCollection", "features": [
+        {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [ring]},
+         "properties": {"tile": tile.name, "objectType": "annotation", "classification": {"name": "mitosis"}}},
+    ]}))
+    before = len(tile.boxes)
+    w.show_tile(0)
+    assert w.import_geojson(tmp_path / "q.geojson") == 1
+    assert len(tile.boxes) == before + 1 and "mitosis" in ts.classes.names
+    assert len(w.session.annotations.data) == before + 1  # shown at once, and kept by the next pull
+    w.session.pull()
+    assert len(tile.boxes) == before + 1
+
+    rng = np.random.default_rng(0)
+    w.viewer.add_image(rng.integers(0, 255, (2, 64, 80, 3), dtype=np.uint8), name="stack", rgb=True)
+    w.viewer.layers.selection.active = w.viewer.layers["stack"]
+    w.open_image_layer()
+    folder = w.project.folder
+    w.session.annotations.add_rectangles(np.array([[10, 10], [10, 30], [30, 30], [30, 10]], dtype=float))
+    w.save_project()
+    w.open_project(folder)
+    first = next(iter(w.project.tileset))
+    assert first.name == "stack [0]" and len(first.boxes) == 1 and first.pixels().shape == (64, 80, 3)
+
+
+def test_widget_restores_an_interrupted_runs_checkpoint(widget, tmp_path):
+    """napari killed while training: the run's periodic checkpoint becomes the model."""
+    from napari_rmt.data.project import TRAINING
+    from napari_rmt.train import Trainer
+
+    w = widget
+    ts = w.project.tileset
+    cfg = tiny(method="supervised", iterations=1)
+    trainer = Trainer(ts.labelled[:1], [], ts.classes, cfg)
+    list(trainer.run())
+    folder = w.project.folder
+    trainer.save(folder / TRAINING)  # what a checkpoint mid-run leaves
+    w.open_project(folder)
+    assert w.model_state is not None and w.model_state["iteration"] == 1
+    assert "interrupted" in w.status.text()

@@ -55,60 +55,183 @@ def _hms(seconds: float) -> str:
 
 
 # ------------------------------------------------------------------ shared pieces
-def _add_training_options(p: argparse.ArgumentParser) -> None:
-    from .model.detector import BACKBONES
-    from .train.config import METHODS
+def _at_least(low: int):
+    """An argparse type: an integer >= ``low``, with the allowed range in the message."""
 
-    p.add_argument("--method", choices=METHODS, default="rmt")
-    p.add_argument("--iterations", type=int, default=2000)
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{value} must be at least {low}")
+        return value
+
+    return parse
+
+
+def _in_range(low: float, high: float, low_open: bool = False):
+    """An argparse type: a finite number in [low, high] (or (low, high] with ``low_open``)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not (low < value if low_open else low <= value) or not value <= high:
+            raise argparse.ArgumentTypeError(f"{value} must be in {'(' if low_open else '['}{low}, {high}]")
+        return value
+
+    return parse
+
+
+def _add_training_options(p: argparse.ArgumentParser) -> None:
+    """Training options. Unset ones take the method's default (``TrainConfig.for_method``),
+    so ``--method rmt`` is the paper's method and ``--method rmt+`` the recommended recipe."""
+    from .model.detector import BACKBONES
+    from .train.config import METHODS, PSEUDO_RULES, RECOMMENDED, SCHEDULES
+
+    p.add_argument("--method", choices=METHODS, default=None, help=f"default {RECOMMENDED}")
+    p.add_argument("--iterations", type=_at_least(1), default=None, help="default 2000")
     p.add_argument("--burn-in", type=int, default=None, help="default: a quarter of the iterations")
-    p.add_argument("--backbone", choices=BACKBONES, default="resnet18")
+    p.add_argument("--minutes", type=_in_range(0, 1e7, low_open=True), default=None, help="stop after this much training time")
+    p.add_argument("--backbone", choices=BACKBONES, default=None, help="default resnet18")
     p.add_argument(
         "--weights",
         default=None,
         help="'imagenet' (torchvision's weights API, downloads) or a local weights file",
     )
     p.add_argument("--full-heads", action="store_true", help="torchvision's proposal counts (slower)")
-    p.add_argument("--batch", type=int, default=2, help="labelled and unlabelled images per step")
-    p.add_argument("--lr", type=float, default=0.02)
+    p.add_argument("--norm", choices=("auto", "batch", "group", "frozen"), default=None)
+    p.add_argument("--focal-gamma", type=float, default=None, help="box head focal gamma (0: cross-entropy)")
+    p.add_argument("--batch", type=_at_least(1), default=None, help="labelled and unlabelled images per step")
+    p.add_argument("--lr", type=float, default=None)
     p.add_argument("--semi-lr", type=float, default=None, help="lr after burn-in (default: --lr)")
-    p.add_argument("--warmup", type=int, default=100)
-    p.add_argument("--threshold", type=float, default=0.7, help="pseudo-label confidence")
-    p.add_argument("--lambda-u", type=float, default=4.0)
-    p.add_argument("--lambda-r", type=float, default=1.0)
-    p.add_argument("--p-norm", type=float, default=0.5)
-    p.add_argument("--ema", type=float, default=0.996, help="EMA decay sigma (Eq. 7)")
+    p.add_argument("--lr-schedule", choices=SCHEDULES, default=None)
+    p.add_argument("--warmup", type=int, default=None)
+    p.add_argument("--threshold", type=float, default=None, help="pseudo-label confidence")
+    p.add_argument("--pseudo-rule", choices=PSEUDO_RULES, default=None)
+    p.add_argument("--ignore-low", type=float, default=None, help="low edge of the ignore band")
+    p.add_argument(
+        "--soft-negatives", action=argparse.BooleanOptionalAction, default=None,
+        help="weight unlabelled negatives by the teacher's background score",
+    )
+    p.add_argument("--lambda-u", type=float, default=None)
+    p.add_argument("--lambda-r", type=float, default=None)
+    p.add_argument("--p-norm", type=float, default=None)
+    p.add_argument("--ema", type=float, default=None, help="EMA decay sigma (Eq. 7)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
-    p.add_argument("--checkpoint-every", type=int, default=0)
+    p.add_argument("--checkpoint-every", type=_at_least(0), default=0)
 
 
-def _config_from_args(args: argparse.Namespace):
-    from .model.detector import ModelConfig
-    from .train.config import TrainConfig
+#: argparse destination -> TrainConfig field, for the options that default to the method's value.
+_OVERRIDES = {
+    "lr": "lr", "semi_lr": "semi_lr", "lr_schedule": "lr_schedule", "warmup": "warmup",
+    "threshold": "threshold", "pseudo_rule": "pseudo_rule", "ignore_low": "ignore_low",
+    "soft_negatives": "soft_negatives", "lambda_u": "lambda_u", "lambda_r": "lambda_r",
+    "p_norm": "p_norm", "ema": "ema_decay",
+}
 
-    burn_in = args.burn_in if args.burn_in is not None else max(1, args.iterations // 4)
-    if args.method == "stac":
-        burn_in = min(max(1, burn_in), args.iterations - 1)
-    return TrainConfig(
-        method=args.method,
-        iterations=args.iterations,
-        burn_in=burn_in,
-        labelled_batch=args.batch,
-        unlabelled_batch=args.batch,
-        lr=args.lr,
-        semi_lr=args.semi_lr,
-        warmup=args.warmup,
-        threshold=args.threshold,
-        lambda_u=args.lambda_u,
-        lambda_r=args.lambda_r,
-        p_norm=args.p_norm,
-        ema_decay=args.ema,
+
+def _training_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The training options the user gave (method-independent), as TrainConfig fields."""
+    from .train.config import burn_in_for
+
+    values: dict[str, Any] = {f: getattr(args, a) for a, f in _OVERRIDES.items() if getattr(args, a) is not None}
+    iterations = args.iterations or 2000
+    values.update(
+        iterations=iterations,
+        burn_in=args.burn_in if args.burn_in is not None else burn_in_for(iterations),
         seed=args.seed,
         device=args.device,
         checkpoint_every=args.checkpoint_every,
-        model=ModelConfig(backbone=args.backbone, weights=args.weights, light_heads=not args.full_heads),
     )
+    if args.batch is not None:
+        values.update(labelled_batch=args.batch, unlabelled_batch=args.batch)
+    if args.minutes is not None:
+        values["time_budget_s"] = 60.0 * args.minutes
+    model: dict[str, Any] = {
+        "backbone": args.backbone or "resnet18",
+        "weights": args.weights,
+        "light_heads": not args.full_heads,
+    }
+    if args.norm is not None:
+        model["norm"] = args.norm
+    if args.focal_gamma is not None:
+        model["focal_gamma"] = args.focal_gamma
+    values["model"] = model
+    return values
+
+
+def _config_from_args(args: argparse.Namespace):
+    from .train.config import RECOMMENDED, TrainConfig
+
+    values = _training_overrides(args)
+    method = args.method or RECOMMENDED
+    if method == "stac":
+        values["burn_in"] = min(max(1, values["burn_in"]), values["iterations"] - 1)
+    return TrainConfig.for_method(method, **values)
+
+
+#: Options a resumed run may change: how long it goes on and where it runs.
+_RESUMABLE = {"iterations", "time_budget_s", "device", "checkpoint_every"}
+
+
+def _resume_config(args: argparse.Namespace, path: str):
+    """The saved run's config, with only the options that may change on a resume applied.
+
+    Any other option given on the command line that differs from the saved one is
+    refused by name: a resumed run is the run that was started, not a new one.
+    """
+    from .train.checkpoint import config_from_checkpoint, read_checkpoint
+
+    saved = config_from_checkpoint(read_checkpoint(path))
+    given = {a: getattr(args, a) for a in _OVERRIDES if getattr(args, a) is not None}
+    differ = [f"--{a.replace('_', '-')} {v} (saved {getattr(saved, _OVERRIDES[a])})"
+              for a, v in given.items() if getattr(saved, _OVERRIDES[a]) != v]
+    for opt, value in (("method", args.method), ("backbone", args.backbone), ("burn_in", args.burn_in),
+                       ("batch", args.batch), ("norm", args.norm), ("focal_gamma", args.focal_gamma)):
+        if value is None:
+            continue
+        have = {"method": saved.method, "backbone": saved.model.backbone, "burn_in": saved.burn_in,
+                "batch": saved.labelled_batch, "norm": saved.model.norm, "focal_gamma": saved.model.focal_gamma}[opt]
+        if have != value:
+            differ.append(f"--{opt.replace('_', '-')} {value} (saved {have})")
+    if args.seed != saved.seed:
+        differ.append(f"--seed {args.seed} (saved {saved.seed})")
+    if differ:
+        raise NapariRmtError(
+            f"--resume {path}: continues the run as it was started; these options differ from it: "
+            + "; ".join(differ)
+            + ". Drop them, or start a new run from it with --init-from."
+        )
+    if args.iterations is not None:
+        saved.iterations = args.iterations
+    if args.minutes is not None:
+        saved.time_budget_s = 60.0 * args.minutes
+    saved.device, saved.checkpoint_every = args.device, args.checkpoint_every
+    saved.validate()
+    return saved
+
+
+def _drop_replayed_events(log: Path, iteration: int) -> None:
+    """Keep the events of a run's log up to the checkpoint a resume starts from, so the
+    steps it replays are not logged twice."""
+    if not log.is_file():
+        return
+    from .data.atomic import atomic_write
+
+    kept = []
+    for line in log.read_text(encoding="utf-8").splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut by the crash
+        if int(rec.get("iteration", 0)) <= iteration:
+            kept.append(line)
+    data = "".join(k + "\n" for k in kept).encode("utf-8")
+    atomic_write(log, lambda fh: fh.write(data))
 
 
 def _event_record(ev: Any) -> dict:
@@ -121,6 +244,7 @@ def run_training(trainer, out: Path, quiet: bool = False) -> list[dict]:
     """Drive a trainer with a progress bar; log every event to ``out/events.jsonl``."""
     from .data.atomic import atomic_write_json
     from .train.events import CheckpointEvent, FinishedEvent, IterationEvent, PhaseEvent
+    from .train.trainer import TrainingError
 
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "config.json", trainer.cfg.to_dict(), indent=1)
@@ -151,6 +275,11 @@ def run_training(trainer, out: Path, quiet: bool = False) -> list[dict]:
             trainer.cancel()
             bar.close()
             print("napari-rmt: interrupted; saving the last finished step", file=sys.stderr)
+        except TrainingError:
+            # The trainer is as it was after its last good step: keep that, as the message says.
+            bar.close()
+            trainer.save(out / "model.pt")
+            raise
     trainer.save(out / "model.pt")
     return records
 
@@ -158,15 +287,19 @@ def run_training(trainer, out: Path, quiet: bool = False) -> list[dict]:
 def _load_dataset(args: argparse.Namespace):
     from .data.coco import read_coco
 
-    return read_coco(args.coco, images_dir=args.images)
+    return read_coco(args.coco, images_dir=args.images, allow_outside=args.allow_outside_paths)
 
 
 # ------------------------------------------------------------------ commands
 def _cmd_train(args: argparse.Namespace) -> int:
-    from .data.atomic import atomic_write_json
+    from .data.atomic import atomic_write_json, check_output
     from .data.split import pick_labelled
     from .train.trainer import Trainer
 
+    out_dir = Path(args.out)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise NapariRmtError(f"--out {out_dir}: is a file; give a folder for the run")
+    check_output(out_dir / "model.pt", [args.coco], "--out")
     tileset = _load_dataset(args)
     tiles = list(tileset)
     if args.labeled_ids:
@@ -181,7 +314,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     else:
         labelled, unlabelled = tileset.labelled, tileset.unlabelled
     out = Path(args.out)
-    cfg = _config_from_args(args)
+    cfg = _resume_config(args, args.resume) if args.resume else _config_from_args(args)
     print(
         f"napari-rmt: {cfg.method} on {len(labelled)} labelled + {len(unlabelled)} unlabelled tiles, "
         f"{cfg.iterations} iterations, {cfg.model.backbone}"
@@ -189,7 +322,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     if args.resume:
-        trainer = Trainer.resume(args.resume, labelled, unlabelled, checkpoint_path=out / "model.pt")
+        trainer = Trainer.resume(args.resume, labelled, unlabelled, config=cfg, checkpoint_path=out / "model.pt")
+        _drop_replayed_events(out / "events.jsonl", trainer.iteration)
     else:
         trainer = Trainer(
             labelled,
@@ -227,8 +361,29 @@ def _read_ids(path: Path) -> list[int]:
         raise NapariRmtError(f"{path}: not all entries are integer image ids ({exc})") from exc
 
 
+def _classes_by_name(model_classes, data_classes, where: str):
+    """The model's classes under the dataset's category ids, matched by name.
+
+    Boxes written under the model's own ids would be scored as other classes when the
+    dataset numbers its categories differently; a class the dataset lacks is refused.
+    """
+    from .data.classes import CellClass, ClassList
+
+    if model_classes.names == data_classes.names and model_classes.ids == data_classes.ids:
+        return model_classes
+    missing = [c.name for c in model_classes if c.name.lower() not in {n.lower() for n in data_classes.names}]
+    if missing:
+        raise NapariRmtError(
+            f"{where}: the model predicts classes {missing} that the dataset's categories "
+            f"{data_classes.names} lack; predict on image files instead, or add the categories"
+        )
+    return ClassList(
+        CellClass(data_classes.by_name(c.name).id, data_classes.by_name(c.name).name, c.colour) for c in model_classes
+    )
+
+
 def _cmd_predict(args: argparse.Namespace) -> int:
-    from .data.atomic import atomic_write_json
+    from .data.atomic import atomic_write_json, check_output
     from .data.coco import write_coco_results
     from .data.imageio import image_size
     from .data.large import is_zarr_path, open_large_image, tile_grid
@@ -238,17 +393,20 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     from .train.checkpoint import load_model
     from .train.trainer import resolve_device
 
+    # Every output is checked before hours of work, and none may be (inside) an input.
+    inputs = [p for p in (args.model, args.coco, *(args.paths or [])) if p]
+    check_output(args.out, inputs, "--out")
+    if not args.coco:
+        check_output(Path(args.out).with_suffix(".images.json"), inputs, "--out")
+    if args.zarr:
+        for p in args.paths or []:
+            check_output(Path(args.zarr) / f"{Path(p).stem}.zarr", inputs, "--zarr", folder=True)
     model, classes, _ = load_model(args.model)
     device = resolve_device(args.device)
     model.to(device)
     if args.coco:
         tileset = _load_dataset(args)
-        if tileset.classes.names != classes.names:
-            print(
-                f"napari-rmt: note: the model's classes {classes.names} differ from the dataset's "
-                f"{tileset.classes.names}; predictions use the model's",
-                file=sys.stderr,
-            )
+        classes = _classes_by_name(classes, tileset.classes, args.coco)
         tiles = list(tileset)
     else:
         if not args.paths:
@@ -311,13 +469,15 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         out_set.add(
             Tile(id=t.id, name=t.name, width=t.width, height=t.height, path=t.path, predictions=t.predictions)
         )
-    out = write_coco_results(out_set, args.out)
     if not args.coco:
+        # The index first, the results last; each result also names its file, so a crash
+        # between the two writes cannot attribute boxes to the wrong image.
         atomic_write_json(
             Path(args.out).with_suffix(".images.json"),
             [{"id": t.id, "file_name": str(t.path), "width": t.width, "height": t.height} for t in tiles],
             indent=1,
         )
+    out = write_coco_results(out_set, args.out, file_names=not args.coco)
     n = sum(len(t.predictions) for t in tiles)
     print(f"napari-rmt: {n} boxes on {len(tiles)} images in {time.perf_counter() - t0:.1f} s; wrote {out}")
     return 0
@@ -329,7 +489,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from .data.sample import load_sample
     from .model.detector import ModelConfig
     from .model.predict import predict_tiles
-    from .train.config import TrainConfig
+    from .train.config import TrainConfig, burn_in_for
     from .train.trainer import Trainer
 
     out = Path(args.out)
@@ -345,7 +505,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     cfg = TrainConfig(
         method="rmt",
         iterations=args.iterations,
-        burn_in=max(1, args.iterations // 2),
+        burn_in=burn_in_for(args.iterations),
         warmup=10,
         lr=0.01,
         labelled_batch=2,
@@ -377,10 +537,12 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from .data.atomic import atomic_write_json
+    from .data.atomic import atomic_write_json, check_output
     from .data.coco import read_coco, read_coco_results
     from .evaluate.metrics import coco_map, f1_scores
 
+    if args.json:
+        check_output(args.json, [args.gt, args.pred], "--json")
     dataset = read_coco(args.gt, check_files=False)
     read_coco_results(args.pred, dataset)
     tiles = list(dataset)
@@ -398,18 +560,26 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     for key, c in counts.items():
         name = names.get(key, key)
         ap = maps.get(f"AP50/{key}")
+        # A class with no true box in the set has no F1, recall or AP: n/a, not a zero that
+        # would drag a mean down.
+        absent = c.n_gt == 0
         rows[name] = {
-            "f1": c.f1,
+            "f1": None if absent else c.f1,
             "precision": c.precision,
-            "recall": c.recall,
+            "recall": None if absent else c.recall,
             "tp": c.tp,
             "n_pred": c.n_pred,
             "n_gt": c.n_gt,
             "ap50": ap,
         }
-        ap_s = f"{100 * ap:8.1f}" if ap is not None else f"{'':>8}"
+
+        def pct(v, width=8):
+            return f"{'n/a':>{width}}" if v is None else f"{100 * v:{width}.1f}"
+
+        ap_s = pct(ap) if key != "any" else f"{'':>8}"
         print(
-            f"{name:<16}{100 * c.f1:8.1f}{100 * c.precision:8.1f}{100 * c.recall:10.1f}{c.n_pred:8d}{c.n_gt:8d}{ap_s}"
+            f"{name:<16}{pct(rows[name]['f1'])}{100 * c.precision:8.1f}{pct(rows[name]['recall'], 10)}"
+            f"{c.n_pred:8d}{c.n_gt:8d}{ap_s}"
         )
     print(f"mAP {100 * maps['mAP']:.1f} %   mAP@50 {100 * maps['mAP50']:.1f} %")
     if args.json:
@@ -437,6 +607,7 @@ def _cmd_experiment(args: argparse.Namespace) -> int:
     cfg = ExperimentConfig(
         coco=args.coco,
         images=args.images,
+        allow_outside=args.allow_outside_paths,
         out=args.out,
         group_key=args.group_key,
         fractions=args.fractions,
@@ -445,7 +616,7 @@ def _cmd_experiment(args: argparse.Namespace) -> int:
         split_seed=args.split_seed,
         labelled_by_group=args.labelled_by_group,
         score_threshold=args.eval_score_threshold,
-        train=_config_from_args(args),
+        train_overrides=_training_overrides(args),
     )
     bars: dict[str, ProgressBar] = {}
 
@@ -492,6 +663,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--init-from", default=None, help="warm start from an earlier model.pt")
     train.add_argument("--resume", default=None, help="continue an interrupted run from its model.pt")
     train.add_argument("--out", required=True, help="run folder: model.pt, config.json, events.jsonl")
+    train.add_argument(
+        "--allow-outside-paths", action="store_true",
+        help="read images named by absolute paths or ../ in the COCO file (refused by default)",
+    )
     _add_training_options(train)
     train.set_defaults(func=_cmd_train)
 
@@ -499,20 +674,24 @@ def build_parser() -> argparse.ArgumentParser:
     pred.add_argument("--model", required=True, help="model.pt (or its run folder)")
     pred.add_argument("--coco", default=None, help="predict every image of this COCO json, keeping ids")
     pred.add_argument("--images", default=None, help="image folder for --coco")
+    pred.add_argument(
+        "--allow-outside-paths", action="store_true",
+        help="read images named by absolute paths or ../ in the COCO file (refused by default)",
+    )
     pred.add_argument("paths", nargs="*", help="image files (when no --coco)")
     pred.add_argument("--out", required=True, help="COCO results json")
-    pred.add_argument("--score-threshold", type=float, default=0.05)
-    pred.add_argument("--nms", type=float, default=0.5, help="class-agnostic NMS IoU")
-    pred.add_argument("--batch-size", type=int, default=4)
+    pred.add_argument("--score-threshold", type=_in_range(0, 1), default=0.05)
+    pred.add_argument("--nms", type=_in_range(0, 1, low_open=True), default=0.5, help="class-agnostic NMS IoU")
+    pred.add_argument("--batch-size", type=_at_least(1), default=4)
     pred.add_argument("--device", default="auto")
     big = pred.add_argument_group(
         "large images",
         "image files larger than window + 2 x context (and zarr stores) are predicted in windows "
         "and stitched into whole-image boxes",
     )
-    big.add_argument("--window", type=int, default=512, help="window size in pixels (default 512)")
-    big.add_argument("--overlap", type=int, default=0, help="overlap between windows (default 0)")
-    big.add_argument("--context", type=int, default=128, help="pixels read around each window (default 128)")
+    big.add_argument("--window", type=_at_least(16), default=512, help="window size in pixels (default 512)")
+    big.add_argument("--overlap", type=_at_least(0), default=0, help="overlap between windows (default 0)")
+    big.add_argument("--context", type=_at_least(0), default=128, help="pixels read around each window (default 128)")
     big.add_argument("--zarr", default=None, help="also write each large image's boxes to DIR/<name>.zarr")
     pred.set_defaults(func=_cmd_predict)
 
@@ -520,9 +699,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--gt", required=True, help="COCO json with the true boxes")
     ev.add_argument("--pred", required=True, help="COCO results json (with scores)")
     ev.add_argument("--match", choices=("iou", "centre"), default="iou")
-    ev.add_argument("--iou", type=float, default=0.5)
-    ev.add_argument("--radius", type=float, default=6.0, help="centre distance in pixels (--match centre)")
-    ev.add_argument("--score-threshold", type=float, default=0.5)
+    ev.add_argument("--iou", type=_in_range(0, 1, low_open=True), default=0.5)
+    ev.add_argument("--radius", type=_in_range(0, 1e6, low_open=True), default=6.0, help="centre distance in pixels (--match centre)")
+    ev.add_argument("--score-threshold", type=_in_range(0, 1), default=0.5)
     ev.add_argument("--json", default=None, help="also write the numbers to this json")
     ev.set_defaults(func=_cmd_evaluate)
 
@@ -531,8 +710,9 @@ def build_parser() -> argparse.ArgumentParser:
     ex = sub.add_parser("experiment", help="rerun the paper's comparison on a COCO dataset")
     ex.add_argument("--coco", required=True)
     ex.add_argument("--images", default=None)
+    ex.add_argument("--allow-outside-paths", action="store_true", help="as for train")
     ex.add_argument("--group-key", default=None, help="split by this image field (e.g. source_tile)")
-    ex.add_argument("--fractions", type=float, nargs="+", default=[0.02, 0.05, 0.1, 0.2])
+    ex.add_argument("--fractions", type=_in_range(0, 1, low_open=True), nargs="+", default=[0.02, 0.05, 0.1, 0.2])
     ex.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     ex.add_argument("--seeds", type=int, nargs="+", default=[0])
     ex.add_argument("--split-seed", type=int, default=0)
@@ -553,7 +733,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="train RMT briefly on the bundled sample and write predictions")
     demo.add_argument("--out", default="demo_out", help="output folder (default: demo_out)")
-    demo.add_argument("--iterations", type=int, default=60)
+    demo.add_argument("--iterations", type=_at_least(1), default=60)
     demo.set_defaults(func=_cmd_demo)
     return parser
 

@@ -12,7 +12,7 @@ from .coco import (
     write_coco_results,
 )
 from .errors import AnnotationError, ClassListError, DataWarning, ImageReadError, NapariRmtError
-from .geojson import write_geojson
+from .geojson import read_geojson, write_geojson
 from .imageio import read_image, to_uint8_rgb
 from .tiles import Tile, TileSet, TileStatus
 
@@ -35,6 +35,7 @@ __all__ = [
     "parse_coco",
     "read_coco",
     "read_coco_results",
+    "read_geojson",
     "read_image",
     "sanitize_boxes",
     "to_uint8_rgb",

@@ -35,7 +35,9 @@ STATUS_KEY = "napari_rmt_status"
 ORIGIN_KEY = "napari_rmt_origin"
 # true: file_name is a large image and the record is its window at the origin
 WINDOW_KEY = "napari_rmt_window"
-_IMAGE_CORE_KEYS = {"id", "file_name", "width", "height", STATUS_KEY, ORIGIN_KEY, WINDOW_KEY}
+# the tile's name where it is not its file's (a tile from an image layer saved into a project)
+NAME_KEY = "napari_rmt_name"
+_IMAGE_CORE_KEYS = {"id", "file_name", "width", "height", STATUS_KEY, ORIGIN_KEY, WINDOW_KEY, NAME_KEY}
 
 
 # --------------------------------------------------------------------------- reading
@@ -45,6 +47,7 @@ def read_coco(
     *,
     default_status: TileStatus | None = None,
     check_files: bool = True,
+    allow_outside: bool = False,
 ) -> TileSet:
     """Read a COCO detection file into a ``TileSet``.
 
@@ -52,6 +55,11 @@ def read_coco(
     A tile's status comes from its ``napari_rmt_status`` key when present; otherwise
     from ``default_status``, or, when that is None, LABELLED for images that have at
     least one annotation and UNLABELLED for the others.
+
+    An image whose ``file_name`` is absolute or climbs out of ``images_dir`` (``../..``)
+    is refused unless ``allow_outside``: a file from elsewhere must not be able to make
+    the program read any file on the machine. A project's own files allow it (it saves
+    the absolute paths of tiles that lie outside its folder).
     """
     path = Path(path)
     if not path.is_file():
@@ -62,7 +70,9 @@ def read_coco(
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise AnnotationError(f"{path}: not a JSON file ({exc})") from exc
     base = Path(images_dir) if images_dir is not None else path.parent
-    tileset = parse_coco(data, source=str(path), images_dir=base, default_status=default_status)
+    tileset = parse_coco(
+        data, source=str(path), images_dir=base, default_status=default_status, allow_outside=allow_outside
+    )
     if check_files:
         _check_files_exist(tileset, str(path))
     return tileset
@@ -73,6 +83,7 @@ def parse_coco(
     source: str = "COCO data",
     images_dir: str | os.PathLike = ".",
     default_status: TileStatus | None = None,
+    allow_outside: bool = True,
 ) -> TileSet:
     """Turn an already-parsed COCO dict into a ``TileSet`` (see ``read_coco``)."""
     if not isinstance(data, Mapping):
@@ -90,7 +101,7 @@ def parse_coco(
     images_dir = Path(images_dir)
     tiles: dict[int, Tile] = {}
     for i, rec in enumerate(images):
-        tile = _parse_image(rec, f"{source}: images[{i}]", images_dir)
+        tile = _parse_image(rec, f"{source}: images[{i}]", images_dir, allow_outside)
         if tile.id in tiles:
             raise AnnotationError(f"{source}: image id {tile.id} is used twice (images[{i}])")
         tiles[tile.id] = tile
@@ -197,7 +208,11 @@ def _parse_colour(value: Any, where: str) -> tuple[int, int, int] | None:
     raise AnnotationError(f"{where}: color {value!r} is neither '#rrggbb' nor [r, g, b]")
 
 
-def _parse_image(rec: Any, where: str, images_dir: Path) -> Tile:
+#: The largest image a tile may declare (pixels): a larger one is a large image, read in windows.
+MAX_TILE_PIXELS = 1 << 28
+
+
+def _parse_image(rec: Any, where: str, images_dir: Path, allow_outside: bool = True) -> Tile:
     if not isinstance(rec, Mapping):
         raise AnnotationError(f"{where} is not an object")
     image_id = _field(rec, "id", where, int)
@@ -208,6 +223,12 @@ def _parse_image(rec: Any, where: str, images_dir: Path) -> Tile:
     height = _field(rec, "height", where, int)
     if width <= 0 or height <= 0:
         raise AnnotationError(f"{where}: size {width}x{height} must be positive")
+    window_rec = rec.get(WINDOW_KEY, False) is True
+    if not window_rec and width * height > MAX_TILE_PIXELS:
+        raise AnnotationError(
+            f"{where}: size {width}x{height} is too large for a tile ({width * height:,} pixels; at most "
+            f"{MAX_TILE_PIXELS:,}); open such an image as a large image, which is read window by window"
+        )
     meta = {k: v for k, v in rec.items() if k not in _IMAGE_CORE_KEYS}
     status = rec.get(STATUS_KEY)
     if status is not None:
@@ -226,9 +247,22 @@ def _parse_image(rec: Any, where: str, images_dir: Path) -> Tile:
     if window and (origin[0] < 0 or origin[1] < 0):
         raise AnnotationError(f"{where}: window origin {origin} is negative")
     path = Path(file_name)
+    if not allow_outside:
+        inside = not path.is_absolute() and (images_dir / path).resolve().is_relative_to(images_dir.resolve())
+        if not inside:
+            raise AnnotationError(
+                f"{where}: file_name {file_name!r} lies outside the dataset folder {images_dir}; "
+                "images are read only from inside it (move them there, or allow outside paths: "
+                "--allow-outside-paths on the command line)"
+            )
     if not path.is_absolute():
         path = images_dir / path
     name = window_name(path, origin[0], origin[1]) if window else Path(file_name).name
+    given = rec.get(NAME_KEY)
+    if given is not None:
+        if not isinstance(given, str) or not given:
+            raise AnnotationError(f"{where}: {NAME_KEY} {given!r} is not a name")
+        name = given
     return Tile(
         id=image_id,
         name=name,
@@ -331,11 +365,19 @@ def write_coco(
     return atomic_write_json(path, coco_dict(tileset, json_dir=path.parent.resolve(), tiles=tiles))
 
 
-def coco_results(tileset: TileSet, tiles: Iterable[Tile] | None = None) -> list[dict]:
-    """Predictions as a COCO results list (``loadRes`` input): one record per box, with score."""
+def coco_results(
+    tileset: TileSet, tiles: Iterable[Tile] | None = None, file_names: bool = False
+) -> list[dict]:
+    """Predictions as a COCO results list (``loadRes`` input): one record per box, with score.
+
+    With ``file_names`` each record also names its image file, so that a results file
+    made without a COCO dataset (images given by path) says which image each box is on by
+    itself, whatever happens to a separate image index.
+    """
     out = []
     for tile in tileset if tiles is None else tiles:
         p = tile.predictions
+        extra = {"file_name": str(tile.path) if tile.path is not None else tile.name} if file_names else {}
         for xywh, cid, score in zip(p.xywh, p.class_ids, p.scores, strict=True):
             out.append(
                 {
@@ -343,15 +385,16 @@ def coco_results(tileset: TileSet, tiles: Iterable[Tile] | None = None) -> list[
                     "category_id": int(cid),
                     "bbox": [float(v) for v in xywh],
                     "score": float(score) if np.isfinite(score) else 1.0,
+                    **extra,
                 }
             )
     return out
 
 
 def write_coco_results(
-    tileset: TileSet, path: str | os.PathLike, tiles: Iterable[Tile] | None = None
+    tileset: TileSet, path: str | os.PathLike, tiles: Iterable[Tile] | None = None, file_names: bool = False
 ) -> Path:
-    return atomic_write_json(path, coco_results(tileset, tiles))
+    return atomic_write_json(path, coco_results(tileset, tiles, file_names))
 
 
 def read_coco_results(path: str | os.PathLike, tileset: TileSet) -> TileSet:
@@ -411,6 +454,8 @@ def _image_record(tile: Tile, json_dir: Path | None) -> dict:
         rec[ORIGIN_KEY] = [int(tile.origin[0]), int(tile.origin[1])]
     if tile.window:
         rec[WINDOW_KEY] = True
+    if tile.path is not None and not tile.window and tile.name != Path(tile.path).name:
+        rec[NAME_KEY] = tile.name
     return rec
 
 

@@ -1,4 +1,4 @@
-"""GeoJSON export that QuPath imports (File > Import objects).
+"""GeoJSON that QuPath imports (File > Import objects) and exports (File > Export objects).
 
 QuPath reads a FeatureCollection whose features carry ``objectType`` and a
 ``classification`` with a name and an RGB colour; each box becomes a closed
@@ -7,13 +7,18 @@ rectangle polygon in whole-image pixel coordinates (tile origin added).
 
 from __future__ import annotations
 
+import json
+import math
 import os
+import warnings
 from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
 
 from .atomic import atomic_write_json
+from .boxes import Boxes, BoxSource
+from .errors import AnnotationError, DataWarning, NapariRmtError
 from .tiles import Tile, TileSet
 
 
@@ -53,3 +58,130 @@ def write_geojson(
 ) -> Path:
     """Write boxes (annotations, or predictions with their score) as QuPath GeoJSON."""
     return atomic_write_json(path, geojson_dict(tileset, tiles, predictions))
+
+
+def read_geojson(path: str | os.PathLike, tileset: TileSet) -> TileSet:
+    """Import QuPath GeoJSON (File > Export objects) onto the tiles it covers.
+
+    Each feature's geometry (Polygon or MultiPolygon, whole-image pixels, as QuPath
+    exports it) becomes its bounding box, on the tile named by its ``tile`` property or
+    else on the tile whose region holds the box's centre, moved into that tile's
+    coordinates and clipped to it. ``objectType`` "detection" features become predictions
+    (score from ``measurements.score`` when there is one), all others annotations, added
+    to what the tiles hold. Classes are matched by name; a new name becomes a new class,
+    and a feature without one is refused. Malformed features are refused naming their
+    index; a box on no tile is skipped with a warning that names it.
+    """
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise AnnotationError(f"{path}: GeoJSON file not found") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise AnnotationError(f"{path}: not a JSON file ({exc})") from exc
+    if isinstance(data, list):  # QuPath can export a bare list of features
+        features = data
+    elif isinstance(data, dict) and data.get("type") == "FeatureCollection":
+        features = data.get("features")
+    elif isinstance(data, dict) and data.get("type") == "Feature":
+        features = [data]
+    else:
+        raise AnnotationError(f"{path}: not GeoJSON (expected a FeatureCollection, a Feature or a list of them)")
+    if not isinstance(features, list):
+        raise AnnotationError(f"{path}: 'features' is not a list")
+    tiles = list(tileset)
+    by_name = {t.name: t for t in tiles}
+    added: dict[int, tuple[list, list, list, list]] = {t.id: ([], [], [], []) for t in tiles}
+    for i, feat in enumerate(features):
+        where = f"{path}: feature [{i}]"
+        if not isinstance(feat, dict) or feat.get("type", "Feature") != "Feature":
+            raise AnnotationError(f"{where} is not a GeoJSON Feature")
+        props = feat.get("properties") or {}
+        if not isinstance(props, dict):
+            raise AnnotationError(f"{where}: 'properties' is not an object")
+        x0, y0, x1, y1 = _bounds(feat.get("geometry"), where)
+        cls_rec = props.get("classification")
+        name = cls_rec.get("name") if isinstance(cls_rec, dict) else props.get("name")
+        if not isinstance(name, str) or not name.strip():
+            raise AnnotationError(f"{where}: no class (properties.classification.name)")
+        if name not in tileset.classes:
+            colour = cls_rec.get("color") if isinstance(cls_rec, dict) else None
+            try:
+                tileset.classes.add(name, colour if isinstance(colour, list) and len(colour) == 3 else None)
+            except NapariRmtError as exc:
+                raise AnnotationError(f"{where}: class {name!r}: {exc}") from exc
+        cid = tileset.classes.by_name(name).id
+        tile = by_name.get(props.get("tile")) if isinstance(props.get("tile"), str) else None
+        if tile is None:
+            cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+            tile = next(
+                (t for t in tiles if t.origin[0] <= cx < t.origin[0] + t.width and t.origin[1] <= cy < t.origin[1] + t.height),
+                None,
+            )
+        if tile is None:
+            warnings.warn(DataWarning(f"{where}: box {[x0, y0, x1, y1]} lies on none of the tiles; skipped"), stacklevel=2)
+            continue
+        ox, oy = tile.origin
+        box = [
+            min(max(x0 - ox, 0.0), tile.width),
+            min(max(y0 - oy, 0.0), tile.height),
+            min(max(x1 - ox, 0.0), tile.width),
+            min(max(y1 - oy, 0.0), tile.height),
+        ]
+        if box[2] <= box[0] or box[3] <= box[1]:
+            warnings.warn(DataWarning(f"{where}: box has no area on tile {tile.name!r}; skipped"), stacklevel=2)
+            continue
+        detection = props.get("objectType") == "detection"
+        meas = props.get("measurements")
+        score = meas.get("score") if isinstance(meas, dict) else None
+        if score is not None and not (isinstance(score, (int, float)) and math.isfinite(score)):
+            raise AnnotationError(f"{where}: measurements.score {score!r} is not a finite number")
+        lists = added[tile.id]
+        lists[0].append(box)
+        lists[1].append(cid)
+        lists[2].append(float(score) if score is not None else (float("nan") if not detection else 1.0))
+        lists[3].append(detection)
+    for tile in tiles:
+        boxes, cids, scores, det = added[tile.id]
+        if not boxes:
+            continue
+        det_a = np.array(det, dtype=bool)
+        xyxy, cid_a, sc = np.array(boxes, dtype=np.float64), np.array(cids), np.array(scores)
+        if (~det_a).any():
+            tile.boxes = Boxes.concatenate([tile.boxes, Boxes(xyxy[~det_a], cid_a[~det_a], sc[~det_a])])
+        if det_a.any():
+            found = Boxes(xyxy[det_a], cid_a[det_a], sc[det_a], np.full(int(det_a.sum()), BoxSource.PREDICTED, dtype=np.int8))
+            tile.predictions = Boxes.concatenate([tile.predictions, found])
+    return tileset
+
+
+def _bounds(geometry: object, where: str) -> tuple[float, float, float, float]:
+    """The bounding box of a Polygon / MultiPolygon (a Point or a line has none)."""
+    if not isinstance(geometry, dict):
+        raise AnnotationError(f"{where}: no geometry")
+    kind, coords = geometry.get("type"), geometry.get("coordinates")
+    if kind == "Polygon":
+        rings = [coords]
+    elif kind == "MultiPolygon":
+        rings = coords if isinstance(coords, list) else None
+    else:
+        raise AnnotationError(f"{where}: geometry {kind!r} is not a Polygon or MultiPolygon (a cell needs an area)")
+    points = []
+    try:
+        for poly in rings:  # type: ignore[union-attr]
+            for ring in poly:
+                for pt in ring:
+                    x, y = float(pt[0]), float(pt[1])
+                    points.append((x, y))
+    except (TypeError, ValueError, IndexError):
+        raise AnnotationError(f"{where}: {kind} coordinates are not lists of [x, y] numbers") from None
+    if not points:
+        raise AnnotationError(f"{where}: {kind} has no coordinates")
+    arr = np.array(points)
+    if not np.isfinite(arr).all():
+        raise AnnotationError(f"{where}: {kind} coordinates are not finite")
+    x0, y0 = arr.min(axis=0)
+    x1, y1 = arr.max(axis=0)
+    if x1 <= x0 or y1 <= y0:
+        raise AnnotationError(f"{where}: {kind} has no area ({[float(x0), float(y0), float(x1), float(y1)]})")
+    return float(x0), float(y0), float(x1), float(y1)

@@ -9,11 +9,12 @@ many scientific TIFFs (16-bit RGB, tiled, BigTIFF).
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
 
-from .errors import ImageReadError
+from .errors import DataWarning, ImageReadError
 
 IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg")
 _TIFF = (".tif", ".tiff")
@@ -30,8 +31,10 @@ def to_uint8_rgb(array: np.ndarray, where: str = "image") -> np.ndarray:
     2. Values: ``bool`` maps to 0 / 255; unsigned integers are scaled from their full
        dtype range (uint16: divided by 257, so 65535 -> 255), never stretched per image,
        so that the colours of tiles from one slide stay comparable; signed integers are
-       clipped at 0 and scaled likewise; floats are taken as 0..1 when their maximum is at
-       most 1, else as 0..255, and clipped.
+       clipped at 0 and scaled likewise, except 16-bit data that fits 10, 12 or 14 bits
+       (a camera's depth), scaled by that depth, with a warning; floats are taken as 0..1
+       when their maximum is at most 1, else as 0..255, and clipped (with a warning when
+       values fall outside).
     3. Alpha is composited over white, the colour of empty glass in brightfield H&E.
     4. Grayscale is repeated into three channels.
     """
@@ -61,11 +64,41 @@ def _to_unit_float(a: np.ndarray, where: str) -> np.ndarray:
         return a.astype(np.float32)
     if np.issubdtype(a.dtype, np.integer):
         top = float(np.iinfo(a.dtype).max)
+        hi = int(a.max()) if a.size else 0
+        if np.issubdtype(a.dtype, np.signedinteger) and a.size and int(a.min()) < 0:
+            warnings.warn(
+                DataWarning(f"{where}: signed {a.dtype} values down to {int(a.min())} are clipped at 0"),
+                stacklevel=3,
+            )
+        if a.dtype.itemsize == 2:
+            # 10-, 12- and 14-bit cameras store in 16-bit containers: scaled by 65535 such
+            # data is near black and the detector finds nothing. Scale by the smallest
+            # depth that holds the data, and say so.
+            bits = next(b for b in (10, 12, 14, 16) if hi < 2**b)
+            if bits < 16:
+                warnings.warn(
+                    DataWarning(
+                        f"{where}: {a.dtype} values reach only {hi}; read as {bits}-bit data "
+                        f"(0..{2**bits - 1} -> 0..255)"
+                    ),
+                    stacklevel=3,
+                )
+                top = float(2**bits - 1)
         return np.clip(a.astype(np.float64), 0, None).astype(np.float32) / np.float32(top)
     if np.issubdtype(a.dtype, np.floating):
         if not np.isfinite(a).all():
             raise ImageReadError(f"{where}: the image contains NaN or infinite values")
-        scale = 1.0 if a.size == 0 or float(a.max()) <= 1.0 else 255.0
+        lo = float(a.min()) if a.size else 0.0
+        hi = float(a.max()) if a.size else 0.0
+        scale = 1.0 if hi <= 1.0 else 255.0
+        if hi > 255.0 or lo < 0.0:
+            warnings.warn(
+                DataWarning(
+                    f"{where}: float values span {lo:g}..{hi:g}, outside 0..{scale:g}; they are clipped "
+                    f"to it (rescale the data to 0..1 or 0..255 for a faithful image)"
+                ),
+                stacklevel=3,
+            )
         return np.clip(a.astype(np.float32) / scale, 0.0, 1.0)
     raise ImageReadError(f"{where}: pixel type {a.dtype} is not supported")
 

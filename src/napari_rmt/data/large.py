@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import ImageReadError, NapariRmtError
+from .errors import DataWarning, ImageReadError, NapariRmtError
 from .imageio import IMAGE_SUFFIXES, read_image, to_uint8_rgb
 
 _TIFF = (".tif", ".tiff")
@@ -169,23 +170,44 @@ class LargeImage:
         kept = [a for a in self.axes if a in "yxc"]
         order = [kept.index(a) for a in "yxc" if a in kept]
         raw = np.transpose(raw, order)  # (h, w[, c])
-        if np.issubdtype(raw.dtype, np.floating):
+        if np.issubdtype(raw.dtype, np.floating) or raw.dtype.itemsize == 2:
             raw = np.clip(raw.astype(np.float32) / self.float_scale(), 0.0, 1.0)
         return to_uint8_rgb(raw, where=f"{self.name} at x={x} y={y}")
 
     def float_scale(self) -> float:
-        """1 when the whole float image lies in 0..1, else 255; read in row strips."""
+        """The value that maps to white, decided once for the whole image (read in row
+        strips) so that windows agree: a float image is 0..1 or 0..255; a 16-bit one is
+        read at the smallest depth of 10, 12, 14, 16 bits that holds its maximum (as
+        ``to_uint8_rgb`` does for a tile), with a warning below 16."""
         if self._float_scale is None:
-            top = 0.0
+            top, low = 0.0, 0.0
             step = max(1, 2**24 // max(1, self.width * 4))
             for y in range(0, self.height, step):
                 h = min(step, self.height - y)
                 index = [slice(y, y + h) if a == "y" else slice(None) if a in "xc" else 0 for a in self.axes]
                 block = np.asarray(self.array[tuple(index)])
-                if not np.isfinite(block).all():
+                if np.issubdtype(block.dtype, np.floating) and not np.isfinite(block).all():
                     raise ImageReadError(f"{self.name}: the image contains NaN or infinite values")
                 top = max(top, float(block.max(initial=0)))
-            self._float_scale = 1.0 if top <= 1.0 else 255.0
+                low = min(low, float(block.min(initial=0)))
+            if np.issubdtype(self.dtype, np.floating):
+                self._float_scale = 1.0 if top <= 1.0 else 255.0
+                if top > 255.0 or low < 0.0:
+                    warnings.warn(
+                        DataWarning(
+                            f"{self.name}: float values span {low:g}..{top:g}, outside "
+                            f"0..{self._float_scale:g}; they are clipped to it"
+                        ),
+                        stacklevel=2,
+                    )
+            else:
+                bits = next(b for b in (10, 12, 14, 16) if top < 2**b)
+                if bits < 16:
+                    warnings.warn(
+                        DataWarning(f"{self.name}: {self.dtype} values reach only {top:g}; read as {bits}-bit data"),
+                        stacklevel=2,
+                    )
+                self._float_scale = float(2**bits - 1) if np.issubdtype(self.dtype, np.unsignedinteger) or bits < 16 else 32767.0
         return self._float_scale
 
     def napari_data(self) -> list[Any] | Any:

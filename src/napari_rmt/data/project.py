@@ -4,23 +4,44 @@ The folder is the user's safety net: the GUI autosaves into it as they work, so 
 or a closed window loses nothing, and opening the folder again restores everything.
 
     project/
-      annotations.json   COCO of every tile (status in napari_rmt_status), manual boxes
-      predictions.json   COCO results of the latest predictions (with scores)
-      model.pt           the latest trained model (written by the trainer)
+      project.json              the manifest: which files make the current state
+      annotations.<n>.json      COCO of every tile (status in napari_rmt_status), manual boxes
+      predictions.<n>.json      COCO results of the latest predictions (with scores)
+      (the files of state n - 1: the backup, kept until state n + 1 is written)
+      model.pt                  the latest trained model (written by the trainer)
+      training.pt               the periodic checkpoint of a run in progress (only after a crash)
+      images/                   pixels of tiles that came from memory (a napari image layer),
+                                written once, so that the project reopens without the layer
+
+One state is written as a unit: its files under new names first, then the manifest is
+switched to them by an atomic rename. A crash at any point leaves the manifest naming a
+complete earlier state (never accepted boxes counted again as predictions, as when the
+two files were replaced one by one). Folders from before the manifest (``annotations.json``
+and ``predictions.json``) still open, and are converted on the next save.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
+import warnings
 from pathlib import Path
 
+from PIL import Image
+
+from .atomic import atomic_write, atomic_write_json
 from .coco import read_coco, read_coco_results, write_coco, write_coco_results
-from .errors import NapariRmtError
+from .errors import AnnotationError, DataWarning, NapariRmtError
 from .tiles import TileSet
 
-ANNOTATIONS = "annotations.json"
+MANIFEST = "project.json"
+FORMAT = "napari-rmt-project"
+IMAGES = "images"
+ANNOTATIONS = "annotations.json"  # the files of a folder from before the manifest
 PREDICTIONS = "predictions.json"
 MODEL = "model.pt"
+TRAINING = "training.pt"  # a running training's periodic checkpoint; left only by a crash
 
 
 class Project:
@@ -29,6 +50,9 @@ class Project:
     def __init__(self, tileset: TileSet, folder: str | os.PathLike | None = None) -> None:
         self.tileset = tileset
         self.folder = Path(folder) if folder is not None else None
+        #: What opening could not restore (a damaged file, a missing image), in words.
+        self.problems: list[str] = []
+        self._version = 0
 
     @property
     def model_path(self) -> Path | None:
@@ -38,26 +62,112 @@ class Project:
         return p if p.is_file() else None
 
     def save(self) -> Path:
-        """Write annotations and predictions atomically; the previous files stay until replaced."""
+        """Write the state as a unit (see the module's docstring); the previous state stays
+        as a backup until the next save."""
         if self.folder is None:
             raise NapariRmtError("this project has no folder to save into; choose one first")
         self.folder.mkdir(parents=True, exist_ok=True)
-        write_coco(self.tileset, self.folder / ANNOTATIONS)
-        write_coco_results(self.tileset, self.folder / PREDICTIONS)
+        self._keep_pixels()
+        manifest = _read_manifest(self.folder)
+        version = max(self._version, int(manifest.get("version", 0)) if manifest else 0) + 1
+        ann, pred = f"annotations.{version}.json", f"predictions.{version}.json"
+        write_coco(self.tileset, self.folder / ann)
+        write_coco_results(self.tileset, self.folder / pred)
+        previous = {k: manifest[k] for k in ("annotations", "predictions")} if manifest else None
+        atomic_write_json(
+            self.folder / MANIFEST,
+            {"format": FORMAT, "version": version, "annotations": ann, "predictions": pred, "previous": previous},
+            indent=1,
+        )
+        self._version = version
+        keep = {ann, pred, *(previous.values() if previous else ())}
+        for old in [*self.folder.glob("annotations.*.json"), *self.folder.glob("predictions.*.json")]:
+            if old.name not in keep:
+                with contextlib.suppress(OSError):
+                    old.unlink()
+        for legacy in (ANNOTATIONS, PREDICTIONS):
+            with contextlib.suppress(OSError):
+                (self.folder / legacy).unlink()
         return self.folder
+
+    def _keep_pixels(self) -> None:
+        """Give every tile that has pixels only in memory a PNG in ``images/``.
+
+        Without it such a tile is saved under its name alone ("layer [0]") and the
+        project can never be reopened: its boxes become unreachable. The PNG holds the
+        tile as the detector sees it (uint8 RGB, by the one reading rule), so a reopened
+        tile trains and predicts exactly as before. A window of an in-memory large image
+        becomes a plain tile with its origin kept, so its boxes still map back.
+        """
+        assert self.folder is not None
+        for tile in self.tileset:
+            if tile.path is not None or tile.loader is None:
+                continue
+            dest = self.folder / IMAGES / f"tile_{tile.id:06d}.png"
+            pixels = tile.pixels()
+            atomic_write(dest, lambda fh, a=pixels: Image.fromarray(a).save(fh, format="PNG"))
+            tile.path = dest
+            tile.window = False
 
     @classmethod
     def open(cls, folder: str | os.PathLike) -> Project:
+        """Open what can be opened: the current state, else its backup; predictions that
+        cannot be read and images that are missing are listed in ``problems`` (and
+        warned about) instead of blocking the tiles and their annotations."""
         folder = Path(folder)
-        ann = folder / ANNOTATIONS
-        if not ann.is_file():
-            raise NapariRmtError(f"{folder}: not a napari-rmt project (no {ANNOTATIONS})")
-        tileset = read_coco(ann)
-        pred = folder / PREDICTIONS
-        if pred.is_file():
-            read_coco_results(pred, tileset)
-        return cls(tileset, folder)
+        manifest = _read_manifest(folder)
+        problems: list[str] = []
+        candidates: list[tuple[str, str | None]] = []
+        if manifest:
+            candidates.append((manifest["annotations"], manifest.get("predictions")))
+            if manifest.get("previous"):
+                candidates.append((manifest["previous"]["annotations"], manifest["previous"].get("predictions")))
+        if (folder / ANNOTATIONS).is_file():
+            candidates.append((ANNOTATIONS, PREDICTIONS))
+        if not candidates:
+            raise NapariRmtError(f"{folder}: not a napari-rmt project (no {MANIFEST} or {ANNOTATIONS})")
+        tileset, errors = None, []
+        ann_name, pred_name = candidates[0]
+        for ann_name, pred_name in candidates:  # noqa: B007 (the pair that opened is used below)
+            try:
+                # its own file: tiles may lie elsewhere (absolute paths are what it saved)
+                tileset = read_coco(folder / ann_name, check_files=False, allow_outside=True)
+                break
+            except NapariRmtError as exc:
+                errors.append(str(exc))
+        if tileset is None:
+            raise NapariRmtError(f"{folder}: no readable annotations: " + " | ".join(errors))
+        if errors:
+            problems.append(f"the latest annotations could not be read ({errors[0]}); opened the backup {ann_name}")
+        if pred_name and (folder / pred_name).is_file():
+            try:
+                read_coco_results(folder / pred_name, tileset)
+            except NapariRmtError as exc:
+                problems.append(f"predictions not restored: {exc}")
+        missing = [t for t in tileset if t.path is not None and not Path(t.path).exists()]
+        if missing:
+            names = ", ".join(str(t.path) for t in missing[:5]) + (" …" if len(missing) > 5 else "")
+            problems.append(f"{len(missing)} image(s) missing, their boxes kept: {names}")
+        for p in problems:
+            warnings.warn(DataWarning(f"{folder}: {p}"), stacklevel=2)
+        project = cls(tileset, folder)
+        project.problems = problems
+        project._version = int(manifest.get("version", 0)) if manifest else 0
+        return project
 
     @staticmethod
     def is_project(folder: str | os.PathLike) -> bool:
-        return (Path(folder) / ANNOTATIONS).is_file()
+        return (Path(folder) / MANIFEST).is_file() or (Path(folder) / ANNOTATIONS).is_file()
+
+
+def _read_manifest(folder: Path) -> dict | None:
+    path = folder / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise AnnotationError(f"{path}: damaged project manifest ({exc})") from exc
+    if not isinstance(data, dict) or data.get("format") != FORMAT or not isinstance(data.get("annotations"), str):
+        raise AnnotationError(f"{path}: not a napari-rmt project manifest")
+    return data

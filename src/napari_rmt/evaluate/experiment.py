@@ -11,7 +11,6 @@ interrupted run resumes from its last checkpoint, so a long grid survives a rest
 from __future__ import annotations
 
 import csv
-import dataclasses
 import io
 import json
 import statistics
@@ -38,6 +37,7 @@ class ExperimentConfig:
     coco: str
     out: str
     images: str | None = None
+    allow_outside: bool = False  # read images named by absolute or ../ paths (see read_coco)
     group_key: str | None = "source_tile"
     fractions: Sequence[float] = (0.1,)
     methods: Sequence[str] = METHODS
@@ -49,7 +49,9 @@ class ExperimentConfig:
     score_threshold: float = 0.5
     iou: float = 0.5
     checkpoint_every: int = 100
-    train: TrainConfig = field(default_factory=TrainConfig)
+    #: TrainConfig fields for every method; each method starts from its own defaults
+    #: (``TrainConfig.for_method``), so ``rmt`` stays the paper's and ``rmt+`` the recipe.
+    train_overrides: dict[str, Any] = field(default_factory=dict)
 
 
 def run_id(method: str, fraction: float, seed: int) -> str:
@@ -79,7 +81,7 @@ def run_experiment(
 ) -> list[dict]:
     out = Path(cfg.out)
     (out / "runs").mkdir(parents=True, exist_ok=True)
-    dataset = read_coco(cfg.coco, images_dir=cfg.images)
+    dataset = read_coco(cfg.coco, images_dir=cfg.images, allow_outside=cfg.allow_outside)
     train, val, test = split_by_group(list(dataset), cfg.group_key, cfg.ratios, seed=cfg.split_seed)
     atomic_write_json(
         out / "split.json",
@@ -116,12 +118,8 @@ def run_experiment(
 
 def _one_run(cfg, classes, method, fraction, seed, lab, unl, test, run_dir: Path, on_event, log) -> dict:
     rid = run_id(method, fraction, seed)
-    tcfg = dataclasses.replace(
-        cfg.train,
-        method=method,
-        seed=seed,
-        checkpoint_every=cfg.checkpoint_every,
-        model=dataclasses.replace(cfg.train.model),
+    tcfg = TrainConfig.for_method(
+        method, **{**cfg.train_overrides, "seed": seed, "checkpoint_every": cfg.checkpoint_every}
     )
     if method == "stac" and not 0 < tcfg.burn_in < tcfg.iterations:
         tcfg.burn_in = tcfg.iterations // 2

@@ -151,7 +151,7 @@ def coco_map(
     pairs: Sequence[tuple[Boxes, Boxes]],
     class_ids: Sequence[int],
     sizes: Sequence[tuple[int, int]] | None = None,
-) -> dict[str, float]:
+) -> dict[str, float | None]:
     """COCO mAP (IoU .50:.95) and mAP@50 from pycocotools, over all given predictions.
 
     mAP ranks predictions by score, so it takes every prediction (no 0.5 cut); COCO's
@@ -212,5 +212,6 @@ def coco_map(
     for k, cid in enumerate(ev.params.catIds):
         p = precision[0, :, k, 0, -1]
         p = p[p > -1]
-        out[f"AP50/{cid}"] = float(p.mean()) if p.size else 0.0
+        # No true box of the class in the set: its AP is undefined (n/a), not 0.
+        out[f"AP50/{cid}"] = float(p.mean()) if p.size else None
     return out

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from ..data.coco import read_coco
 from ..data.imageio import list_images
+from ..data.project import Project
 from ..data.tiles import TileSet
 from .layers import LayerData, tileset_to_layers
 
@@ -30,7 +31,7 @@ def get_reader(path: str | list[str]) -> Callable[[str | list[str]], list[LayerD
         return read_zarr_image
     if p.is_dir():
         try:
-            return read_path if list_images(p) or (p / "annotations.json").is_file() else None
+            return read_path if list_images(p) or Project.is_project(p) else None
         except OSError:
             return None
     if p.suffix.lower() == ".json" and p.is_file() and _looks_like_coco(p):
@@ -52,8 +53,7 @@ def read_path(path: str | list[str]) -> list[LayerData]:
         path = path[0]
     p = Path(path)
     if p.is_dir():
-        ann = p / "annotations.json"
-        tileset = read_coco(ann) if ann.is_file() else TileSet.from_folder(p)
+        tileset = Project.open(p).tileset if Project.is_project(p) else TileSet.from_folder(p)
         name = p.name
     else:
         tileset = read_coco(p)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Generator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from ..data.boxes import Boxes
@@ -49,6 +50,7 @@ class TrainingJob:
         init_from: dict | None = None,
         predict_batch: int = 4,
         save_to=None,
+        checkpoint_to=None,
     ) -> None:
         self.labelled = snapshot(labelled)
         self.unlabelled = snapshot(unlabelled)
@@ -57,6 +59,9 @@ class TrainingJob:
         self.init_from = init_from
         self.predict_batch = predict_batch
         self.save_to = save_to  # where a finished run's model goes (written in this thread)
+        #: Where the run checkpoints every few minutes (the config's ``checkpoint_every_s``),
+        #: so a killed napari keeps the run's work; removed when the run ends normally.
+        self.checkpoint_to = checkpoint_to
         self.trainer = None
         self._cancel = False
 
@@ -71,19 +76,37 @@ class TrainingJob:
         guard_triton()
         from ..model.predict import predict_tiles
         from ..train.events import FinishedEvent
-        from ..train.trainer import Trainer
+        from ..train.trainer import Trainer, TrainingError
 
         unl_for_training = self.unlabelled if self.config.method != "supervised" else []
         self.trainer = Trainer(
-            self.labelled, unl_for_training, self.classes, self.config, init_from=self.init_from
+            self.labelled,
+            unl_for_training,
+            self.classes,
+            self.config,
+            init_from=self.init_from,
+            checkpoint_path=self.checkpoint_to,
         )
         if self._cancel:
             self.trainer.cancel()
         finished = None
-        for ev in self.trainer.run():
-            yield ev
-            if isinstance(ev, FinishedEvent):
-                finished = ev
+        try:
+            for ev in self.trainer.run():
+                yield ev
+                if isinstance(ev, FinishedEvent):
+                    finished = ev
+        except TrainingError as exc:
+            # A non-finite loss leaves the trainer at its last good step: keep that, where
+            # the user can load it, and say so; the widget's current model stays as it was.
+            if self.checkpoint_to is not None and self.trainer.iteration > 0:
+                from ..train.checkpoint import save_checkpoint
+
+                save_checkpoint(self.checkpoint_to, self.trainer.state_dict())
+                raise TrainingError(
+                    f"{exc} Its last good state is saved in {self.checkpoint_to} (Load model… to use it); "
+                    "the current model is unchanged."
+                ) from exc
+            raise
         cancelled = bool(finished and finished.cancelled)
         predictions: dict[int, Boxes] = {}
         if not cancelled:
@@ -108,4 +131,6 @@ class TrainingJob:
             from ..train.checkpoint import save_checkpoint
 
             save_checkpoint(self.save_to, state)  # a 100 MB write must not block the viewer
+        if self.checkpoint_to is not None:
+            Path(self.checkpoint_to).unlink(missing_ok=True)
         return JobResult(state, predictions, cancelled, self.trainer.iteration)

@@ -29,6 +29,7 @@ from qtpy.QtWidgets import (  # noqa: E402
     QInputDialog,
     QLabel,
     QListWidget,
+    QMessageBox,
     QProgressBar,
     QPushButton,
     QScrollArea,
@@ -41,14 +42,12 @@ from qtpy.QtWidgets import (  # noqa: E402
 from ..data.coco import read_coco, write_coco, write_coco_results  # noqa: E402
 from ..data.errors import NapariRmtError  # noqa: E402
 from ..data.geojson import write_geojson  # noqa: E402
-from ..data.project import MODEL, Project  # noqa: E402
+from ..data.project import MODEL, TRAINING, Project  # noqa: E402
 from ..data.sample import load_sample  # noqa: E402
 from ..data.tiles import Tile, TileSet, TileStatus  # noqa: E402
 from .session import Session, camera_of  # noqa: E402
 
 DEFAULT_PROJECTS = Path.home() / ".napari-rmt" / "projects"
-METHODS = ("rmt", "rmt-noreg", "ubt", "stac", "supervised")
-BACKBONES = ("resnet18", "mobilenet_v3_large", "resnet50")
 
 
 class LossPlot(QWidget):
@@ -258,13 +257,27 @@ class RMTWidget(QWidget):
         train = QGroupBox("Train")
         form = QFormLayout(train)
         self.method_combo = QComboBox()
-        self.method_combo.addItems(METHODS)
+        # Choices come from the core (torch is imported at widget open anyway, for warm
+        # imports); the recommended method first.
+        from ..model.detector import BACKBONES
+        from ..train.config import METHODS, PSEUDO_RULES, RECOMMENDED
+
+        self.method_combo.addItems([RECOMMENDED, *(m for m in METHODS if m != RECOMMENDED)])
+        self.method_combo.setToolTip(
+            "rmt+: the recommended recipe (RMT with soft negatives, an ignore band and adaptive "
+            "thresholds); rmt: the paper's method; ubt, stac: the paper's baselines; supervised: "
+            "labelled tiles only"
+        )
         form.addRow("method", self.method_combo)
         self.backbone_combo = QComboBox()
         self.backbone_combo.addItems(BACKBONES)
         form.addRow("backbone", self.backbone_combo)
         self.iter_spin = _spin(1, 1_000_000, 500)
         form.addRow("iterations", self.iter_spin)
+        self.minutes_spin = _dspin(0, 10_000, 0, 5, decimals=0)
+        self.minutes_spin.setSpecialValueText("no limit")
+        self.minutes_spin.setToolTip("stop after this many minutes of training, even before the iterations")
+        form.addRow("minutes", self.minutes_spin)
         self.advanced = QGroupBox("advanced")
         self.advanced.setCheckable(True)
         self.advanced.setChecked(False)
@@ -284,17 +297,32 @@ class RMTWidget(QWidget):
         self.ema_spin = _dspin(0, 1, 0.996, 0.001, decimals=4)
         self.lrate_spin = _dspin(0.0001, 1, 0.02, 0.005, decimals=4)
         self.batch_spin = _spin(1, 64, 2)
-        for label, w in (
-            ("burn-in", self.burn_spin),
-            ("threshold", self.thr_spin),
-            ("λu", self.lu_spin),
-            ("λr", self.lr_spin),
-            ("p (L_reg)", self.p_spin),
-            ("σ (EMA)", self.ema_spin),
-            ("learning rate", self.lrate_spin),
-            ("batch", self.batch_spin),
+        self.rule_combo = QComboBox()
+        self.rule_combo.addItems(PSEUDO_RULES)
+        self.ignore_spin = _dspin(0, 1, 0.0, 0.05)
+        self.ignore_spin.setSpecialValueText("off")
+        self.soft_check = QCheckBox("soft negatives")
+        for label, w, tip in (
+            ("burn-in", self.burn_spin, "steps on labelled tiles only before the teacher starts labelling"),
+            ("threshold", self.thr_spin, "teacher score from which a box becomes a pseudo-label (fixed rule; "
+             "the fallback of the adaptive one)"),
+            ("pseudo rule", self.rule_combo, "fixed: one threshold; gmm: a threshold per class fitted to the "
+             "teacher's recent scores; topk: per tile the round(sum of scores) best boxes"),
+            ("ignore from", self.ignore_spin, "teacher boxes scoring between this and the threshold are "
+             "neither cells nor background for the student"),
+            ("", self.soft_check, "a region the teacher half-believes is a cell counts as background only "
+             "in proportion to the teacher's background score"),
+            ("λu", self.lu_spin, "weight of the loss on pseudo-labelled tiles (Eq. 6)"),
+            ("λr", self.lr_spin, "weight of the sparse regulariser that pushes class scores to be decisive (Eq. 6)"),
+            ("p (L_reg)", self.p_spin, "the p of the regulariser's p-norm (Eq. 5); smaller is sparser"),
+            ("σ (EMA)", self.ema_spin, "how slowly the teacher follows the student (Eq. 7); closer to 1 is slower"),
+            ("learning rate", self.lrate_spin, "SGD learning rate after warm-up"),
+            ("batch", self.batch_spin, "labelled (and unlabelled) tiles per step"),
         ):
+            w.setToolTip(tip)
             adv.addRow(label, w)
+        self.method_combo.currentTextChanged.connect(self._show_method_defaults)
+        self._show_method_defaults(self.method_combo.currentText())
         form.addRow(self.advanced)
         row = QHBoxLayout()
         self.train_btn = QPushButton("Train semi-supervised")
@@ -346,6 +374,7 @@ class RMTWidget(QWidget):
         for text, slot in (
             ("COCO…", self._ask_export_coco),
             ("GeoJSON…", self._ask_export_geojson),
+            ("Import GeoJSON…", self._ask_import_geojson),
             ("Predictions…", self._ask_export_predictions),
             ("Save model…", self._ask_save_model),
             ("Load model…", self._ask_load_model),
@@ -435,18 +464,33 @@ class RMTWidget(QWidget):
             return
         self.set_tileset(TileSet.from_folder(folder), folder.name)
 
-    def open_coco(self, path: str | Path) -> None:
+    def open_coco(self, path: str | Path, allow_outside: bool = False) -> None:
         path = Path(path)
-        self.set_tileset(read_coco(path), path.parent.name)
+        self.set_tileset(read_coco(path, allow_outside=allow_outside), path.parent.name)
 
     def open_project(self, folder: str | Path) -> None:
         project = Project.open(folder)
         self.set_tileset(project.tileset, Path(folder).name, folder=Path(folder))
-        if project.model_path is not None:
-            from ..train.checkpoint import read_checkpoint
+        from ..train.checkpoint import read_checkpoint
 
+        if project.problems:
+            show_info("opened with problems: " + "; ".join(project.problems))
+        interrupted = Path(folder) / TRAINING
+        if project.model_path is not None:
             self.model_state = read_checkpoint(project.model_path)
             self.status.setText(f"model loaded from {project.model_path}")
+            if interrupted.is_file():
+                self.status.setText(
+                    f"model loaded from {project.model_path}; an interrupted run's last checkpoint "
+                    f"is in {interrupted} (Load model… to use it)"
+                )
+        elif interrupted.is_file():
+            # napari was closed or killed while training: its last checkpoint is the model.
+            self.model_state = read_checkpoint(interrupted)
+            self.status.setText(
+                f"restored the model of an interrupted training run (step "
+                f"{self.model_state.get('iteration', '?')}) from {interrupted}"
+            )
 
     def open_image_layer(self) -> None:
         self._guarded(self._open_image_layer)
@@ -609,32 +653,57 @@ class RMTWidget(QWidget):
         return n
 
     # ================================================================== training
-    def training_config(self):
-        from ..model.detector import ModelConfig
+    def _show_method_defaults(self, method: str) -> None:
+        """The advanced form shows the chosen method's own defaults (one source: the config)."""
         from ..train.config import TrainConfig
+
+        cfg = TrainConfig.for_method(method)
+        self.thr_spin.setValue(cfg.threshold)
+        self.rule_combo.setCurrentText(cfg.pseudo_rule)
+        self.ignore_spin.setValue(cfg.ignore_low or 0.0)
+        self.soft_check.setChecked(cfg.soft_negatives)
+        self.lu_spin.setValue(cfg.lambda_u)
+        self.lr_spin.setValue(cfg.lambda_r)
+        self.p_spin.setValue(cfg.p_norm)
+        self.ema_spin.setValue(cfg.ema_decay)
+        self.lrate_spin.setValue(cfg.lr)
+        self.batch_spin.setValue(cfg.labelled_batch)
+
+    def training_config(self):
+        """The method's defaults, with the advanced settings laid over them when ticked."""
+        from ..train.config import TrainConfig, burn_in_for
 
         iterations = self.iter_spin.value()
         method = self.method_combo.currentText()
-        burn = self.burn_spin.value() if self.advanced.isChecked() else max(1, iterations * 2 // 5)
-        if self.model_state is not None and not self.advanced.isChecked():
-            burn = min(burn, iterations // 10)  # warm start: the teacher is already trained
+        values: dict = {
+            "iterations": iterations,
+            "warmup": min(100, iterations // 5),
+            "model": {"backbone": self.backbone_combo.currentText()},
+        }
+        if self.minutes_spin.value() > 0:
+            values["time_budget_s"] = 60.0 * self.minutes_spin.value()
+        if self.advanced.isChecked():
+            values.update(
+                burn_in=self.burn_spin.value(),
+                threshold=self.thr_spin.value(),
+                pseudo_rule=self.rule_combo.currentText(),
+                ignore_low=self.ignore_spin.value() or None,
+                soft_negatives=self.soft_check.isChecked(),
+                lambda_u=self.lu_spin.value(),
+                lambda_r=self.lr_spin.value(),
+                p_norm=self.p_spin.value(),
+                ema_decay=self.ema_spin.value(),
+                lr=self.lrate_spin.value(),
+                labelled_batch=self.batch_spin.value(),
+                unlabelled_batch=self.batch_spin.value(),
+            )
+        else:
+            values["burn_in"] = burn_in_for(iterations, warm_start=self.model_state is not None)
+            if values.get("time_budget_s"):
+                values["burn_in_fraction"] = 0.1 if self.model_state is not None else 0.5
         if method == "stac":
-            burn = min(max(1, burn), iterations - 1)
-        return TrainConfig(
-            method=method,
-            iterations=iterations,
-            burn_in=burn,
-            threshold=self.thr_spin.value(),
-            lambda_u=self.lu_spin.value(),
-            lambda_r=self.lr_spin.value(),
-            p_norm=self.p_spin.value(),
-            ema_decay=self.ema_spin.value(),
-            lr=self.lrate_spin.value(),
-            warmup=min(100, iterations // 5),
-            labelled_batch=self.batch_spin.value(),
-            unlabelled_batch=self.batch_spin.value(),
-            model=ModelConfig(backbone=self.backbone_combo.currentText()),
-        )
+            values["burn_in"] = min(max(1, values["burn_in"]), iterations - 1)
+        return TrainConfig.for_method(method, **values)
 
     def train(self, config=None, synchronous: bool = False) -> None:
         """Start training on the labelled tiles; the others are the unlabelled data."""
@@ -667,8 +736,16 @@ class RMTWidget(QWidget):
             )
             if not same:
                 init = None  # another architecture or class list: start afresh
-        save_to = self.project.folder / MODEL if self.project.folder is not None else None
-        self.job = TrainingJob(ts.labelled, ts.unlabelled, ts.classes, cfg, init_from=init, save_to=save_to)
+        folder = self.project.folder
+        self.job = TrainingJob(
+            ts.labelled,
+            ts.unlabelled,
+            ts.classes,
+            cfg,
+            init_from=init,
+            save_to=folder / MODEL if folder is not None else None,
+            checkpoint_to=folder / TRAINING if folder is not None else None,
+        )
         self.plot.reset()
         self.progress.setMaximum(cfg.iterations)
         self.progress.setValue(0)
@@ -909,6 +986,32 @@ class RMTWidget(QWidget):
         self.session.pull()
         return write_geojson(self.project.tileset, path, predictions=predictions)
 
+    def import_geojson(self, path: str | Path) -> int:
+        """Add QuPath's GeoJSON objects to the tiles they lie on (annotations stay
+        annotations, detections become predictions); returns how many boxes came in."""
+        from ..data.geojson import read_geojson
+
+        self.session.pull()
+        ts = self.project.tileset
+        before = sum(len(t.boxes) + len(t.predictions) for t in ts)
+        names = list(ts.classes.names)
+        read_geojson(path, ts)
+        n = sum(len(t.boxes) + len(t.predictions) for t in ts) - before
+        if ts.classes.names != names:
+            # New classes: the layers' categorical features need them (as in add_class);
+            # the store already holds everything, so the new session must not pull.
+            index = self.session.index
+            self.session = Session(self.viewer, self.project, on_change=self._changed)
+            self.session.show_tile(index)
+            self._bind_keys()
+            self.class_combo.addItems(ts.classes.names[len(names) :])
+        else:
+            self.session.refresh()
+        self._refresh_list_rows(all_rows=True)
+        self.save_project()
+        self.status.setText(f"imported {n} boxes from {Path(path).name}")
+        return n
+
     def export_predictions(self, path: str | Path) -> Path:
         self.session.pull()
         return write_coco_results(self.project.tileset, path)
@@ -933,7 +1036,22 @@ class RMTWidget(QWidget):
     def _ask_coco(self) -> None:
         f, _ = QFileDialog.getOpenFileName(self, "COCO annotations", filter="COCO json (*.json)")
         if f:
-            self._guarded(lambda: self.open_coco(f))
+            self._guarded(lambda: self._open_coco_asking(f))
+
+    def _open_coco_asking(self, path: str) -> None:
+        """Open a COCO file; if it names images outside its folder, ask before reading them."""
+        try:
+            self.open_coco(path)
+        except NapariRmtError as exc:
+            if "lies outside the dataset folder" not in str(exc):
+                raise
+            answer = QMessageBox.question(
+                self,
+                "Images outside the dataset folder",
+                f"{exc}\n\nRead images from outside {Path(path).parent} for this file?",
+            )
+            if answer == QMessageBox.StandardButton.Yes:
+                self.open_coco(path, allow_outside=True)
 
     def _ask_save(self, title: str, filt: str, fn) -> None:
         if self.session is None:
@@ -963,6 +1081,13 @@ class RMTWidget(QWidget):
 
     def _ask_export_geojson(self) -> None:
         self._ask_save("Export GeoJSON (QuPath)", "GeoJSON (*.geojson *.json)", self.export_geojson)
+
+    def _ask_import_geojson(self) -> None:
+        if self.session is None:
+            return
+        f, _ = QFileDialog.getOpenFileName(self, "Import GeoJSON (QuPath)", filter="GeoJSON (*.geojson *.json)")
+        if f:
+            self._guarded(lambda: self.import_geojson(f))
 
     def _ask_export_predictions(self) -> None:
         self._ask_save("Export predictions", "COCO results (*.json)", self.export_predictions)

@@ -20,13 +20,16 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torchvision.models import mobilenetv3 as torchvision_mobilenet
+from torchvision.models import resnet as torchvision_resnet
 from torchvision.models.detection import FasterRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
-from torchvision.models.detection.backbone_utils import mobilenet_backbone, resnet_fpn_backbone
+from torchvision.models.detection.backbone_utils import _mobilenet_extractor, _resnet_fpn_extractor
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+from torchvision.models.detection.rpn import RPNHead
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import MultiScaleRoIAlign
-from torchvision.ops.misc import FrozenBatchNorm2d
+from torchvision.ops.misc import Conv2dNormActivation, FrozenBatchNorm2d
 
 from ..data.errors import NapariRmtError
 from .heads import FocalRoIHeads
@@ -96,23 +99,20 @@ def build_detector(num_classes: int, cfg: ModelConfig | None = None) -> FasterRC
         raise NapariRmtError("a detector needs at least one cell class")
     api_weights = _imagenet_enum(cfg.backbone) if cfg.weights == "imagenet" else None
     norm_layer = _norm_layer(cfg)
+    # With GroupNorm the FPN and the RPN head are normalised too (He et al., "Rethinking
+    # ImageNet Pre-training": from scratch, every layer normalised); with BatchNorm they
+    # stay as torchvision builds them. The box head is an MLP and has no normalisation.
+    group = norm_layer is not nn.BatchNorm2d and norm_layer is not FrozenBatchNorm2d
+    head_norm = norm_layer if group else None
     if cfg.backbone.startswith("resnet"):
-        backbone = resnet_fpn_backbone(
-            backbone_name=cfg.backbone,
-            weights=api_weights,
-            norm_layer=norm_layer,
-            trainable_layers=5 if cfg.weights is None else 3,
-        )
+        body = getattr(torchvision_resnet, cfg.backbone)(weights=api_weights, norm_layer=norm_layer)
+        backbone = _resnet_fpn_extractor(body, 5 if cfg.weights is None else 3, norm_layer=head_norm)
     else:
         # Stages 2..(last) of MobileNet-v3 give strides 8, 16 and 32: the stride-8 map is
         # what sees 12 px nuclei.
-        backbone = mobilenet_backbone(
-            backbone_name=cfg.backbone,
-            weights=api_weights,
-            fpn=True,
-            norm_layer=norm_layer,
-            trainable_layers=6 if cfg.weights is None else 3,
-            returned_layers=[2, 3, 4],
+        body = torchvision_mobilenet.mobilenet_v3_large(weights=api_weights, norm_layer=norm_layer)
+        backbone = _mobilenet_extractor(
+            body, True, 6 if cfg.weights is None else 3, returned_layers=[2, 3, 4], norm_layer=head_norm
         )
     if cfg.weights not in (None, "imagenet"):
         load_backbone_weights(backbone, cfg.weights, cfg.backbone)
@@ -132,6 +132,7 @@ def build_detector(num_classes: int, cfg: ModelConfig | None = None) -> FasterRC
         backbone,
         num_classes=None,
         rpn_anchor_generator=anchors,
+        rpn_head=_rpn_head(backbone.out_channels, anchors.num_anchors_per_location()[0], head_norm),
         box_roi_pool=roi_pool,
         box_head=box_head,
         box_predictor=FastRCNNPredictor(rep, num_classes + 1),
@@ -165,6 +166,17 @@ def build_detector(num_classes: int, cfg: ModelConfig | None = None) -> FasterRC
         min_size=t.min_size, max_size=t.max_size, image_mean=t.image_mean, image_std=t.image_std
     )
     return model
+
+
+def _rpn_head(channels: int, anchors: int, norm_layer) -> RPNHead:
+    """torchvision's RPN head; with ``norm_layer`` its 3x3 conv is normalised (no bias)."""
+    head = RPNHead(channels, anchors)
+    if norm_layer is not None:
+        head.conv = nn.Sequential(Conv2dNormActivation(channels, channels, kernel_size=3, norm_layer=norm_layer))
+        for layer in head.conv.modules():
+            if isinstance(layer, nn.Conv2d):
+                nn.init.normal_(layer.weight, std=0.01)
+    return head
 
 
 def _feature_map_names(backbone: nn.Module) -> list[str]:

@@ -9,6 +9,8 @@ tens of thousands of proposals does not hold all their pooled features at once.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -22,6 +24,19 @@ def focal_loss(logits: Tensor, labels: Tensor, gamma: float = 1.5) -> Tensor:
     ce = F.cross_entropy(logits, labels, reduction="none")
     p_t = torch.exp(-ce)
     return ((1.0 - p_t) ** gamma * ce).mean()
+
+
+def weighted_focal_loss(logits: Tensor, labels: Tensor, weights: Tensor, gamma: float = 1.5) -> Tensor:
+    """``sum_n w_n * focal_n / sum_n w_n``: with all weights equal it is ``focal_loss``.
+
+    Soft Teacher's normalisation: the loss is an average under the weights, so that
+    down-weighting doubtful negatives does not shrink the loss as a whole.
+    """
+    if logits.numel() == 0 or float(weights.sum()) <= 0:
+        return logits.sum() * 0.0
+    ce = F.cross_entropy(logits, labels, reduction="none")
+    p_t = torch.exp(-ce)
+    return ((1.0 - p_t) ** gamma * ce * weights).sum() / weights.sum()
 
 
 def box_regression_loss(box_regression: Tensor, labels: Tensor, regression_targets: Tensor) -> Tensor:
@@ -45,6 +60,9 @@ class FocalRoIHeads(RoIHeads):
         super().__init__(*args, **kwargs)
         self.gamma = gamma
         self.last_class_logits: Tensor | None = None
+        #: Set by the trainer for an unlabelled forward: ``(proposals, labels, targets)`` of
+        #: the sampled RoIs -> one classification weight per RoI (soft negatives, ignore band).
+        self.roi_weighting: Callable[[list[Tensor], list[Tensor], list[dict]], Tensor] | None = None
 
     def forward(self, features, proposals, image_shapes, targets=None):  # type: ignore[override]
         if not self.training:
@@ -67,8 +85,13 @@ class FocalRoIHeads(RoIHeads):
         labels_t = torch.cat(labels, dim=0)
         targets_t = torch.cat(regression_targets, dim=0)
         self.last_class_logits = class_logits
+        if self.roi_weighting is not None:
+            weights = self.roi_weighting(proposals, labels, targets)
+            cls_loss = weighted_focal_loss(class_logits, labels_t, weights, self.gamma)
+        else:
+            cls_loss = focal_loss(class_logits, labels_t, self.gamma)
         losses = {
-            "loss_classifier": focal_loss(class_logits, labels_t, self.gamma),
+            "loss_classifier": cls_loss,
             "loss_box_reg": box_regression_loss(box_regression, labels_t, targets_t),
         }
         return [], losses

@@ -69,6 +69,22 @@ class LocalRPN(RegionProposalNetwork):
         new.proposal_matcher = rpn.proposal_matcher  # keeps allow_low_quality_matches as built
         return new
 
+    def assign_targets_to_anchors(self, anchors, targets):  # type: ignore[override]
+        """torchvision's assignment, then anchors on an ignored box are left out.
+
+        A target may carry ``ignore_boxes`` (the teacher's doubtful detections, SPEC §5):
+        an anchor that would be background but overlaps one of them by at least the
+        background IoU threshold is neither positive nor negative (label -1).
+        """
+        labels, matched = super().assign_targets_to_anchors(anchors, targets)
+        for lab, anchors_i, target in zip(labels, anchors, targets, strict=True):
+            ignore = target.get("ignore_boxes")
+            if ignore is None or ignore.numel() == 0:
+                continue
+            overlap = box_ops.box_iou(ignore, anchors_i).max(dim=0).values
+            lab[(lab == 0) & (overlap >= self.proposal_matcher.low_threshold)] = -1.0
+        return labels, matched
+
     def filter_proposals(self, proposals, objectness, image_shapes, num_anchors_per_level):  # type: ignore[override]
         if self.training or self.per_cell is None:
             return super().filter_proposals(proposals, objectness, image_shapes, num_anchors_per_level)

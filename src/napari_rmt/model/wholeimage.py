@@ -38,6 +38,7 @@ import torch
 from torch import nn
 from torchvision.ops import nms
 
+from ..data.atomic import replace_folder
 from ..data.boxes import Boxes, BoxSource
 from ..data.classes import ClassList
 from ..data.errors import NapariRmtError
@@ -344,6 +345,16 @@ def predict_whole_at_once(
     return detections_to_boxes(det["boxes"][keep], det["scores"][keep], det["labels"][keep], classes)
 
 
+def is_box_store(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a zarr group written by ``write_boxes_zarr``."""
+    import zarr
+
+    try:
+        return "napari_rmt" in dict(zarr.open_group(str(path), mode="r").attrs)
+    except Exception:
+        return False
+
+
 def write_boxes_zarr(
     boxes: Boxes,
     path: str | os.PathLike,
@@ -358,30 +369,34 @@ def write_boxes_zarr(
     """
     import zarr
 
-    path = Path(path)
-    root = zarr.open_group(str(path), mode="w")
-    n = len(boxes)
-    chunk = max(1, min(n, 1 << 16))
-    create = getattr(root, "create_array", None) or root.create_dataset
-    for name, data in (
-        ("xyxy", boxes.xyxy.astype(np.float32).reshape(n, 4)),
-        ("class_id", boxes.class_ids.astype(np.int32)),
-        ("score", boxes.scores.astype(np.float32)),
-    ):
-        arr = create(name, shape=data.shape, chunks=(chunk, *data.shape[1:]), dtype=data.dtype)
-        if n:
-            arr[...] = data
-    root.attrs.update(
-        {
-            "napari_rmt": {
-                "classes": classes.to_json(),
-                "image_width": int(image_size[0]),
-                "image_height": int(image_size[1]),
-                "source": source,
-                "coordinates": "xyxy, whole-image pixels",
+    def build(folder: Path) -> None:
+        root = zarr.open_group(str(folder), mode="w")
+        n = len(boxes)
+        chunk = max(1, min(n, 1 << 16))
+        create = getattr(root, "create_array", None) or root.create_dataset
+        for name, data in (
+            ("xyxy", boxes.xyxy.astype(np.float32).reshape(n, 4)),
+            ("class_id", boxes.class_ids.astype(np.int32)),
+            ("score", boxes.scores.astype(np.float32)),
+        ):
+            arr = create(name, shape=data.shape, chunks=(chunk, *data.shape[1:]), dtype=data.dtype)
+            if n:
+                arr[...] = data
+        root.attrs.update(
+            {
+                "napari_rmt": {
+                    "classes": classes.to_json(),
+                    "image_width": int(image_size[0]),
+                    "image_height": int(image_size[1]),
+                    "source": source,
+                    "coordinates": "xyxy, whole-image pixels",
+                }
             }
-        }
-    )
+        )
+
+    # Written beside and swapped in: an existing store is replaced only if it is an
+    # earlier box store (an image store at that path was once wiped by ``mode="w"``).
+    path = replace_folder(path, build, is_box_store)
     return path
 
 

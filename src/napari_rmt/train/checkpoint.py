@@ -73,7 +73,7 @@ def classes_from_checkpoint(ckpt: dict[str, Any]) -> ClassList:
 def config_from_checkpoint(ckpt: dict[str, Any]) -> TrainConfig:
     try:
         return TrainConfig.from_dict(dict(ckpt["config"]))
-    except (TypeError, NapariRmtError) as exc:
+    except (TypeError, ValueError, AttributeError, KeyError, NapariRmtError) as exc:
         raise CheckpointError(f"{ckpt.get('_path', 'checkpoint')}: bad config ({exc})") from exc
 
 
@@ -94,6 +94,12 @@ def load_state(model: nn.Module, state: dict[str, torch.Tensor], where: str) -> 
         raise CheckpointError(
             f"{where}: weights do not fit this detector (another backbone or class list?): "
             + "; ".join(parts)
+        )
+    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise CheckpointError(
+            f"{where}: the weights hold NaN or infinite values ({bad[:3]}{' …' if len(bad) > 3 else ''}); "
+            "such a model predicts nothing. Use an earlier checkpoint."
         )
     model.load_state_dict(state)
 

@@ -3,13 +3,44 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..data.errors import NapariRmtError
 from ..model.detector import ModelConfig
 
-METHODS = ("supervised", "stac", "ubt", "rmt", "rmt-noreg")
+METHODS = ("supervised", "stac", "ubt", "rmt", "rmt-noreg", "rmt+")
+#: The method the GUI and ``napari-rmt train`` use unless told otherwise.
+RECOMMENDED = "rmt+"
+PSEUDO_RULES = ("fixed", "gmm", "topk")
+SCHEDULES = ("constant", "cosine")
+
+#: What a method changes from the dataclass defaults (which are the paper's). ``rmt+`` is
+#: ``rmt`` with the published rules for an unsure teacher (SPEC §5) and settings for a
+#: short CPU run; why each is there is in docs/tuning.md. The paper's methods stay as
+#: they are so that the comparison with the paper can be rerun.
+METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
+    "rmt+": {
+        "soft_negatives": True,
+        "ignore_low": 0.2,
+        "pseudo_rule": "gmm",
+        "ema_decay": 0.99,
+        "lr_schedule": "cosine",
+        "labelled_batch": 4,
+        "model": {"focal_gamma": 0.0},
+    },
+}
+
+
+def burn_in_for(iterations: int, warm_start: bool = False) -> int:
+    """The burn-in when none is given (CLI, widget, experiment alike).
+
+    From random init, half the run: the teacher has to be right about most cells before
+    its pseudo-labels help (measured, docs/benchmarks.md). Warm-started from a trained
+    model, a tenth: the teacher is already trained.
+    """
+    return max(0, min(iterations - 1, max(1, iterations // 10 if warm_start else iterations // 2)))
 
 
 @dataclass
@@ -38,13 +69,36 @@ class TrainConfig:
     lambda_r: float = 1.0  # Eq. 6
     p_norm: float = 0.5  # Eq. 5
     ema_decay: float = 0.996  # Eq. 7, sigma
-    threshold: float = 0.7  # pseudo-label confidence (Unbiased Teacher)
+    threshold: float = 0.7  # pseudo-label confidence (Unbiased Teacher); the fallback of "gmm"
+    #: How pseudo-boxes are chosen from the teacher's detections: "fixed" (score >=
+    #: ``threshold``), "gmm" (a threshold per class fitted to a rolling buffer of the
+    #: teacher's scores, Consistent Teacher), "topk" (per image the round(sum of scores)
+    #: best boxes).
+    pseudo_rule: str = "fixed"
+    gmm_buffer: int = 2000  # teacher scores kept per class for the "gmm" rule
+    gmm_min_scores: int = 100  # below this many scores a class uses ``threshold``
+    #: Soft Teacher's negatives: a student proposal matched to no pseudo-box counts as
+    #: background with the teacher's background probability for that box as its weight.
+    soft_negatives: bool = False
+    #: Ignore band: teacher boxes scoring in [ignore_low, pseudo threshold) are neither
+    #: pseudo-boxes nor background; the proposals on them get no classification loss.
+    ignore_low: float | None = None
     stac_threshold: float = 0.9  # STAC's fixed pseudo-labels
     seed: int = 0
     device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:N"
     log_every: int = 1
     validate_every: int = 0  # 0: never during training
     checkpoint_every: int = 0  # 0: only at the end
+    #: Also checkpoint when this many seconds have passed since the last one (0: never),
+    #: so that a killed run keeps its last minutes' work. Needs a checkpoint path.
+    checkpoint_every_s: float = 300.0
+    #: Stop when the run's training time reaches this many seconds (0: iterations only);
+    #: the lr schedule and burn-in then follow the time, whichever ends first.
+    time_budget_s: float = 0.0
+    #: "constant" (after warm-up) or "cosine": down to 5 % of the rate at the end of the run.
+    lr_schedule: str = "constant"
+    #: With a time budget: burn-in ends at this fraction of it, if sooner than ``burn_in``.
+    burn_in_fraction: float | None = None
     model: ModelConfig = field(default_factory=ModelConfig)
 
     def __post_init__(self) -> None:
@@ -58,6 +112,23 @@ class TrainConfig:
 
         if self.method not in METHODS:
             bad(f"method {self.method!r} is not one of {METHODS}")
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, float) and not math.isfinite(v):
+                bad(f"{f.name} is {v}; it must be a finite number")
+        for name in ("lambda_u", "lambda_r", "weight_decay", "grad_clip", "warmup", "checkpoint_every", "log_every",
+                     "validate_every"):
+            if getattr(self, name) < 0:
+                bad(f"{name} {getattr(self, name)} must be >= 0")
+        if not 0.0 <= self.momentum < 1.0:
+            bad(f"momentum {self.momentum} must be in [0, 1)")
+        if self.uses_teacher and self.burn_in >= self.iterations and not (
+            self.time_budget_s and self.burn_in_fraction is not None
+        ):
+            bad(
+                f"burn_in {self.burn_in} must be below iterations {self.iterations}: "
+                f"{self.method} would never leave burn-in"
+            )
         if self.iterations < 1:
             bad(f"iterations {self.iterations} must be at least 1")
         if self.burn_in < 0:
@@ -77,18 +148,47 @@ class TrainConfig:
             bad(f"lr {self.lr} must be positive")
         if self.semi_lr is not None and self.semi_lr <= 0:
             bad(f"semi_lr {self.semi_lr} must be positive (or None: the same as lr)")
+        if self.pseudo_rule not in PSEUDO_RULES:
+            bad(f"pseudo_rule {self.pseudo_rule!r} is not one of {PSEUDO_RULES}")
+        if self.lr_schedule not in SCHEDULES:
+            bad(f"lr_schedule {self.lr_schedule!r} is not one of {SCHEDULES}")
+        if self.gmm_buffer < 10 or self.gmm_min_scores < 2:
+            bad("gmm_buffer must be >= 10 and gmm_min_scores >= 2")
+        if self.ignore_low is not None and not 0.0 <= self.ignore_low <= 1.0:
+            bad(f"ignore_low {self.ignore_low} must be in [0, 1] (or None: no ignore band)")
+        if self.time_budget_s < 0 or self.checkpoint_every_s < 0:
+            bad("time_budget_s and checkpoint_every_s must be >= 0 (0: off)")
+        if self.burn_in_fraction is not None and not 0.0 <= self.burn_in_fraction < 1.0:
+            bad(f"burn_in_fraction {self.burn_in_fraction} must be in [0, 1)")
 
     @property
     def uses_teacher(self) -> bool:
-        return self.method in ("ubt", "rmt", "rmt-noreg")
+        return self.method in ("ubt", "rmt", "rmt-noreg", "rmt+")
 
     @property
     def uses_mixing(self) -> bool:
-        return self.method in ("rmt", "rmt-noreg")
+        return self.method in ("rmt", "rmt-noreg", "rmt+")
 
     @property
     def uses_reg(self) -> bool:
-        return self.method == "rmt"
+        return self.method in ("rmt", "rmt+")
+
+    @classmethod
+    def for_method(cls, method: str, **overrides: Any) -> TrainConfig:
+        """The config of ``method``: its own defaults (``METHOD_DEFAULTS``), then ``overrides``.
+
+        ``model`` may be a dict of ``ModelConfig`` fields (laid over the method's) or a
+        whole ``ModelConfig`` (taken as it is).
+        """
+        defaults = METHOD_DEFAULTS.get(method, {})
+        values: dict[str, Any] = {k: v for k, v in defaults.items() if k != "model"}
+        given = overrides.pop("model", None)
+        if isinstance(given, ModelConfig):
+            model = given
+        else:
+            model = ModelConfig(**_tuples({**defaults.get("model", {}), **(given or {})}))
+        values.update(overrides)
+        return cls(method=method, model=model, **values)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -13,10 +13,13 @@ class IterationEvent:
     losses: dict[str, float]
     lr: float
     pseudo_per_image: list[int] = field(default_factory=list)
+    ignored_per_image: list[int] = field(default_factory=list)  # teacher boxes in the ignore band
+    thresholds: list[float] = field(default_factory=list)  # pseudo-label threshold per class
     mixed: int = 0
     unmixed: int = 0
     seconds: float = 0.0  # this iteration's wall time
-    eta: float = 0.0  # seconds left, from the recent mean
+    eta: float = 0.0  # seconds left, from the recent mean (and the time budget)
+    elapsed: float = 0.0  # training seconds so far, resumed runs included
 
 
 @dataclass

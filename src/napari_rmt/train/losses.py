@@ -15,6 +15,23 @@ def sparse_regulariser(class_logits: Tensor, p: float = 0.5) -> Tensor:
     return probs.clamp_min(1e-12).pow(p).sum(dim=-1).mean()
 
 
+def roi_class_weights(labels: Tensor, bg_prob: Tensor | None, ignored: Tensor | None) -> Tensor:
+    """Classification weight of each sampled RoI of an unlabelled image (SPEC §5).
+
+    Foreground RoIs (matched to a pseudo-box) weigh 1. Background RoIs weigh the
+    teacher's background probability for the same box when ``bg_prob`` is given (Soft
+    Teacher), else 1. Background RoIs on a box of the ignore band (``ignored``) weigh 0.
+    The loss divides by the sum of the weights (``weighted_focal_loss``).
+    """
+    weights = torch.ones(labels.shape, dtype=torch.float32, device=labels.device)
+    bg = labels == 0
+    if bg_prob is not None:
+        weights = torch.where(bg, bg_prob.to(weights.dtype), weights)
+    if ignored is not None:
+        weights = torch.where(bg & ignored, torch.zeros_like(weights), weights)
+    return weights
+
+
 def unsupervised_loss(losses: dict[str, Tensor]) -> Tensor:
     """Eq. 4: classification only (RPN objectness + box-head focal) on pseudo-labels."""
     return losses["loss_objectness"] + losses["loss_classifier"]
@@ -34,8 +51,10 @@ def total_loss(sup: Tensor, unsup: Tensor, reg: Tensor, lambda_u: float, lambda_
 def ema_update(teacher: nn.Module, student: nn.Module, decay: float) -> None:
     """Eq. 7: ``theta' <- sigma * theta' + (1 - sigma) * theta`` for every float tensor.
 
-    Float buffers (BatchNorm running statistics) follow the same rule; integer buffers
-    (BatchNorm's step counter) are copied.
+    Buffers: BatchNorm's running mean and variance are averaged by the same rule as the
+    weights (so the teacher normalises with a smoothed history of the student's batch
+    statistics, which are noisy at batches of 2-4: one reason GroupNorm, which has no
+    buffers, is offered); integer buffers (BatchNorm's step counter) are copied.
     """
     t_state = teacher.state_dict()
     for name, s_value in student.state_dict().items():

@@ -1,0 +1,240 @@
+"""Does semi-supervised training beat supervised in the same CPU minutes? (issue 11)
+
+CoNSeP split 7:1:2 by ``source_tile`` (seeded), 10 % of the training source tiles
+labelled, the rest unlabelled; ResNet-18-FPN from random init at native 256 px; one
+wall-clock budget for every run. Scored by the paper's protocol: score > 0.5, NMS 0.5,
+one-to-one matching at IoU >= 0.5, F1 per class and any class.
+
+Three commands, run one after another on an idle machine (never two at once: the
+budget is wall-clock):
+
+    # supervised for the whole budget; its state is saved at 1/4, 1/2 and 3/4 of it
+    python benchmarks/semi_wins.py supervised --seed 0 --minutes 20 --out runs/semi/s0
+    # a semi-supervised method whose burn-in is the supervised run's first half
+    # (the very same steps: same data order, same lr schedule), then the rest of the budget
+    python benchmarks/semi_wins.py branch --seed 0 --minutes 20 --at 0.5 --method rmt+ --out runs/semi/s0
+    # the yardstick (shared/yardstick/ref_supervised.py) on the very same split and budget
+    python benchmarks/semi_wins.py yardstick --seed 0 --minutes 20 --out runs/semi/s0
+
+A branch is exactly a run of that method with ``burn_in`` = the iteration reached at
+that fraction of the budget: until burn-in every method takes the supervised steps.
+Every step of a semi-supervised phase also logs its pseudo-boxes per unlabelled tile and
+their recall / precision against the tiles' hidden truth (``pseudo.jsonl``);
+``plot`` draws them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from napari_rmt.data import read_coco
+from napari_rmt.data.split import pick_labelled, split_by_group
+from napari_rmt.evaluate.metrics import f1_scores, iou_matrix
+from napari_rmt.model.predict import predict_tiles
+from napari_rmt.train import FinishedEvent, IterationEvent, PhaseEvent, TrainConfig, Trainer
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+DATA = SHARED / "data" / "consep" / "annotations.json"
+YARDSTICK = SHARED / "yardstick" / "ref_supervised.py"
+FRACTIONS = (0.25, 0.5, 0.75)
+
+
+def split(seed: int, fraction: float = 0.1):
+    ts = read_coco(DATA)
+    train, _val, test = split_by_group(list(ts), "source_tile", seed=seed)
+    lab, unl = pick_labelled(train, fraction, "source_tile", seed=seed)
+    return ts, lab, unl, test
+
+
+def evaluate(model, tiles, classes) -> dict:
+    preds = predict_tiles(model, tiles, classes, score_threshold=0.05, store=False)
+    counts = f1_scores(((t.boxes, p) for t, p in zip(tiles, preds, strict=True)), classes.ids)
+    names = {str(c.id): c.name for c in classes}
+    out = {
+        names.get(k, k): {"f1": round(100 * v.f1, 1), "precision": round(100 * v.precision, 1),
+                          "recall": round(100 * v.recall, 1), "n_pred": v.n_pred, "n_gt": v.n_gt}
+        for k, v in counts.items()
+    }
+    present = [v["f1"] for k, v in out.items() if k in classes.names and v["n_gt"] > 0]
+    out["mean_class_f1"] = round(float(np.mean(present)), 1)
+    return out
+
+
+def pseudo_quality(trainer: Trainer, unlabelled) -> dict:
+    """Recall and precision (any class, IoU >= 0.5) of the last step's pseudo-boxes."""
+    tp = n_gt = n_pseudo = 0
+    for i, flipped, boxes, _labels in trainer.last_pseudo:
+        truth = unlabelled[i].boxes.xyxy.copy()
+        if flipped:
+            w = trainer._unlabelled[i].shape[-1]
+            truth[:, [0, 2]] = w - truth[:, [2, 0]]
+        pb = boxes.numpy().astype(np.float64)
+        n_gt += len(truth)
+        n_pseudo += len(pb)
+        if len(truth) and len(pb):
+            m = iou_matrix(pb, truth)
+            used: set[int] = set()
+            for row in m:
+                order = [j for j in np.argsort(-row) if j not in used and row[j] >= 0.5]
+                if order:
+                    used.add(int(order[0]))
+            tp += len(used)
+    return {"tp": tp, "n_gt": n_gt, "n_pseudo": n_pseudo}
+
+
+def drive(trainer: Trainer, out: Path, unlabelled, save_at: tuple[float, ...] = ()) -> float:
+    budget = trainer.cfg.time_budget_s
+    pending = [f for f in save_at if f * budget > trainer.elapsed_s]
+    t0 = time.perf_counter()
+    with open(out / "events.jsonl", "a") as log, open(out / "pseudo.jsonl", "a") as plog:
+        for ev in trainer.run():
+            if isinstance(ev, IterationEvent):
+                log.write(json.dumps({
+                    "it": ev.iteration, "phase": ev.phase, "s": round(ev.seconds, 3),
+                    "elapsed": round(ev.elapsed, 1), "lr": round(ev.lr, 5),
+                    "pseudo": ev.pseudo_per_image, "ignored": ev.ignored_per_image,
+                    "thresholds": ev.thresholds,
+                    "losses": {k: round(v, 4) for k, v in ev.losses.items()},
+                }) + "\n")
+                if ev.phase == "semi-supervised":
+                    q = pseudo_quality(trainer, unlabelled)
+                    plog.write(json.dumps({"it": ev.iteration, "elapsed": round(ev.elapsed, 1),
+                                           "pseudo": ev.pseudo_per_image, "thresholds": ev.thresholds,
+                                           **q}) + "\n")
+                if ev.iteration % 20 == 0:
+                    print(f"{ev.iteration} {ev.phase} loss {ev.losses['total']:.3f} lr {ev.lr:.4f} "
+                          f"pseudo {ev.pseudo_per_image} thr {ev.thresholds} {ev.elapsed:.0f}s", flush=True)
+                while pending and ev.elapsed >= pending[0] * budget:
+                    path = out / f"state_{int(pending.pop(0) * 100)}.pt"
+                    trainer.save(path)
+                    print(f"saved {path} at step {ev.iteration}, {ev.elapsed:.0f}s", flush=True)
+            elif isinstance(ev, (PhaseEvent, FinishedEvent)):
+                print(ev, flush=True)
+    return time.perf_counter() - t0
+
+
+def result(trainer: Trainer, name: str, test, classes, wall: float) -> dict:
+    res = {
+        "run": name, "config": trainer.cfg.to_dict(), "iterations": trainer.iteration,
+        "train_seconds": round(trainer.elapsed_s, 1), "this_process_seconds": round(wall, 1),
+        "threads": torch.get_num_threads(), "machine": platform.machine(),
+        "model": trainer.predict_with, "f1": evaluate(trainer.model, test, classes),
+    }
+    if trainer.teacher is not None:
+        res["student_f1"] = evaluate(trainer.student, test, classes)
+    return res
+
+
+def base_config(args, method: str) -> TrainConfig:
+    return TrainConfig.for_method(
+        method, iterations=1_000_000, burn_in=0, seed=args.seed, time_budget_s=args.minutes * 60,
+        lr_schedule=args.schedule, labelled_batch=4, unlabelled_batch=args.unlabelled_batch,
+        checkpoint_every_s=0, model={"focal_gamma": args.gamma, "norm": args.norm},
+    )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("mode", choices=["supervised", "branch", "yardstick", "plot"])
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--minutes", type=float, default=20)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--method", default="rmt+")
+    ap.add_argument("--at", type=float, default=0.5, help="branch: the burn-in's share of the budget")
+    ap.add_argument("--gamma", type=float, default=0.0, help="box head focal gamma (0: cross-entropy)")
+    ap.add_argument("--norm", default="auto")
+    ap.add_argument("--schedule", default="cosine")
+    ap.add_argument("--unlabelled-batch", type=int, default=2)
+    ap.add_argument("--set", nargs="*", default=[], help="branch: config overrides KEY=VALUE (json values)")
+    ap.add_argument("--tag", default="")
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.mode == "plot":
+        plot(out)
+        return
+    torch.set_num_threads(2)
+    ts, lab, unl, test = split(args.seed)
+    print(f"seed {args.seed}: {len(lab)} labelled, {len(unl)} unlabelled, {len(test)} test", flush=True)
+    if args.mode == "yardstick":
+        sp = out / "split.json"
+        sp.write_text(json.dumps({"labelled": [t.id for t in lab], "test": [t.id for t in test]}))
+        res = out / "yardstick.json"
+        subprocess.run([sys.executable, str(YARDSTICK), str(DATA), "source_tile", "0.1", str(args.minutes),
+                        str(res), "--split", str(sp)], check=True)
+        return
+    if args.mode == "supervised":
+        run = out / f"supervised{args.tag}"
+        run.mkdir(exist_ok=True)
+        trainer = Trainer(lab, unl, ts.classes, base_config(args, "supervised"))
+        wall = drive(trainer, run, unl, FRACTIONS)
+    else:
+        name = f"{args.method}_at{int(args.at * 100)}{args.tag}"
+        run = out / name
+        run.mkdir(exist_ok=True)
+        state = out / "supervised" / f"state_{int(args.at * 100)}.pt"
+        ckpt = torch.load(state, map_location="cpu", weights_only=True)
+        overrides = {k: json.loads(v) for k, v in (kv.split("=", 1) for kv in args.set)}
+        cfg = base_config(args, args.method)
+        for k, v in overrides.items():
+            setattr(cfg, k, v)
+        cfg.burn_in = int(ckpt["iteration"])
+        cfg.validate()
+        trainer = Trainer.resume(state, lab, unl, config=cfg)
+        wall = drive(trainer, run, unl)
+    res = result(trainer, run.name, test, ts.classes, wall)
+    (run / "result.json").write_text(json.dumps(res, indent=1))
+    print(json.dumps({k: v for k, v in res.items() if k != "config"}, indent=1))
+
+
+def plot(out: Path) -> None:
+    """Pseudo-boxes per unlabelled tile and their recall over each semi-supervised run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = sorted(p for p in out.glob("*/pseudo.jsonl") if p.stat().st_size)
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    for p in runs:
+        rows = [json.loads(line) for line in p.read_text().splitlines()]
+        t = np.array([r["elapsed"] for r in rows]) / 60
+        k = max(1, len(rows) // 20)
+
+        def smooth(v, k=k):
+            return np.convolve(v, np.ones(k) / k, mode="valid")
+
+        per_tile = [np.mean(r["pseudo"]) for r in rows]
+        recall = [r["tp"] / max(1, r["n_gt"]) for r in rows]
+        precision = [r["tp"] / max(1, r["n_pseudo"]) for r in rows]
+        ts = t[k - 1 :]
+        label = f"{p.parent.parent.name}/{p.parent.name}"
+        axes[0].plot(ts, smooth(per_tile), label=label)
+        axes[1].plot(ts, smooth(recall), label=label)
+        axes[2].plot(ts, smooth(precision), label=label)
+    gt = "true cells per tile: about 40"
+    for ax, title in zip(axes, [f"pseudo-boxes per unlabelled tile ({gt})", "teacher recall of the hidden truth",
+                                "precision of the pseudo-boxes"], strict=True):
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("training minutes (burn-in included)")
+        ax.grid(alpha=0.3)
+    axes[1].set_ylim(0, 1)
+    axes[2].set_ylim(0, 1)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    dest = Path(__file__).resolve().parents[1] / "docs" / "images" / "semi-pseudo-labels.png"
+    fig.savefig(dest, dpi=90)
+    print(dest)
+
+
+if __name__ == "__main__":
+    main()

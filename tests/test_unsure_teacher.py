@@ -1,0 +1,209 @@
+"""The rules for an unsure teacher (SPEC §5), with numbers worked out by hand, and rmt+ end to end."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from napari_rmt.data import ClassList
+from napari_rmt.data.errors import NapariRmtError
+from napari_rmt.model import ModelConfig
+from napari_rmt.model.detector import build_detector
+from napari_rmt.model.heads import focal_loss, weighted_focal_loss
+from napari_rmt.train import IterationEvent, TrainConfig, Trainer
+from napari_rmt.train.checkpoint import CheckpointError
+from napari_rmt.train.losses import ema_update, roi_class_weights
+from napari_rmt.train.pseudo import ScoreBuffer, gmm_threshold, select_pseudo, top_count
+
+CLASSES = ClassList.default()
+
+
+def test_soft_negative_weights_and_ignore_band_by_hand():
+    labels = torch.tensor([1, 0, 0, 0])
+    bg_prob = torch.tensor([0.05, 0.3, 0.7, 0.9])  # the teacher's background probability per RoI
+    ignored = torch.tensor([False, False, False, True])
+    w = roi_class_weights(labels, bg_prob, ignored)
+    # foreground 1; background = the teacher's background score; on an ignored box 0
+    assert w.tolist() == pytest.approx([1.0, 0.3, 0.7, 0.0])
+    # the foreground RoI keeps 1 even on an ignored box; without soft negatives bg weighs 1
+    assert roi_class_weights(labels, None, torch.tensor([True, False, False, True])).tolist() == [1, 1, 1, 0]
+
+    # Cross-entropy (gamma 0) per RoI, two classes (background, cell):
+    # RoI 0: logits (0, 0), label 1 -> ln 2;  RoI 1: (ln 3, 0), label 0 -> ln(4/3);
+    # RoI 2: (0, ln 3), label 0 -> ln 4;      RoI 3: anything, weight 0.
+    logits = torch.tensor([[0.0, 0.0], [math.log(3), 0.0], [0.0, math.log(3)], [5.0, -5.0]])
+    loss = weighted_focal_loss(logits, labels, w, gamma=0.0)
+    # (1 * ln 2 + 0.3 * ln(4/3) + 0.7 * ln 4 + 0) / (1 + 0.3 + 0.7 + 0) = 0.874929
+    assert float(loss) == pytest.approx(0.874929, abs=1e-5)
+    # a score inside the ignore band contributes nothing: changing its logits changes nothing
+    logits2 = logits.clone()
+    logits2[3] = torch.tensor([-9.0, 9.0])
+    assert float(weighted_focal_loss(logits2, labels, w, gamma=0.0)) == pytest.approx(float(loss))
+    # equal weights: the plain mean (the supervised loss)
+    ones = torch.ones(4)
+    assert float(weighted_focal_loss(logits, labels, ones, 1.5)) == pytest.approx(float(focal_loss(logits, labels, 1.5)))
+
+
+def test_gmm_threshold_lands_between_the_modes():
+    rng = np.random.default_rng(0)
+    low = np.clip(rng.normal(0.12, 0.04, 600), 0.05, 1)  # the teacher's junk
+    high = np.clip(rng.normal(0.75, 0.06, 200), 0, 1)  # its cells
+    buf = np.concatenate([low, high])
+    t = gmm_threshold(buf, fallback=0.7)
+    assert low.max() < 0.3 and 0.3 < t < high.min() + 1e-9, t
+    assert t == pytest.approx(high.min(), abs=0.05)  # the lowest score the high mode claims
+    # too few scores, or one value only: the fixed threshold
+    assert gmm_threshold(buf[:50], fallback=0.7, min_scores=100) == 0.7
+    assert gmm_threshold(np.full(500, 0.4), fallback=0.7) == 0.7
+
+
+def test_score_buffer_rolls_and_fits_per_class():
+    buf = ScoreBuffer(n_classes=2, size=300, fallback=0.7, min_scores=100)
+    rng = np.random.default_rng(1)
+    scores = np.concatenate([rng.normal(0.1, 0.03, 200), rng.normal(0.6, 0.05, 100)]).clip(0, 1)
+    buf.add(torch.ones(300, dtype=torch.int64), torch.tensor(scores))
+    buf.add(torch.tensor([2, 2, 0, 3]), torch.tensor([0.9, 0.8, 0.99, 0.99]))  # 0 and 3 are not classes
+    t1, t2 = buf.thresholds()
+    assert 0.3 < t1 < 0.6 and t2 == 0.7  # class 2 has two scores: the fallback
+    assert len(buf.buffers[1]) == 2
+    buf.add(torch.ones(10, dtype=torch.int64), torch.full((10,), 0.5))
+    assert len(buf.buffers[0]) == 300  # the oldest left
+
+
+def test_select_pseudo_fixed_per_class_and_topk():
+    boxes = torch.arange(20, dtype=torch.float32).reshape(5, 4)
+    labels = torch.tensor([1, 2, 1, 2, 1])
+    scores = torch.tensor([0.9, 0.8, 0.6, 0.2, 0.1])
+    # fixed 0.7 with an ignore band from 0.2: 0.9, 0.8 kept; 0.6 and 0.2 ignored; 0.1 background
+    _, lab, s, ign = select_pseudo(boxes, labels, scores, "fixed", 0.7, 0.2)
+    assert s.tolist() == pytest.approx([0.9, 0.8]) and lab.tolist() == [1, 2]
+    assert ign.tolist() == boxes[[2, 3]].tolist()
+    # a threshold per class: class 1 at 0.5, class 2 at 0.85
+    _, lab, s, ign = select_pseudo(boxes, labels, scores, "gmm", [0.5, 0.85], None)
+    assert s.tolist() == pytest.approx([0.9, 0.6]) and len(ign) == 0
+    # top-k: round(0.9 + 0.8 + 0.6 + 0.2 + 0.1) = round(2.6) = 3 boxes, the best three
+    assert top_count(scores) == 3
+    _, _, s, ign = select_pseudo(boxes, labels, scores, "topk", 0.7, 0.15)
+    assert s.tolist() == pytest.approx([0.9, 0.8, 0.6])
+    assert ign.tolist() == boxes[[3]].tolist()  # 0.2 is in the band, 0.1 below it
+
+
+def test_rpn_leaves_anchors_on_ignored_boxes_out():
+    model = build_detector(1, ModelConfig(backbone="resnet18"))
+    anchors = [torch.tensor([[0, 0, 10, 10], [20, 20, 30, 30], [40, 40, 50, 50], [41, 41, 51, 51]], dtype=torch.float32)]
+    target = {"boxes": torch.tensor([[0.0, 0, 10, 10]]), "labels": torch.tensor([1])}
+    labels, _ = model.rpn.assign_targets_to_anchors(anchors, [target])
+    assert labels[0].tolist() == [1, 0, 0, 0]
+    target["ignore_boxes"] = torch.tensor([[40.0, 40, 50, 50]])
+    labels, _ = model.rpn.assign_targets_to_anchors(anchors, [target])
+    assert labels[0].tolist() == [1, 0, -1, -1]  # IoU 1 and 0.68 with the ignored box
+
+
+def test_rmt_plus_end_to_end(tiny_tiles):
+    cfg = TrainConfig.for_method(
+        "rmt+", iterations=5, burn_in=2, warmup=1, labelled_batch=2, unlabelled_batch=2, lr=0.01,
+        gmm_min_scores=5, model={"backbone": "resnet18"},
+    )
+    assert cfg.soft_negatives and cfg.ignore_low == 0.2 and cfg.pseudo_rule == "gmm"
+    assert cfg.model.focal_gamma == 0.0 and cfg.uses_mixing and cfg.uses_reg
+    trainer = Trainer(tiny_tiles[:3], tiny_tiles[3:], CLASSES, cfg)
+    calls = []
+    real = trainer._teacher_background
+
+    def spy(view, proposals):
+        out = real(view, proposals)
+        calls.append((sum(len(p) for p in proposals), out))
+        return out
+
+    trainer._teacher_background = spy
+    events = [e for e in trainer.run() if isinstance(e, IterationEvent)]
+    semi = [e for e in events if e.phase == "semi-supervised"]
+    assert len(semi) == 3
+    assert all(len(e.thresholds) == len(CLASSES) and len(e.pseudo_per_image) == 2 for e in semi)
+    assert all(len(e.ignored_per_image) == 2 for e in semi)
+    # the teacher's background probability was asked for every sampled RoI of each step
+    assert len(calls) == 3 and all(n > 0 and ((p >= 0) & (p <= 1)).all() for n, p in calls)
+    assert all(math.isfinite(v) for e in semi for v in e.losses.values())
+    assert sum(len(b) for b in trainer.scores.buffers) > 0
+    assert trainer.predict_with == "teacher"
+
+
+def test_time_budget_ends_the_run_and_cosine_schedule(tiny_tiles):
+    cfg = TrainConfig.for_method(
+        "supervised", iterations=1000, warmup=0, time_budget_s=1e-9, lr_schedule="cosine",
+        labelled_batch=1, model={"backbone": "resnet18"},
+    )
+    trainer = Trainer(tiny_tiles[:2], [], CLASSES, cfg)
+    events = [e for e in trainer.run() if isinstance(e, IterationEvent)]
+    assert len(events) == 1 and events[0].elapsed > 0  # one step, then the budget is spent
+    # cosine: 0.05 + 0.95 * (1 + cos(pi * progress)) / 2 of the rate
+    trainer.elapsed_s, trainer.cfg.time_budget_s, trainer.iteration = 0.0, 100.0, 0
+    assert trainer._set_lr() == pytest.approx(cfg.lr)
+    trainer.elapsed_s = 50.0
+    assert trainer._set_lr() == pytest.approx(cfg.lr * 0.525)
+    trainer.iteration = 900  # iterations may be further along than time
+    assert trainer._set_lr() == pytest.approx(cfg.lr * (0.05 + 0.95 * (1 + math.cos(0.9 * math.pi)) / 2))
+
+
+def test_burn_in_by_share_of_the_budget(tiny_tiles):
+    cfg = TrainConfig.for_method(
+        "rmt+", iterations=1000, burn_in=1000, burn_in_fraction=0.5, time_budget_s=100.0,
+        model={"backbone": "resnet18"},
+    )
+    trainer = Trainer(tiny_tiles[:3], tiny_tiles[3:], CLASSES, cfg)
+    trainer.elapsed_s = 49.0
+    assert trainer._phase_transition() is None
+    trainer.elapsed_s = 50.0
+    assert trainer._phase_transition().phase == "semi-supervised" and trainer.teacher is not None
+
+
+def test_resume_under_another_method_continues_the_same_state(tiny_tiles, tmp_path):
+    cfg = TrainConfig.for_method("supervised", iterations=2, warmup=1, labelled_batch=2, model={"backbone": "resnet18"})
+    sup = Trainer(tiny_tiles[:3], tiny_tiles[3:], CLASSES, cfg)
+    list(sup.run())
+    sup.save(tmp_path / "sup.pt")
+    branch = TrainConfig.for_method(
+        "rmt+", iterations=4, burn_in=2, warmup=1, labelled_batch=2, model=cfg.model
+    )
+    trainer = Trainer.resume(tmp_path / "sup.pt", tiny_tiles[:3], tiny_tiles[3:], config=branch)
+    assert trainer.iteration == 2 and trainer.cfg.method == "rmt+" and trainer.elapsed_s == sup.elapsed_s
+    s = sup.student.state_dict()
+    assert all(torch.equal(v, trainer.student.state_dict()[k]) for k, v in s.items())
+    phases = [e.phase for e in trainer.run() if isinstance(e, IterationEvent)]
+    assert phases == ["semi-supervised", "semi-supervised"]
+    other = TrainConfig.for_method("rmt+", model={"backbone": "mobilenet_v3_large"})
+    with pytest.raises(CheckpointError, match="another model"):
+        Trainer.resume(tmp_path / "sup.pt", tiny_tiles[:3], tiny_tiles[3:], config=other)
+
+
+def test_group_norm_everywhere_and_its_teacher(tiny_tiles):
+    model = build_detector(3, ModelConfig(backbone="resnet18", norm="group"))
+    kinds = {type(m).__name__ for m in model.modules()}
+    assert "GroupNorm" in kinds and not any("BatchNorm" in k for k in kinds)
+    assert type(model.backbone.fpn.inner_blocks[0][1]).__name__ == "GroupNorm"
+    assert type(model.rpn.head.conv[0][1]).__name__ == "GroupNorm"
+    assert not list(model.buffers())  # nothing for the EMA to average but weights
+    cfg = TrainConfig.for_method(
+        "rmt+", iterations=3, burn_in=1, warmup=1, labelled_batch=2, gmm_min_scores=5,
+        model={"backbone": "resnet18", "norm": "group"},
+    )
+    trainer = Trainer(tiny_tiles[:3], tiny_tiles[3:], CLASSES, cfg)
+    list(trainer.run())
+    ema_update(trainer.teacher, trainer.student, 0.5)  # float tensors only: no error
+
+
+def test_new_options_are_validated_and_saved(tiny_tiles, tmp_path):
+    for bad in ({"pseudo_rule": "median"}, {"ignore_low": 1.5}, {"lr_schedule": "step"},
+                {"time_budget_s": -1.0}, {"burn_in_fraction": 1.0}, {"gmm_buffer": 3}):
+        with pytest.raises(NapariRmtError, match=next(iter(bad))):
+            TrainConfig.for_method("rmt+", **bad)
+    cfg = TrainConfig.for_method("rmt+", iterations=1, model={"backbone": "resnet18"})
+    trainer = Trainer(tiny_tiles[:3], tiny_tiles[3:], CLASSES, cfg)
+    list(trainer.run())
+    trainer.save(tmp_path / "m.pt")
+    from napari_rmt.train import read_checkpoint
+    from napari_rmt.train.checkpoint import config_from_checkpoint
+
+    back = config_from_checkpoint(read_checkpoint(tmp_path / "m.pt"))
+    assert back == cfg and back.soft_negatives and back.model.focal_gamma == 0.0
