@@ -122,7 +122,8 @@ def test_training_and_prediction_killed_at_random_leave_whole_files_and_resume(t
     broken = 0
     last_iteration = 0
     for k in range(kills):
-        cmd = train if k == 0 or not (run / "model.pt").is_file() else [*train, "--resume", str(run / "model.pt")]
+        fresh = k == 0 or not (run / "model.pt").is_file()
+        cmd = [*train, "--overwrite"] if fresh else [*train, "--resume", str(run / "model.pt")]
         _kill_after(cmd, rng.uniform(4.0, 9.0), tmp_path)
         if (run / "model.pt").is_file():
             try:

@@ -80,24 +80,33 @@ def test_strong_augmentation_is_photometric():
     assert not torch.equal(out, img)
 
 
-def test_box_head_in_chunks_gives_the_same_detections():
-    """Large windows run the box head over proposals in chunks; the answer must not change."""
-    from napari_rmt.model.wholeimage import detection_limits
+def test_box_head_in_chunks_gives_the_same_outputs():
+    """Large windows run the box head over proposals in chunks; its outputs must not change.
 
+    Compared before NMS: the chunks' matrix products may round in the last bits unlike
+    one pass (batch shapes differ), which can flip a near-tie in NMS, and that is no
+    error of the chunking (a whole-detections comparison failed on one CPU this way).
+    """
     torch.manual_seed(0)
     model = build_detector(2, ModelConfig(backbone="resnet18")).eval()
-    model.roi_heads.score_thresh = 0.0
+    heads = model.roi_heads
     images = [torch.rand(3, 160, 128), torch.rand(3, 96, 160)]
-    with torch.no_grad(), detection_limits(model, None, objectness=0.0, per_cell=1 << 20):
-        model.roi_heads.eval_chunk = 1 << 30
-        whole = model(images)
-        model.roi_heads.eval_chunk = 97  # slices that straddle the two images
-        chunked = model(images)
-    for a, b in zip(whole, chunked, strict=True):
-        assert len(a["boxes"]) > 100
-        torch.testing.assert_close(a["boxes"], b["boxes"], atol=1e-3, rtol=0)
-        torch.testing.assert_close(a["scores"], b["scores"], atol=1e-5, rtol=0)
-        assert torch.equal(a["labels"], b["labels"])
+    with torch.no_grad():
+        batch, _ = model.transform(images)
+        features = model.backbone(batch.tensors)
+        proposals = [torch.rand(n, 4) * 60 for n in (300, 211)]
+        for p in proposals:
+            p[:, 2:] += p[:, :2] + 4  # x1 > x0, y1 > y0
+        one_logits, one_deltas = heads.box_predictor(
+            heads.box_head(heads.box_roi_pool(features, proposals, batch.image_sizes))
+        )
+        heads.eval_chunk = 97  # slices that straddle the two images
+        logits, deltas = heads._chunked_outputs(features, proposals, batch.image_sizes)
+    assert logits.shape == one_logits.shape == (511, 3)
+    torch.testing.assert_close(logits, one_logits, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(deltas, one_deltas, atol=1e-4, rtol=1e-4)
+    # and a chunk misordered would show: the first image's outputs are not the second's
+    assert not torch.allclose(logits[:211], one_logits[300:])
 
 
 def test_proposals_are_capped_per_cell_by_score():

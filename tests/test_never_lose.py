@@ -202,3 +202,192 @@ def test_a_folder_from_before_the_manifest_opens_and_converts(tmp_path):
     assert len(old.tileset) == 3
     old.save()
     assert (folder / "project.json").is_file() and not (folder / "annotations.json").exists()
+
+
+# ---------------------------------------------------------------- silent wrong results
+def test_predict_maps_classes_by_name_or_refuses(tmp_path, capsys):
+    from conftest import make_coco
+
+    coco = make_coco(tmp_path / "data", n_images=2, size=(64, 64))
+    run = tmp_path / "run"
+    assert main(["train", "--coco", str(coco), "--method", "supervised", "--iterations", "1", "--warmup", "1",
+                 "--batch", "1", "--out", str(run)]) == 0
+    # the same classes under other ids and in another order
+    data = json.loads(coco.read_text())
+    remap = {1: 7, 2: 5, 3: 9}
+    data["categories"] = [{"id": remap[c["id"]], "name": c["name"]} for c in reversed(data["categories"])]
+    for a in data["annotations"]:
+        a["category_id"] = remap[a["category_id"]]
+    other = tmp_path / "data" / "other.json"
+    other.write_text(json.dumps(data))
+    out = tmp_path / "p.json"
+    assert main(["predict", "--model", str(run), "--coco", str(other), "--out", str(out),
+                 "--score-threshold", "0"]) == 0
+    rows = json.loads(out.read_text())
+    assert rows and {r["category_id"] for r in rows} <= {5, 7, 9}
+    # a class the dataset lacks: refused, nothing written
+    data["categories"] = [c for c in data["categories"] if c["name"] != "lymphocyte"]
+    data["annotations"] = [a for a in data["annotations"] if a["category_id"] != 9]
+    other.write_text(json.dumps(data))
+    out.unlink()
+    assert main(["predict", "--model", str(run), "--coco", str(other), "--out", str(out)]) == 2
+    assert "['lymphocyte']" in capsys.readouterr().err and not out.exists()
+
+
+def test_image_values_outside_the_rule_are_warned_about():
+    from napari_rmt.data.errors import DataWarning
+    from napari_rmt.data.imageio import to_uint8_rgb
+
+    twelve = np.array([[0, 2048, 4095]], dtype=np.uint16)
+    with pytest.warns(DataWarning, match="12-bit"):
+        out = to_uint8_rgb(twelve, where="slide.tif")
+    assert out[0, :, 0].tolist() == [0, 128, 255]  # not near black
+    with pytest.warns(DataWarning, match=r"slide\.tif.*down to -5"):
+        to_uint8_rgb(np.array([[-5, 100]], dtype=np.int16), where="slide.tif")
+    with pytest.warns(DataWarning, match="outside 0..255"):
+        to_uint8_rgb(np.array([[0.0, 300.0]], dtype=np.float32), where="x.zarr")
+    full = np.array([[0, 65535]], dtype=np.uint16)
+    assert to_uint8_rgb(full)[0, :, 0].tolist() == [0, 255]  # 16-bit data: no warning
+
+
+def test_large_16_bit_image_scale_is_one_for_all_windows(tmp_path):
+    from napari_rmt.data.errors import DataWarning
+
+    a = np.zeros((64, 64, 3), dtype=np.uint16)
+    a[:32] = 4000  # 12-bit data; the lower half is dark
+    a[32:, :, :] = 100
+    import zarr
+
+    z = zarr.open(str(tmp_path / "a.zarr"), mode="w", shape=a.shape, chunks=(32, 32, 3), dtype="u2")
+    z[...] = a
+    img = open_large_image(tmp_path / "a.zarr")
+    with pytest.warns(DataWarning, match="12-bit"):
+        dark = img.read(0, 32, 32, 32)
+    assert int(dark.max()) == round(100 / 4095 * 255)  # scaled as the whole image is, not stretched
+
+
+def test_nan_weights_bad_config_and_bad_options_are_refused(tmp_path, tiny_tiles):
+    import torch
+
+    from napari_rmt.train import TrainConfig, Trainer
+    from napari_rmt.train.checkpoint import CheckpointError, load_model, read_checkpoint, save_checkpoint
+
+    cfg = TrainConfig.for_method("supervised", iterations=1, warmup=1, labelled_batch=1, model={"backbone": "resnet18"})
+    trainer = Trainer(tiny_tiles[:2], [], ClassList.default(), cfg)
+    list(trainer.run())
+    state = trainer.state_dict()
+    key = next(k for k, v in state["student"].items() if v.is_floating_point())
+    state["student"][key] = torch.full_like(state["student"][key], float("nan"))
+    save_checkpoint(tmp_path / "nan.pt", state)
+    with pytest.raises(CheckpointError, match=r"nan\.pt.*NaN or infinite"):
+        load_model(tmp_path / "nan.pt")
+    ok = read_checkpoint(tmp_path / "nan.pt")
+    ok["config"] = {"method": "rmt", "iterations": "many"}
+    save_checkpoint(tmp_path / "badcfg.pt", ok)
+    with pytest.raises(CheckpointError, match=r"badcfg\.pt: bad config"):
+        load_model(tmp_path / "badcfg.pt")
+    for bad, message in (
+        ({"lr": float("inf")}, "lr is inf"), ({"semi_lr": float("nan")}, "semi_lr is nan"),
+        ({"lambda_u": -1.0}, "lambda_u -1.0 must be >= 0"), ({"checkpoint_every": -1}, "checkpoint_every"),
+        ({"burn_in": 10, "iterations": 5}, "never leave burn-in"), ({"momentum": 1.5}, "momentum"),
+    ):
+        with pytest.raises(NapariRmtError, match=message):
+            TrainConfig.for_method("rmt", **bad)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["predict", "--model", "m.pt", "a.png", "--out", "o.json", "--batch-size", "-1"], "at least 1"),
+        (["predict", "--model", "m.pt", "a.png", "--out", "o.json", "--score-threshold", "2"], r"\[0, 1\]"),
+        (["predict", "--model", "m.pt", "a.png", "--out", "o.json", "--nms", "5"], r"\(0, 1\]"),
+        (["evaluate", "--gt", "g.json", "--pred", "p.json", "--iou", "2"], r"\(0, 1\]"),
+    ],
+)
+def test_command_line_options_out_of_range_are_refused(capsys, argv, message):
+    import re
+
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2 and re.search(message, capsys.readouterr().err)
+
+
+def test_training_options_out_of_range_are_refused_before_training(tmp_path, capsys, coco_file):
+    assert main(["train", "--coco", str(coco_file), "--out", str(tmp_path / "r"), "--lr", "inf"]) == 2
+    assert "lr is inf" in capsys.readouterr().err and not (tmp_path / "r" / "model.pt").exists()
+
+
+def test_evaluate_reports_an_absent_class_as_na(tmp_path, capsys, coco_file):
+    out = tmp_path / "p.json"
+    out.write_text(json.dumps([{"image_id": 1, "category_id": 1, "bbox": [2, 3, 8.5, 6.25], "score": 0.9}]))
+    assert main(["evaluate", "--gt", str(coco_file), "--pred", str(out), "--json", str(tmp_path / "e.json")]) == 0
+    text = capsys.readouterr().out
+    row = next(line for line in text.splitlines() if line.startswith("lymphocyte"))
+    assert "n/a" in row and "0.0    " not in row.split()[1]
+    res = json.loads((tmp_path / "e.json").read_text())
+    assert res["classes"]["lymphocyte"]["f1"] is None and res["classes"]["lymphocyte"]["ap50"] is None
+    assert res["classes"]["tumor"]["f1"] is not None
+
+
+# ---------------------------------------------------------------- raw tracebacks
+def test_tiny_image_and_too_many_boxes_are_clear_errors(tiny_tiles):
+    from napari_rmt.train import TrainConfig, Trainer, TrainingError
+
+    cfg = TrainConfig.for_method("supervised", iterations=1, model={"backbone": "resnet18"})
+    one = Tile(id=99, name="dot.png", width=1, height=1, loader=lambda: np.zeros((1, 1, 3), np.uint8),
+               boxes=Boxes([[0, 0, 1, 1]], [1]))
+    with pytest.raises(TrainingError, match=r"'dot\.png' is 1x1 px.*at least 32"):
+        Trainer([one], [], ClassList.default(), cfg)
+    n = 60_000
+    rng = np.random.default_rng(0)
+    xy = rng.uniform(0, 200, (n, 2))
+    crowded = Tile(id=98, name="crowded.png", width=256, height=256, loader=lambda: np.zeros((256, 256, 3), np.uint8),
+                   boxes=Boxes(np.hstack([xy, xy + 5]), np.ones(n, int)))
+    with pytest.raises(TrainingError, match=r"'crowded\.png' has 60,000 boxes; at most [\d,]+ fit"):
+        Trainer([crowded], [], ClassList.default(), cfg)
+
+
+def test_absurd_sizes_and_paths_outside_the_dataset_are_refused(tmp_path, coco_file):
+    from napari_rmt.data import read_coco
+    from napari_rmt.data.errors import AnnotationError
+
+    data = json.loads(coco_file.read_text())
+    data["images"][0]["width"] = data["images"][0]["height"] = 100_000
+    bad = coco_file.parent / "huge.json"
+    bad.write_text(json.dumps(data))
+    with pytest.raises(AnnotationError, match=r"images\[0\]: size 100000x100000 is too large for a tile"):
+        read_coco(bad)
+    for name in ("../../etc/passwd", "/etc/passwd"):
+        data = json.loads(coco_file.read_text())
+        data["images"][0]["file_name"] = name
+        bad.write_text(json.dumps(data))
+        with pytest.raises(AnnotationError, match=rf"images\[0\]: file_name '{name}' lies outside"):
+            read_coco(bad)
+
+
+# ---------------------------------------------------------------- resume
+def test_resume_refuses_changed_options_and_other_tiles(tmp_path, capsys):
+    from conftest import make_coco
+
+    coco = make_coco(tmp_path / "data", n_images=4, size=(64, 64))
+    run = tmp_path / "run"
+    base = ["train", "--coco", str(coco), "--method", "supervised", "--iterations", "2", "--warmup", "1",
+            "--batch", "1", "--labeled-fraction", "0.5", "--out", str(run)]
+    assert main(base) == 0
+    # training again into the same folder would overwrite the run: refused
+    assert main(base) == 2 and "holds an earlier run" in capsys.readouterr().err
+    resume = [*base, "--resume", str(run / "model.pt")]
+    assert main([*resume, "--lr", "0.5"]) == 2
+    err = capsys.readouterr().err
+    assert "--lr 0.5 (saved 0.02)" in err and "differ" in err
+    assert main([*resume, "--method", "rmt"]) == 2 and "--method rmt (saved supervised)" in capsys.readouterr().err
+    # more iterations are honoured (the last --iterations given counts)
+    assert main([*resume, "--iterations", "3"]) == 0
+    from napari_rmt.train import read_checkpoint
+
+    assert read_checkpoint(run / "model.pt")["iteration"] == 3
+    assert "(saved" not in capsys.readouterr().err
+    # another set of labelled tiles: a clear error, not an IndexError
+    other = [*resume]
+    other[other.index("0.5")] = "0.75"
+    assert main(other) == 2 and "labelled tiles" in capsys.readouterr().err

@@ -88,7 +88,7 @@ def _in_range(low: float, high: float, low_open: bool = False):
 def _add_training_options(p: argparse.ArgumentParser) -> None:
     """Training options. Unset ones take the method's default (``TrainConfig.for_method``),
     so ``--method rmt`` is the paper's method and ``--method rmt+`` the recommended recipe."""
-    from .model.detector import BACKBONES
+    from .model.config import BACKBONES
     from .train.config import METHODS, PSEUDO_RULES, RECOMMENDED, SCHEDULES
 
     p.add_argument("--method", choices=METHODS, default=None, help=f"default {RECOMMENDED}")
@@ -240,8 +240,9 @@ def _event_record(ev: Any) -> dict:
     return {"event": type(ev).__name__, **asdict(ev)}
 
 
-def run_training(trainer, out: Path, quiet: bool = False) -> list[dict]:
-    """Drive a trainer with a progress bar; log every event to ``out/events.jsonl``."""
+def run_training(trainer, out: Path, quiet: bool = False, append: bool = False) -> list[dict]:
+    """Drive a trainer with a progress bar; log every event to ``out/events.jsonl``
+    (a fresh log, or appended to the resumed run's with ``append``)."""
     from .data.atomic import atomic_write_json
     from .train.events import CheckpointEvent, FinishedEvent, IterationEvent, PhaseEvent
     from .train.trainer import TrainingError
@@ -250,7 +251,7 @@ def run_training(trainer, out: Path, quiet: bool = False) -> list[dict]:
     atomic_write_json(out / "config.json", trainer.cfg.to_dict(), indent=1)
     bar = ProgressBar(trainer.cfg.iterations, label=trainer.cfg.method, stream=sys.stderr)
     records = []
-    with open(out / "events.jsonl", "a", encoding="utf-8") as log:
+    with open(out / "events.jsonl", "a" if append else "w", encoding="utf-8") as log:
         try:
             for ev in trainer.run():
                 rec = _event_record(ev)
@@ -300,6 +301,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if out_dir.exists() and not out_dir.is_dir():
         raise NapariRmtError(f"--out {out_dir}: is a file; give a folder for the run")
     check_output(out_dir / "model.pt", [args.coco], "--out")
+    if not args.resume and not args.overwrite and any((out_dir / n).exists() for n in ("model.pt", "events.jsonl")):
+        raise NapariRmtError(
+            f"--out {out_dir}: holds an earlier run; continue it with --resume {out_dir / 'model.pt'}, "
+            "replace it with --overwrite, or choose another folder"
+        )
     tileset = _load_dataset(args)
     tiles = list(tileset)
     if args.labeled_ids:
@@ -335,7 +341,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         )
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "labelled_ids.json", [t.id for t in labelled])
-    records = run_training(trainer, out)
+    records = run_training(trainer, out, append=bool(args.resume))
     fin = records[-1] if records else {}
     print(
         f"napari-rmt: {fin.get('iteration', trainer.iteration)} iterations in "
@@ -662,6 +668,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--init-from", default=None, help="warm start from an earlier model.pt")
     train.add_argument("--resume", default=None, help="continue an interrupted run from its model.pt")
+    train.add_argument("--overwrite", action="store_true", help="replace an earlier run in --out")
     train.add_argument("--out", required=True, help="run folder: model.pt, config.json, events.jsonl")
     train.add_argument(
         "--allow-outside-paths", action="store_true",

@@ -70,7 +70,7 @@ def _to_unit_float(a: np.ndarray, where: str) -> np.ndarray:
                 DataWarning(f"{where}: signed {a.dtype} values down to {int(a.min())} are clipped at 0"),
                 stacklevel=3,
             )
-        if a.dtype.itemsize == 2:
+        if a.dtype == np.uint16:
             # 10-, 12- and 14-bit cameras store in 16-bit containers: scaled by 65535 such
             # data is near black and the detector finds nothing. Scale by the smallest
             # depth that holds the data, and say so.

@@ -170,7 +170,7 @@ class LargeImage:
         kept = [a for a in self.axes if a in "yxc"]
         order = [kept.index(a) for a in "yxc" if a in kept]
         raw = np.transpose(raw, order)  # (h, w[, c])
-        if np.issubdtype(raw.dtype, np.floating) or raw.dtype.itemsize == 2:
+        if np.issubdtype(raw.dtype, np.floating) or raw.dtype == np.uint16:
             raw = np.clip(raw.astype(np.float32) / self.float_scale(), 0.0, 1.0)
         return to_uint8_rgb(raw, where=f"{self.name} at x={x} y={y}")
 
@@ -207,7 +207,7 @@ class LargeImage:
                         DataWarning(f"{self.name}: {self.dtype} values reach only {top:g}; read as {bits}-bit data"),
                         stacklevel=2,
                     )
-                self._float_scale = float(2**bits - 1) if np.issubdtype(self.dtype, np.unsignedinteger) or bits < 16 else 32767.0
+                self._float_scale = float(2**bits - 1)
         return self._float_scale
 
     def napari_data(self) -> list[Any] | Any:

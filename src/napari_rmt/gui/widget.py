@@ -259,7 +259,7 @@ class RMTWidget(QWidget):
         self.method_combo = QComboBox()
         # Choices come from the core (torch is imported at widget open anyway, for warm
         # imports); the recommended method first.
-        from ..model.detector import BACKBONES
+        from ..model.config import BACKBONES
         from ..train.config import METHODS, PSEUDO_RULES, RECOMMENDED
 
         self.method_combo.addItems([RECOMMENDED, *(m for m in METHODS if m != RECOMMENDED)])
@@ -443,8 +443,14 @@ class RMTWidget(QWidget):
         self._guarded(lambda: self._open_sample())
 
     def _open_sample(self) -> None:
+        """The bundled sample, in one project folder: opening it again reopens that project
+        (with what the user did in it) instead of making a new folder every time."""
         from ..data.boxes import Boxes
 
+        folder = DEFAULT_PROJECTS / "consep-sample"
+        if Project.is_project(folder):
+            self.open_project(folder)
+            return
         ts = load_sample()
         # The workflow starts from a few annotated tiles: keep two per slide region,
         # and make the other eight unlabelled tiles with no boxes.
@@ -455,7 +461,7 @@ class RMTWidget(QWidget):
             if kept[region] > 2:
                 t.boxes = Boxes()
                 t.status = TileStatus.UNLABELLED
-        self.set_tileset(ts, "consep-sample")
+        self.set_tileset(ts, "consep-sample", folder=folder)
 
     def open_folder(self, folder: str | Path) -> None:
         folder = Path(folder)

@@ -1,13 +1,27 @@
-"""The detector: torchvision Faster R-CNN + FPN with a focal-loss box head."""
+"""The detector: torchvision Faster R-CNN + FPN with a focal-loss box head.
 
-from .detector import BACKBONES, ModelConfig, build_detector, load_backbone_weights
-from .heads import FocalRoIHeads, focal_loss
+Names are loaded on first use (PEP 562), so that ``napari_rmt.model.config`` (plain
+data) can be imported without importing torch.
+"""
 
-__all__ = [
-    "BACKBONES",
-    "FocalRoIHeads",
-    "ModelConfig",
-    "build_detector",
-    "focal_loss",
-    "load_backbone_weights",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_WHERE = {
+    "BACKBONES": "config",
+    "ModelConfig": "config",
+    "build_detector": "detector",
+    "load_backbone_weights": "detector",
+    "FocalRoIHeads": "heads",
+    "focal_loss": "heads",
+}
+
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _WHERE:
+        return getattr(importlib.import_module(f".{_WHERE[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

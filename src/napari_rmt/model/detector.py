@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -32,32 +31,13 @@ from torchvision.ops import MultiScaleRoIAlign
 from torchvision.ops.misc import Conv2dNormActivation, FrozenBatchNorm2d
 
 from ..data.errors import NapariRmtError
+from .config import BACKBONES, ModelConfig
 from .heads import FocalRoIHeads
 from .proposals import LocalRPN
-
-BACKBONES = ("resnet50", "resnet18", "mobilenet_v3_large")
 
 
 class WeightsError(NapariRmtError):
     """A weights file is missing, unreadable, or does not fit the chosen backbone."""
-
-
-@dataclass
-class ModelConfig:
-    """Everything that fixes the detector's architecture (saved with every checkpoint)."""
-
-    backbone: str = "resnet18"
-    #: None (random init), "imagenet" (torchvision's weights API: may download), or a
-    #: path to a local file with a torchvision classification state dict.
-    weights: str | None = None
-    norm: str = "auto"  # "auto" | "batch" | "group" | "frozen"
-    anchor_sizes: tuple[int, ...] = (8, 16, 32, 64, 128)
-    aspect_ratios: tuple[float, ...] = (0.5, 1.0, 2.0)
-    light_heads: bool = True
-    focal_gamma: float = 1.5
-    detections_per_img: int = 300
-    box_score_thresh: float = 0.05
-    box_nms_thresh: float = 0.5
 
 
 class NativeSizeTransform(GeneralizedRCNNTransform):

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..data.errors import NapariRmtError
-from ..model.detector import ModelConfig
+from ..model.config import ModelConfig
 
 METHODS = ("supervised", "stac", "ubt", "rmt", "rmt-noreg", "rmt+")
 #: The method the GUI and ``napari-rmt train`` use unless told otherwise.
