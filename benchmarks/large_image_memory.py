@@ -69,8 +69,9 @@ def train(out: Path, iterations: int) -> None:
     import torch
 
     from napari_rmt.data import Boxes, ClassList
-    from napari_rmt.data.large import boxes_in_window, grid_tiles, open_large_image
-    from napari_rmt.data.tiles import TileStatus
+    from napari_rmt.data.boxes import boxes_in_window
+    from napari_rmt.data.large import open_large_image
+    from napari_rmt.data.tiles import TileStatus, grid_tiles
     from napari_rmt.model import ModelConfig
     from napari_rmt.train import TrainConfig, Trainer
 
@@ -97,8 +98,9 @@ def train(out: Path, iterations: int) -> None:
 def predict(out: Path, window: int, context: int, batch: int) -> None:
     import torch
 
+    from napari_rmt.data.boxstore import write_boxes_zarr
     from napari_rmt.data.large import open_large_image, tile_grid
-    from napari_rmt.model.wholeimage import predict_large_image, write_boxes_zarr
+    from napari_rmt.model.wholeimage import predict_large_image
     from napari_rmt.train.checkpoint import load_model
 
     torch.set_num_threads(2)

@@ -144,7 +144,7 @@ def base_config(args, method: str) -> TrainConfig:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("mode", choices=["supervised", "branch", "yardstick", "plot"])
+    ap.add_argument("mode", choices=["supervised", "branch", "yardstick", "plot", "table"])
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--minutes", type=float, default=20)
     ap.add_argument("--out", required=True)
@@ -161,6 +161,9 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     if args.mode == "plot":
         plot(out)
+        return
+    if args.mode == "table":
+        print(table(out))
         return
     torch.set_num_threads(2)
     ts, lab, unl, test = split(args.seed)
@@ -194,6 +197,31 @@ def main() -> None:
     res = result(trainer, run.name, test, ts.classes, wall)
     (run / "result.json").write_text(json.dumps(res, indent=1))
     print(json.dumps({k: v for k, v in res.items() if k != "config"}, indent=1))
+
+
+def table(out: Path) -> str:
+    """Every finished run under ``out`` (seed folders) as one markdown table."""
+    classes = ["miscellaneous", "inflammatory", "epithelial", "spindle"]
+    rows = ["| seed | run | steps | model | " + " | ".join(classes) + " | mean per class | any class |",
+            "|---" * (len(classes) + 6) + "|"]
+    for res_path in sorted(out.glob("s*/*/result.json")) + sorted(out.glob("s*/yardstick.json")):
+        r = json.loads(res_path.read_text())
+        seed = res_path.parts[-3] if res_path.name == "result.json" else res_path.parts[-2]
+        if res_path.name == "yardstick.json":
+            f = r["f1"]
+            per = [f.get(c, 0.0) for c in classes]
+            rows.append(f"| {seed} | yardstick | {r['iterations']} | plain | " + " | ".join(f"{v:.1f}" for v in per)
+                        + f" | {np.mean(per):.1f} | **{r['f1_class_agnostic']:.1f}** |")
+            continue
+        for which in ("f1", "student_f1"):
+            if which not in r:
+                continue
+            f = r[which]
+            model = r["model"] if which == "f1" else "student"
+            rows.append(f"| {seed} | {r['run']} | {r['iterations']} | {model} | "
+                        + " | ".join(f"{f[c]['f1']:.1f}" for c in classes)
+                        + f" | {f['mean_class_f1']:.1f} | **{f['any']['f1']:.1f}** |")
+    return "\n".join(rows)
 
 
 def plot(out: Path) -> None:

@@ -39,7 +39,7 @@ def main() -> None:
     from qtpy.QtWidgets import QApplication
 
     from napari_rmt.data import TileSet
-    from napari_rmt.data.large import grid_tiles
+    from napari_rmt.data.tiles import grid_tiles
     from napari_rmt.gui import widget as widget_mod
     from napari_rmt.gui.session import camera_of
     from napari_rmt.gui.widget import RMTWidget

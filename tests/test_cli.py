@@ -129,8 +129,9 @@ def test_predict_a_large_zarr_image_writes_whole_image_boxes(tmp_path, capsys):
     import numpy as np
 
     from conftest import make_coco
+    from napari_rmt.data.boxstore import read_boxes_zarr
     from napari_rmt.data.large import open_large_image, write_zarr_image
-    from napari_rmt.model.wholeimage import predict_large_image, read_boxes_zarr
+    from napari_rmt.model.wholeimage import predict_large_image
     from napari_rmt.train.checkpoint import load_model
 
     coco = make_coco(tmp_path / "data", n_images=2, size=(64, 64))

@@ -12,22 +12,17 @@ from PIL import Image
 from scipy import ndimage
 
 from napari_rmt.data import ClassList, TileSet, read_coco, write_coco
+from napari_rmt.data.boxstore import read_boxes_zarr, write_boxes_zarr
 from napari_rmt.data.errors import ImageReadError, NapariRmtError
 from napari_rmt.data.large import (
     LargeImage,
     cached_large_image,
-    grid_tiles,
     open_large_image,
     tile_grid,
     write_zarr_image,
 )
-from napari_rmt.data.tiles import TileStatus
-from napari_rmt.model.wholeimage import (
-    predict_large_image,
-    predict_whole_at_once,
-    read_boxes_zarr,
-    write_boxes_zarr,
-)
+from napari_rmt.data.tiles import TileStatus, grid_tiles
+from napari_rmt.model.wholeimage import predict_large_image, predict_whole_at_once
 
 
 # ------------------------------------------------------------------ grid
@@ -303,7 +298,7 @@ def test_prediction_rejects_windows_without_context():
 
 def test_boxes_between_image_and_window():
     from napari_rmt.data import Boxes
-    from napari_rmt.data.large import boxes_in_window, boxes_to_image
+    from napari_rmt.data.boxes import boxes_in_window, boxes_to_image
 
     b = Boxes(
         xyxy=[[10, 10, 20, 20], [95, 5, 105, 15], [98, 5, 108, 15], [300, 300, 310, 310]],

@@ -15,8 +15,9 @@ import pytest
 import torch
 
 from napari_rmt.data import read_coco
-from napari_rmt.data.large import boxes_in_window, grid_tiles, open_large_image
-from napari_rmt.data.tiles import TileStatus
+from napari_rmt.data.boxes import boxes_in_window
+from napari_rmt.data.large import open_large_image
+from napari_rmt.data.tiles import TileStatus, grid_tiles
 from napari_rmt.evaluate.metrics import iou_matrix
 from napari_rmt.model import ModelConfig
 from napari_rmt.model.wholeimage import predict_large_image, predict_whole_at_once

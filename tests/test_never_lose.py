@@ -13,10 +13,10 @@ import pytest
 from napari_rmt.cli import main
 from napari_rmt.data import Boxes, ClassList, Tile, TileSet
 from napari_rmt.data.atomic import ORPHAN_AGE_S, atomic_write, atomic_write_json, check_output
+from napari_rmt.data.boxstore import read_boxes_zarr, write_boxes_zarr
 from napari_rmt.data.errors import NapariRmtError
 from napari_rmt.data.large import open_large_image, write_zarr_image
 from napari_rmt.data.project import Project
-from napari_rmt.model.wholeimage import read_boxes_zarr, write_boxes_zarr
 
 
 def _tree(folder):

@@ -108,8 +108,22 @@ def test_annotate_train_review_export_reopen(widget, tmp_path):
     assert w2.model_state["_path"] == str(saved)
 
     # Warm start from the trained model.
-    w2.train(config=tiny(method="supervised"), synchronous=True)
-    assert "warm start" in w2.status.text() or w2.last_error is None
+    from napari_rmt.gui import jobs as training
+
+    previous, seen = w2.model_state, []
+    real_init = training.TrainingJob.__init__
+
+    def spy(self, *a, **kw):
+        seen.append(kw.get("init_from"))
+        real_init(self, *a, **kw)
+
+    training.TrainingJob.__init__ = spy
+    try:
+        w2.train(config=tiny(method="supervised"), synchronous=True)
+    finally:
+        training.TrainingJob.__init__ = real_init
+    assert w2.last_error is None
+    assert seen == [previous]  # the run started from the loaded model's weights
 
 
 def test_cancel_keeps_previous_model_and_work(widget, qtbot):
@@ -163,7 +177,7 @@ def test_large_image_grid_whole_image_prediction_and_reopen(make_napari_viewer, 
 
     import tifffile
 
-    from napari_rmt.model.wholeimage import read_boxes_zarr
+    from napari_rmt.data.boxstore import read_boxes_zarr
 
     monkeypatch.setattr(widget_mod, "DEFAULT_PROJECTS", tmp_path / "projects")
     rng = np.random.default_rng(0)

@@ -390,12 +390,13 @@ def _classes_by_name(model_classes, data_classes, where: str):
 
 def _cmd_predict(args: argparse.Namespace) -> int:
     from .data.atomic import atomic_write_json, check_output
+    from .data.boxstore import write_boxes_zarr
     from .data.coco import write_coco_results
     from .data.imageio import image_size
     from .data.large import is_zarr_path, open_large_image, tile_grid
     from .data.tiles import Tile, TileSet
     from .model.predict import predict_tiles
-    from .model.wholeimage import predict_large_image, write_boxes_zarr
+    from .model.wholeimage import predict_large_image
     from .train.checkpoint import load_model
     from .train.trainer import resolve_device
 

@@ -79,6 +79,12 @@ class Boxes:
                 f"scores {len(self.scores)}, sources {len(self.sources)}"
             )
 
+    def visible(self, cut: float) -> np.ndarray:
+        """Which boxes pass a score cut: score > ``cut`` (the paper's rule, the same for
+        what the review shows and what evaluation counts); a box without a score (drawn
+        by hand) always passes."""
+        return np.isnan(self.scores) | (self.scores > cut)
+
     # -- construction ------------------------------------------------------------
     @classmethod
     def from_cells(cls, cells: Sequence[CellBox]) -> Boxes:
@@ -213,3 +219,33 @@ def sanitize_boxes(
         )
     out = Boxes(clipped, boxes.class_ids, boxes.scores, boxes.sources)
     return out if keep.all() else out[keep]
+
+
+def boxes_in_window(boxes, x: int, y: int, width: int, height: int, min_visible: float = 0.5):
+    """Whole-image boxes seen through a window, in the window's coordinates.
+
+    A cell cut by the window edge is kept, clipped, when at least ``min_visible`` of its
+    box lies inside (enough of it to learn from); smaller slivers are left out rather
+    than taught as whole cells.
+    """
+    if len(boxes) == 0:
+        return Boxes()
+    xyxy = boxes.xyxy - np.array([x, y, x, y], dtype=np.float64)
+    clipped = np.clip(xyxy, 0, [width, height, width, height])
+    area = np.prod(np.clip(xyxy[:, 2:] - xyxy[:, :2], 0, None), axis=1)
+    inside = np.prod(np.clip(clipped[:, 2:] - clipped[:, :2], 0, None), axis=1)
+    keep = (inside > 0) & (inside >= min_visible * np.maximum(area, 1e-12))
+    return Boxes(
+        xyxy=clipped[keep],
+        class_ids=boxes.class_ids[keep],
+        scores=boxes.scores[keep],
+        sources=boxes.sources[keep],
+    )
+
+
+def boxes_to_image(boxes, origin: tuple[int, int]):
+    """A window's boxes in whole-image coordinates."""
+    shift = np.array([origin[0], origin[1], origin[0], origin[1]], dtype=np.float64)
+    return Boxes(
+        xyxy=boxes.xyxy + shift, class_ids=boxes.class_ids, scores=boxes.scores, sources=boxes.sources
+    )

@@ -29,7 +29,7 @@ from .atomic import atomic_write_json
 from .boxes import Boxes, BoxSource, sanitize_boxes
 from .classes import ClassList
 from .errors import AnnotationError, ClassListError, DataWarning, ImageReadError
-from .tiles import Tile, TileSet, TileStatus
+from .tiles import Tile, TileSet, TileStatus, window_name
 
 STATUS_KEY = "napari_rmt_status"
 ORIGIN_KEY = "napari_rmt_origin"
@@ -273,11 +273,6 @@ def _parse_image(rec: Any, where: str, images_dir: Path, allow_outside: bool = T
         origin=(origin[0], origin[1]),
         meta=meta,
     )
-
-
-def window_name(path: Path, x: int, y: int) -> str:
-    """How a window of a large image is called in lists: the image and the offset."""
-    return f"{path.stem} x{x} y{y}"
 
 
 def _check_files_exist(tileset: TileSet, source: str) -> None:

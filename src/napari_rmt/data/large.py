@@ -210,10 +210,6 @@ class LargeImage:
                 self._float_scale = float(2**bits - 1)
         return self._float_scale
 
-    def napari_data(self) -> list[Any] | Any:
-        """What napari's Image layer should get: the pyramid when there is one."""
-        return self.levels if len(self.levels) > 1 else self.array
-
     def __repr__(self) -> str:
         return f"LargeImage({self.name!r}, {self.width}x{self.height}, {self.dtype}, {len(self.levels)} level(s))"
 
@@ -346,74 +342,3 @@ def write_zarr_image(
     if array is not None:
         z[...] = np.asarray(array, dtype=np.uint8)
     return z
-
-
-def grid_tiles(
-    image: LargeImage | str | os.PathLike,
-    tile: int = 256,
-    overlap: int = 0,
-    start_id: int = 1,
-) -> list:
-    """Tiles of the grid over a large image, unlabelled, ready to join a ``TileSet``.
-
-    With a file behind the image the tiles refer to it by path and origin (they save to
-    COCO and reopen); an in-memory image (a napari layer) is read through a loader.
-    """
-    from .coco import window_name
-    from .tiles import Tile
-
-    img = image if isinstance(image, LargeImage) else open_large_image(image)
-    tiles = []
-    for k, w in enumerate(tile_grid(img.width, img.height, tile, overlap)):
-        common = dict(
-            id=start_id + k,
-            width=w.width,
-            height=w.height,
-            origin=(w.x, w.y),
-            meta={"grid_row": w.row, "grid_col": w.col},
-        )
-        if img.path is not None:
-            tiles.append(Tile(name=window_name(img.path, w.x, w.y), path=img.path, window=True, **common))
-        else:
-            tiles.append(
-                Tile(
-                    name=f"{img.name} x{w.x} y{w.y}",
-                    loader=functools.partial(img.read, w.x, w.y, w.width, w.height),
-                    **common,
-                )
-            )
-    return tiles
-
-
-def boxes_in_window(boxes, x: int, y: int, width: int, height: int, min_visible: float = 0.5):
-    """Whole-image boxes seen through a window, in the window's coordinates.
-
-    A cell cut by the window edge is kept, clipped, when at least ``min_visible`` of its
-    box lies inside (enough of it to learn from); smaller slivers are left out rather
-    than taught as whole cells.
-    """
-    from .boxes import Boxes
-
-    if len(boxes) == 0:
-        return Boxes()
-    xyxy = boxes.xyxy - np.array([x, y, x, y], dtype=np.float64)
-    clipped = np.clip(xyxy, 0, [width, height, width, height])
-    area = np.prod(np.clip(xyxy[:, 2:] - xyxy[:, :2], 0, None), axis=1)
-    inside = np.prod(np.clip(clipped[:, 2:] - clipped[:, :2], 0, None), axis=1)
-    keep = (inside > 0) & (inside >= min_visible * np.maximum(area, 1e-12))
-    return Boxes(
-        xyxy=clipped[keep],
-        class_ids=boxes.class_ids[keep],
-        scores=boxes.scores[keep],
-        sources=boxes.sources[keep],
-    )
-
-
-def boxes_to_image(boxes, origin: tuple[int, int]):
-    """A window's boxes in whole-image coordinates."""
-    from .boxes import Boxes
-
-    shift = np.array([origin[0], origin[1], origin[0], origin[1]], dtype=np.float64)
-    return Boxes(
-        xyxy=boxes.xyxy + shift, class_ids=boxes.class_ids, scores=boxes.scores, sources=boxes.sources
-    )

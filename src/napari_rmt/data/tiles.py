@@ -9,6 +9,7 @@ unlabelled data for the semi-supervised loss.
 from __future__ import annotations
 
 import enum
+import functools
 import os
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ from .boxes import Boxes
 from .classes import ClassList
 from .errors import AnnotationError, ImageReadError
 from .imageio import image_size, list_images, read_image, to_uint8_rgb
+from .large import LargeImage, cached_large_image, open_large_image, tile_grid
 
 
 class TileStatus(str, enum.Enum):
@@ -66,8 +68,6 @@ class Tile:
         if self.loader is not None:
             arr = to_uint8_rgb(self.loader(), where=f"tile {self.name!r}")
         elif self.window and self.path is not None:
-            from .large import cached_large_image
-
             image = cached_large_image(str(self.path))
             arr = image.read(int(self.origin[0]), int(self.origin[1]), self.width, self.height)
         elif self.path is not None:
@@ -154,3 +154,42 @@ class TileSet:
             w, h = image_size(f)
             tiles.append(Tile(id=i, name=f.name, width=w, height=h, path=f))
         return cls(tiles, classes)
+
+
+def window_name(path: Path, x: int, y: int) -> str:
+    """How a window of a large image is called in lists: the image and the offset."""
+    return f"{path.stem} x{x} y{y}"
+
+
+def grid_tiles(
+    image: LargeImage | str | os.PathLike,
+    tile: int = 256,
+    overlap: int = 0,
+    start_id: int = 1,
+) -> list:
+    """Tiles of the grid over a large image, unlabelled, ready to join a ``TileSet``.
+
+    With a file behind the image the tiles refer to it by path and origin (they save to
+    COCO and reopen); an in-memory image (a napari layer) is read through a loader.
+    """
+    img = image if isinstance(image, LargeImage) else open_large_image(image)
+    tiles = []
+    for k, w in enumerate(tile_grid(img.width, img.height, tile, overlap)):
+        common = dict(
+            id=start_id + k,
+            width=w.width,
+            height=w.height,
+            origin=(w.x, w.y),
+            meta={"grid_row": w.row, "grid_col": w.col},
+        )
+        if img.path is not None:
+            tiles.append(Tile(name=window_name(img.path, w.x, w.y), path=img.path, window=True, **common))
+        else:
+            tiles.append(
+                Tile(
+                    name=f"{img.name} x{w.x} y{w.y}",
+                    loader=functools.partial(img.read, w.x, w.y, w.width, w.height),
+                    **common,
+                )
+            )
+    return tiles

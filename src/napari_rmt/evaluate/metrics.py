@@ -113,7 +113,7 @@ class DetectionCounts:
 
 def filter_predictions(pred: Boxes, score_threshold: float = 0.5, nms_iou: float | None = 0.5) -> Boxes:
     """The paper's test-time filter: score > threshold, then (class-agnostic) NMS."""
-    keep = np.flatnonzero(np.nan_to_num(pred.scores, nan=1.0) > score_threshold)
+    keep = np.flatnonzero(pred.visible(score_threshold))
     sel = pred[keep]
     if nms_iou is not None and len(sel):
         sel = sel[nms_numpy(sel.xyxy, np.nan_to_num(sel.scores, nan=1.0), nms_iou)]

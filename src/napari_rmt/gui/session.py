@@ -241,7 +241,7 @@ class Session:
 
     def _show_predictions(self) -> None:
         p = self.tile.predictions
-        visible = np.nan_to_num(p.scores, nan=1.0) >= self.score_threshold
+        visible = p.visible(self.score_threshold)
         self._hidden_predictions = p[~visible]
         self._set_layer_boxes(self.predictions, p[visible])
 

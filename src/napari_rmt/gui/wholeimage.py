@@ -116,7 +116,7 @@ class WholeImageView:
         return len(shown)
 
     def _shown(self) -> Boxes:
-        return self.boxes[np.nan_to_num(self.boxes.scores, nan=1.0) >= self.score_threshold]
+        return self.boxes[self.boxes.visible(self.score_threshold)]
 
     def visible_region(self) -> tuple[float, float, float, float]:
         """(x0, y0, x1, y1) of the image in view, in image pixels."""

@@ -150,7 +150,6 @@ class RMTWidget(QWidget):
         self.job = None
         self.last_error: str | None = None
         self.whole = None  # WholeImageView when the tiles are windows of a large image
-        self._whole_cancel = False
         self._camera_timer = QTimer(self)
         self._camera_timer.setSingleShot(True)
         self._camera_timer.setInterval(150)
@@ -350,7 +349,7 @@ class RMTWidget(QWidget):
         review = QGroupBox("Review predictions")
         rl = QVBoxLayout(review)
         row = QHBoxLayout()
-        self.score_label = QLabel("score ≥ 0.50")
+        self.score_label = QLabel("score > 0.50")
         self.score_slider = QSlider(Qt.Orientation.Horizontal)
         self.score_slider.setRange(0, 100)
         self.score_slider.setValue(50)
@@ -428,7 +427,7 @@ class RMTWidget(QWidget):
 
     def open_large_image(self, path: str | Path, tile: int | None = None, overlap: int | None = None) -> None:
         """Cut a large image into a grid of tiles (all unlabelled) and show it whole."""
-        from ..data.large import grid_tiles
+        from ..data.tiles import grid_tiles
 
         path = Path(path)
         tiles = grid_tiles(
@@ -636,7 +635,7 @@ class RMTWidget(QWidget):
 
     # ================================================================== review
     def _on_score(self, value: int) -> None:
-        self.score_label.setText(f"score ≥ {value / 100:.2f}")
+        self.score_label.setText(f"score > {value / 100:.2f}")
         if self.session is not None:
             self.session.set_score_threshold(value / 100)
         if self.whole is not None and len(self.whole.boxes):
@@ -730,7 +729,7 @@ class RMTWidget(QWidget):
         except NapariRmtError as exc:
             self._report_error(exc)
             return
-        from .training import TrainingJob
+        from .jobs import TrainingJob
 
         init = self.model_state
         if init is not None:
@@ -763,31 +762,16 @@ class RMTWidget(QWidget):
         self._run_job(self.job.run, self._on_yielded, self._on_returned, self._on_errored, synchronous)
 
     def _run_job(self, run, on_yielded, on_returned, on_errored, synchronous: bool) -> None:
-        """Run a job generator in a napari thread worker, or (tests and scripts) here,
-        through the same callbacks; errors go to ``on_errored``, which shows them."""
-        if synchronous:
-            gen = run()
-            try:
-                while True:
-                    on_yielded(next(gen))
-            except StopIteration as stop:
-                on_returned(stop.value)
-            except Exception as exc:
-                on_errored(exc)
-            self._on_finished()
-            return
-        from napari.qt.threading import create_worker
+        """``jobs.run_job`` with the widget's bookkeeping (the worker, enabled buttons)."""
+        from .jobs import run_job
 
-        self.worker = create_worker(run, _start_thread=False, _ignore_errors=True)
-        self.worker.yielded.connect(on_yielded)
-        self.worker.returned.connect(on_returned)
-        self.worker.errored.connect(on_errored)
-        self.worker.finished.connect(self._on_finished)
-        self._update_enabled()
-        self.worker.start()
+        worker = run_job(run, on_yielded, on_returned, on_errored, self._on_finished, synchronous)
+        if worker is not None:
+            self.worker = worker
+            self._update_enabled()
+            worker.start()
 
     def cancel(self) -> None:
-        self._whole_cancel = True
         if self.job is not None:
             self.job.cancel()
         if self.worker is not None:
@@ -795,7 +779,7 @@ class RMTWidget(QWidget):
 
     def _on_yielded(self, ev) -> None:
         from ..train.events import IterationEvent, PhaseEvent
-        from .training import PredictProgress
+        from .jobs import PredictProgress
 
         if isinstance(ev, IterationEvent):
             self.progress.setValue(ev.iteration)
@@ -876,29 +860,14 @@ class RMTWidget(QWidget):
         if self.worker is not None:
             show_info("busy: wait for the running job or cancel it")
             return
-        ckpt, image = self.model_state, self.whole.image
-        self._whole_cancel = False
+        from .jobs import WholeImageJob
 
-        def run():
-            guard_triton()
-            from ..model.wholeimage import iter_predict_large_image
-            from ..train.checkpoint import model_from_checkpoint
-
-            model, classes, _ = model_from_checkpoint(ckpt)
-            steps = iter_predict_large_image(model, image, classes, window=window, context=context)
-            while True:
-                if self._whole_cancel:
-                    return None
-                try:
-                    done, total = next(steps)
-                except StopIteration as stop:
-                    return stop.value
-                yield ("whole", done, total)
-
+        image = self.whole.image
+        self.job = WholeImageJob(self.model_state, image, window=window, context=context)
         self.status.setText(f"predicting {image.name} ({image.width} x {image.height})…")
         self.last_error = None
         self._run_job(
-            run,
+            self.job.run,
             self._on_whole_progress,
             self._on_whole_returned,
             lambda exc: self._report_error(exc, prefix="whole-image prediction failed"),
@@ -906,10 +875,9 @@ class RMTWidget(QWidget):
         )
 
     def _on_whole_progress(self, msg) -> None:
-        _, done, total = msg
-        self.progress.setMaximum(total)
-        self.progress.setValue(done)
-        self.status.setText(f"predicting whole image: window {done}/{total}")
+        self.progress.setMaximum(msg.total)
+        self.progress.setValue(msg.done)
+        self.status.setText(f"predicting whole image: window {msg.done}/{msg.total}")
 
     def _on_whole_returned(self, boxes) -> None:
         if boxes is None:
@@ -917,7 +885,7 @@ class RMTWidget(QWidget):
             return
         n = self.whole.show_predictions(boxes, score_threshold=self.session.score_threshold)
         self.status.setText(
-            f"whole image: {len(boxes)} cells found, {n} shown at score ≥ {self.session.score_threshold:.2f}"
+            f"whole image: {len(boxes)} cells found, {n} shown at score > {self.session.score_threshold:.2f}"
         )
 
     def export_whole_predictions(self, path: str | Path) -> Path:
@@ -927,7 +895,7 @@ class RMTWidget(QWidget):
         path = Path(path)
         image, boxes, classes = self.whole.image, self.whole.boxes, self.project.tileset.classes
         if path.suffix.lower() == ".zarr":
-            from ..model.wholeimage import write_boxes_zarr
+            from ..data.boxstore import write_boxes_zarr
 
             return write_boxes_zarr(boxes, path, classes, image.size, source=str(image.path or image.name))
         whole = TileSet(

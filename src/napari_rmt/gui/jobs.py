@@ -1,15 +1,16 @@
-"""The training job the widget runs in a napari thread worker.
+"""The widget's background jobs: training and whole-image prediction, one kind of each.
 
-A plain generator over the core trainer's events, then prediction of the unlabelled
-tiles, so that tests can drive it synchronously and the widget in a thread. It works
-on copies of the tiles' boxes taken when it starts: the user may keep editing while
-it runs, and nothing they do is overwritten by the job.
+A job is a plain generator (progress items, then a result) with a ``cancel()``, so that
+one runner (``run_job``) drives either in a napari thread worker or, for tests and
+scripts, synchronously, through the same callbacks: the same progress, cancel and error
+path for both. Jobs work on copies taken when they start: the user may keep editing while
+they run, and nothing they do is overwritten.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,16 @@ from ..data.tiles import Tile
 
 @dataclass
 class PredictProgress:
+    """Prediction of the unlabelled tiles after training: tiles done of total."""
+
+    done: int
+    total: int
+
+
+@dataclass
+class WindowProgress:
+    """Whole-image prediction: windows done of total."""
+
     done: int
     total: int
 
@@ -134,3 +145,64 @@ class TrainingJob:
         if self.checkpoint_to is not None:
             Path(self.checkpoint_to).unlink(missing_ok=True)
         return JobResult(state, predictions, cancelled, self.trainer.iteration)
+
+
+class WholeImageJob:
+    """Detect cells over a whole large image with a checkpoint's model, window by window."""
+
+    def __init__(self, checkpoint: dict[str, Any], image, window: int = 512, context: int = 128) -> None:
+        self.checkpoint, self.image, self.window, self.context = checkpoint, image, window, context
+        self._cancel = False
+
+    def cancel(self) -> None:
+        self._cancel = True
+
+    def run(self) -> Generator[WindowProgress, None, Boxes | None]:
+        """Yields progress; returns the stitched boxes, or None when cancelled."""
+        from ._guard import guard_triton
+
+        guard_triton()
+        from ..model.wholeimage import iter_predict_large_image
+        from ..train.checkpoint import model_from_checkpoint
+
+        model, classes, _ = model_from_checkpoint(self.checkpoint)
+        steps = iter_predict_large_image(model, self.image, classes, window=self.window, context=self.context)
+        while True:
+            if self._cancel:
+                return None
+            try:
+                done, total = next(steps)
+            except StopIteration as stop:
+                return stop.value
+            yield WindowProgress(done, total)
+
+
+def run_job(
+    run: Callable[[], Generator[Any, None, Any]],
+    on_yielded: Callable[[Any], None],
+    on_returned: Callable[[Any], None],
+    on_errored: Callable[[Exception], None],
+    on_finished: Callable[[], None],
+    synchronous: bool = False,
+):
+    """Run a job generator in a napari thread worker (returned, started), or here when
+    ``synchronous``, through the same callbacks; errors go to ``on_errored``."""
+    if synchronous:
+        gen = run()
+        try:
+            while True:
+                on_yielded(next(gen))
+        except StopIteration as stop:
+            on_returned(stop.value)
+        except Exception as exc:
+            on_errored(exc)
+        on_finished()
+        return None
+    from napari.qt.threading import create_worker
+
+    worker = create_worker(run, _start_thread=False, _ignore_errors=True)
+    worker.yielded.connect(on_yielded)
+    worker.returned.connect(on_returned)
+    worker.errored.connect(on_errored)
+    worker.finished.connect(on_finished)
+    return worker
