@@ -391,3 +391,33 @@ def test_resume_refuses_changed_options_and_other_tiles(tmp_path, capsys):
     other = [*resume]
     other[other.index("0.5")] = "0.75"
     assert main(other) == 2 and "labelled tiles" in capsys.readouterr().err
+
+
+def test_a_folder_with_one_bad_image_opens_the_rest(tmp_path):
+    from conftest import write_tiles
+
+    write_tiles(tmp_path / "tiles", n=3)
+    (tmp_path / "tiles" / "broken.png").write_bytes(b"not a png at all")
+    with pytest.warns(UserWarning, match=r"1 file\(s\) left out.*broken\.png"):
+        ts = TileSet.from_folder(tmp_path / "tiles")
+    assert sorted(t.name for t in ts) == ["tile_0.png", "tile_1.png", "tile_2.png"]
+    for p in (tmp_path / "tiles").glob("tile_*.png"):
+        p.unlink()
+    with pytest.raises(NapariRmtError, match="none of its 1 images can be read"):
+        TileSet.from_folder(tmp_path / "tiles")
+
+
+def test_imagenet_weights_offline_is_a_clear_error(monkeypatch):
+    import urllib.error
+
+    import torchvision.models.resnet as resnet
+
+    from napari_rmt.model import ModelConfig, build_detector
+    from napari_rmt.model.detector import WeightsError
+
+    def offline(*a, **kw):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(resnet, "resnet18", offline)
+    with pytest.raises(WeightsError, match=r"could not be downloaded.*--weights FILE"):
+        build_detector(3, ModelConfig(backbone="resnet18", weights="imagenet"))

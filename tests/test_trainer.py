@@ -165,8 +165,9 @@ def test_tampered_and_foreign_checkpoints_are_refused(tiny_tiles, tmp_path):
 
     evil = tmp_path / "evil.pt"
     torch.save({"format": "napari-rmt-checkpoint", "version": 1, "x": Payload()}, evil)
-    with pytest.raises(CheckpointError, match=r"evil\.pt: refused to load"):
+    with pytest.raises(CheckpointError, match=r"evil\.pt: refused to load") as refused:
         read_checkpoint(evil)
+    assert "weights_only=False" not in str(refused.value)  # never advise running a file's code
     truncated = tmp_path / "truncated.pt"
     truncated.write_bytes(good.read_bytes()[:1000])
     with pytest.raises(CheckpointError, match=r"truncated\.pt"):

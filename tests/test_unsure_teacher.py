@@ -207,3 +207,18 @@ def test_new_options_are_validated_and_saved(tiny_tiles, tmp_path):
 
     back = config_from_checkpoint(read_checkpoint(tmp_path / "m.pt"))
     assert back == cfg and back.soft_negatives and back.model.focal_gamma == 0.0
+
+
+def test_eta_counts_the_dearer_semi_supervised_steps_during_burn_in(tiny_tiles):
+    from collections import deque
+
+    cfg = TrainConfig.for_method("rmt+", iterations=10, burn_in=4, model={"backbone": "resnet18"})
+    trainer = Trainer(tiny_tiles[:3], tiny_tiles[3:], CLASSES, cfg)
+    trainer.iteration = 1
+    # 3 burn-in steps left at 2 s, then 6 semi-supervised steps at 1.5 x 2 s
+    assert trainer._eta(deque([2.0, 2.0])) == pytest.approx(3 * 2.0 + 6 * 3.0)
+    trainer.cfg.time_budget_s, trainer.elapsed_s = 20.0, 5.0
+    assert trainer._eta(deque([2.0])) == pytest.approx(15.0)  # the budget ends it sooner
+    sup = Trainer(tiny_tiles[:3], [], CLASSES, TrainConfig.for_method("supervised", iterations=10))
+    sup.iteration = 1
+    assert sup._eta(deque([2.0])) == pytest.approx(18.0)

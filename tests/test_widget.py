@@ -67,6 +67,13 @@ def test_annotate_train_review_export_reopen(widget, tmp_path):
     assert w.model_state is not None and (w.project.folder / "model.pt").is_file()
     unl = [i for i, t in enumerate(ts) if not t.is_labelled]
     assert unl and all(len(ts[i].predictions) > 0 for i in unl)
+    # the slider starts where the model's boxes show, and says what it hides
+    shown = 0
+    for i in unl:
+        w.show_tile(i)
+        shown += len(s.predictions.data)
+        assert ("hidden" in w.score_label.text()) == (len(s.predictions.data) < len(ts[i].predictions))
+    assert shown > 0, w.score_label.text()
     w.score_slider.setValue(0)
     w.show_tile(unl[0])
     pred_layer = s.predictions
@@ -76,6 +83,9 @@ def test_annotate_train_review_export_reopen(widget, tmp_path):
     assert (pred_layer.features["source"] == "predicted").all()
     w.score_slider.setValue(100)  # hides all (scores < 1)
     assert len(pred_layer.data) == 0 and len(ts[unl[0]].predictions) == n_pred  # hidden, not lost
+    # Accept tile with every prediction hidden: nothing accepted, nothing dropped, status kept.
+    assert w.accept_tile() == 0 and ts[unl[0]].status is TileStatus.UNLABELLED
+    assert len(ts[unl[0]].predictions) == n_pred and "hidden by the score cut" in w.last_error
     w.score_slider.setValue(0)
 
     # Accept one box, then the whole tile.
@@ -84,6 +94,15 @@ def test_annotate_train_review_export_reopen(widget, tmp_path):
     assert len(ts[unl[0]].boxes) == 1 and len(ts[unl[0]].predictions) == n_pred - 1
     assert w.accept_tile() == n_pred - 1
     assert ts[unl[0]].status is TileStatus.REVIEWED and len(ts[unl[0]].boxes) == n_pred
+    # Part of a tile's predictions hidden: the shown ones are accepted, the rest kept.
+    w.show_tile(unl[1])
+    scores = np.sort(ts[unl[1]].predictions.scores)
+    w.session.set_score_threshold(float(scores[len(scores) // 2]))  # that score itself is hidden
+    shown = len(s.predictions.data)
+    hidden = len(ts[unl[1]].predictions) - shown
+    assert w.accept_tile() == shown and len(ts[unl[1]].predictions) == hidden > 0
+    assert f"{hidden} predictions below the score cut are kept" in w.status.text()
+    w.score_slider.setValue(0)
 
     out = w.export_annotations(tmp_path / "export.json")
     coco = COCO(str(out))

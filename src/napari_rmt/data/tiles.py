@@ -11,6 +11,7 @@ from __future__ import annotations
 import enum
 import functools
 import os
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +21,7 @@ import numpy as np
 
 from .boxes import Boxes
 from .classes import ClassList
-from .errors import AnnotationError, ImageReadError
+from .errors import AnnotationError, DataWarning, ImageReadError
 from .imageio import image_size, list_images, read_image, to_uint8_rgb
 from .large import LargeImage, cached_large_image, open_large_image, tile_grid
 
@@ -145,14 +146,30 @@ class TileSet:
 
     @classmethod
     def from_folder(cls, folder: str | os.PathLike, classes: ClassList | None = None) -> TileSet:
-        """Every image of a folder as an unlabelled tile with no boxes."""
+        """Every readable image of a folder as an unlabelled tile with no boxes.
+
+        A file that cannot be read does not block the others: it is left out with a
+        warning that names it (and the reason); only a folder with no readable image is
+        an error.
+        """
         files = list_images(folder)
         if not files:
             raise ImageReadError(f"{folder}: no PNG, TIFF or JPEG images in this folder")
-        tiles = []
-        for i, f in enumerate(files, start=1):
-            w, h = image_size(f)
-            tiles.append(Tile(id=i, name=f.name, width=w, height=h, path=f))
+        tiles, bad = [], []
+        for f in files:
+            try:
+                w, h = image_size(f)
+            except ImageReadError as exc:
+                bad.append(str(exc))
+                continue
+            tiles.append(Tile(id=len(tiles) + 1, name=f.name, width=w, height=h, path=f))
+        if bad:
+            warnings.warn(
+                DataWarning(f"{folder}: {len(bad)} file(s) left out, unreadable: " + "; ".join(bad)),
+                stacklevel=2,
+            )
+        if not tiles:
+            raise ImageReadError(f"{folder}: none of its {len(files)} images can be read: " + "; ".join(bad[:3]))
         return cls(tiles, classes)
 
 

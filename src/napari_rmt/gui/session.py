@@ -43,6 +43,7 @@ class Session:
         self.on_change = on_change
         self._updating = False
         self._hidden_predictions = Boxes()
+        self.hidden_kept = 0  # predictions the last Accept tile left hidden (kept, not dropped)
         self._shown = False
         self._counts: dict[str, int] = {}
         self._make_layers()
@@ -276,16 +277,28 @@ class Session:
         self._changed()
 
     def accept_tile(self) -> int:
-        """The visible predictions become this tile's annotations; the tile is reviewed."""
+        """The shown predictions become this tile's annotations and the tile is reviewed.
+
+        Predictions hidden by the score cut are never dropped: they stay predictions
+        (``hidden_kept`` says how many). When every prediction is hidden nothing is
+        accepted and the tile keeps its status: marking it reviewed with none of its
+        cells would make it labelled data saying "no cells here".
+        """
         self.pull()
         t = self.tile
         accepted = self._layer_boxes(self.predictions)
+        hidden = self._hidden_predictions
+        self.hidden_kept = len(hidden)
+        if not len(accepted) and len(hidden):
+            raise NapariRmtError(
+                f"all {len(hidden)} predictions of this tile are hidden by the score cut "
+                f"({self.score_threshold:.2f}); lower the cut to review them, or accept selected boxes"
+            )
         t.boxes = Boxes.concatenate([t.boxes, accepted.with_source(BoxSource.PREDICTED)])
-        t.predictions = Boxes()
+        t.predictions = hidden
         t.status = TileStatus.REVIEWED
-        self._hidden_predictions = Boxes()
         self._set_layer_boxes(self.annotations, t.boxes)
-        self._set_layer_boxes(self.predictions, Boxes())
+        self._show_predictions()
         self._changed()
         return len(accepted)
 

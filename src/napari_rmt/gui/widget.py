@@ -11,12 +11,14 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import numpy as np
+
 from ._guard import guard_triton
 
 guard_triton()  # before anything imports torch in this process
 
 import napari  # noqa: E402
-from napari.utils.notifications import show_error, show_info  # noqa: E402
+from napari.utils.notifications import show_info  # noqa: E402
 from qtpy.QtCore import Qt, QTimer  # noqa: E402
 from qtpy.QtWidgets import (  # noqa: E402
     QCheckBox,
@@ -359,7 +361,10 @@ class RMTWidget(QWidget):
         rl.addLayout(row)
         row = QHBoxLayout()
         self.accept_tile_btn = QPushButton("Accept tile")
-        self.accept_tile_btn.setToolTip("Shown predictions become annotations; the tile becomes reviewed")
+        self.accept_tile_btn.setToolTip(
+            "Shown predictions become annotations and the tile becomes reviewed; predictions hidden "
+            "by the score cut stay predictions"
+        )
         self.accept_tile_btn.clicked.connect(self.accept_tile)
         self.accept_sel_btn = QPushButton("Accept selected")
         self.accept_sel_btn.clicked.connect(self.accept_selected)
@@ -483,16 +488,16 @@ class RMTWidget(QWidget):
         interrupted = Path(folder) / TRAINING
         if project.model_path is not None:
             self.model_state = read_checkpoint(project.model_path)
-            self.status.setText(f"model loaded from {project.model_path}")
+            self._say(f"model loaded from {project.model_path}")
             if interrupted.is_file():
-                self.status.setText(
+                self._say(
                     f"model loaded from {project.model_path}; an interrupted run's last checkpoint "
                     f"is in {interrupted} (Load model… to use it)"
                 )
         elif interrupted.is_file():
             # napari was closed or killed while training: its last checkpoint is the model.
             self.model_state = read_checkpoint(interrupted)
-            self.status.setText(
+            self._say(
                 f"restored the model of an interrupted training run (step "
                 f"{self.model_state.get('iteration', '?')}) from {interrupted}"
             )
@@ -563,6 +568,7 @@ class RMTWidget(QWidget):
         self.tile_list.blockSignals(False)
         self._sync_tile_controls()
         self._refresh_list_rows()
+        self._update_score_label()
 
     def _on_row(self, row: int) -> None:
         if self.session is not None and row >= 0 and row != self.session.index:
@@ -635,16 +641,44 @@ class RMTWidget(QWidget):
 
     # ================================================================== review
     def _on_score(self, value: int) -> None:
-        self.score_label.setText(f"score > {value / 100:.2f}")
         if self.session is not None:
             self.session.set_score_threshold(value / 100)
+        self._update_score_label()
         if self.whole is not None and len(self.whole.boxes):
             self.whole.show_predictions(score_threshold=value / 100)
+
+    def _update_score_label(self) -> None:
+        """The cut and how many of this tile's predictions it hides: nothing hides silently."""
+        text = f"score > {self.score_slider.value() / 100:.2f}"
+        if self.session is not None:
+            hidden = len(self.session._hidden_predictions)
+            text += f" · {hidden} hidden" if hidden else ""
+        self.score_label.setText(text)
+
+    def _start_cut(self, predictions) -> int:
+        """Where the slider starts after a run: the cut that shows as many boxes as the
+        model expects cells (the sum of its scores, which a calibrated model makes the
+        expected count), so that a short run's low scores do not leave the canvas empty."""
+        scores = np.sort(np.concatenate([b.scores for b in predictions] or [np.zeros(0)]))[::-1]
+        expected = round(float(scores.sum())) if scores.size else 0
+        if expected < 1:
+            return self.score_slider.value()
+        cut = float(scores[min(expected, scores.size) - 1])
+        return max(0, min(self.score_slider.value(), int(100 * cut) - 1))
 
     def accept_tile(self) -> int:
         if self.session is None:
             return 0
-        n = self.session.accept_tile()
+        try:
+            n = self.session.accept_tile()
+        except NapariRmtError as exc:
+            self._report_error(exc, prefix="nothing accepted")
+            return 0
+        if self.session.hidden_kept:
+            self._say(
+                f"accepted {n} boxes; {self.session.hidden_kept} predictions below the score cut are "
+                "kept as predictions (lower the cut to see them)"
+            )
         self._sync_tile_controls()
         self._refresh_list_rows()
         self._refresh_grid()
@@ -713,7 +747,7 @@ class RMTWidget(QWidget):
     def train(self, config=None, synchronous: bool = False) -> None:
         """Start training on the labelled tiles; the others are the unlabelled data."""
         if self.session is None:
-            show_error("open tiles first")
+            self._report_error(NapariRmtError("open tiles first"))
             return
         if self.worker is not None:
             show_info("training is already running")
@@ -754,7 +788,7 @@ class RMTWidget(QWidget):
         self.plot.reset()
         self.progress.setMaximum(cfg.iterations)
         self.progress.setValue(0)
-        self.status.setText(
+        self._say(
             f"{cfg.method}: {len(ts.labelled)} labelled, {len(ts.unlabelled)} unlabelled tiles"
             + (" (warm start)" if init is not None else "")
         )
@@ -775,7 +809,7 @@ class RMTWidget(QWidget):
         if self.job is not None:
             self.job.cancel()
         if self.worker is not None:
-            self.status.setText("cancelling…")
+            self._say("cancelling…")
 
     def _on_yielded(self, ev) -> None:
         from ..train.events import IterationEvent, PhaseEvent
@@ -788,7 +822,7 @@ class RMTWidget(QWidget):
                 if ev.pseudo_per_image
                 else ""
             )
-            self.status.setText(
+            self._say(
                 f"{ev.phase}: iteration {ev.iteration}/{ev.total}, loss {ev.losses['total']:.3f}"
                 f"{pseudo}, ETA {_eta(ev.eta)}"
             )
@@ -796,14 +830,15 @@ class RMTWidget(QWidget):
         elif isinstance(ev, PhaseEvent):
             # In the status line, not a notification: napari's toast over the canvas makes
             # software OpenGL redraw the whole scene (a 270-300 ms stall, measured).
-            self.status.setText(ev.message)
+            self._say(ev.message)
         elif isinstance(ev, PredictProgress):
-            self.status.setText(f"predicting unlabelled tiles {ev.done}/{ev.total}")
+            self._say(f"predicting unlabelled tiles {ev.done}/{ev.total}")
 
     def _on_returned(self, result) -> None:
         self.plot.redraw()
         if result.cancelled:
-            self.status.setText(f"cancelled after {result.iterations} iterations; the previous model is kept")
+            kept = "the previous model is kept" if self.model_state is not None else "there is no model yet"
+            self._say(f"cancelled after {result.iterations} iterations; {kept}")
             return
         self.model_state = result.checkpoint
         ts = self.project.tileset
@@ -813,9 +848,11 @@ class RMTWidget(QWidget):
             if not tile.is_labelled:
                 tile.predictions = boxes
         self.session.refresh()
+        self.score_slider.setValue(self._start_cut(result.predictions.values()))
+        self._update_score_label()
         self._refresh_list_rows(all_rows=True)
         n = sum(len(b) for b in result.predictions.values())
-        self.status.setText(
+        self._say(
             f"done: {result.iterations} iterations; {n} predicted boxes on "
             f"{len(result.predictions)} unlabelled tiles"
         )
@@ -829,11 +866,22 @@ class RMTWidget(QWidget):
         self.job = None
         self._update_enabled()
 
+    def _say(self, text: str) -> None:
+        """A message in the status area; it also clears an error shown there before (the
+        next thing that works replaces the last thing that failed)."""
+        self.last_error = None
+        self.status.setStyleSheet("")
+        self.status.setText(text)
+        self.status.setToolTip(text)
+
     def _report_error(self, exc: Exception, prefix: str = "error") -> None:
+        """An error in the status area, in red, its full text on hover (the area shows three
+        lines); not as a toast, which would cover the tile's caption on the canvas."""
         msg = f"{prefix}: {exc}"
-        self.last_error = msg
+        self.status.setStyleSheet("color: #ff6b6b;")
         self.status.setText(msg)
-        show_error(msg)
+        self.status.setToolTip(msg)
+        self.last_error = msg
 
     # ================================================================== large image
     def _on_camera(self, event=None) -> None:
@@ -864,7 +912,7 @@ class RMTWidget(QWidget):
 
         image = self.whole.image
         self.job = WholeImageJob(self.model_state, image, window=window, context=context)
-        self.status.setText(f"predicting {image.name} ({image.width} x {image.height})…")
+        self._say(f"predicting {image.name} ({image.width} x {image.height})…")
         self.last_error = None
         self._run_job(
             self.job.run,
@@ -877,14 +925,14 @@ class RMTWidget(QWidget):
     def _on_whole_progress(self, msg) -> None:
         self.progress.setMaximum(msg.total)
         self.progress.setValue(msg.done)
-        self.status.setText(f"predicting whole image: window {msg.done}/{msg.total}")
+        self._say(f"predicting whole image: window {msg.done}/{msg.total}")
 
     def _on_whole_returned(self, boxes) -> None:
         if boxes is None:
-            self.status.setText("whole-image prediction cancelled")
+            self._say("whole-image prediction cancelled")
             return
         n = self.whole.show_predictions(boxes, score_threshold=self.session.score_threshold)
-        self.status.setText(
+        self._say(
             f"whole image: {len(boxes)} cells found, {n} shown at score > {self.session.score_threshold:.2f}"
         )
 
@@ -950,7 +998,7 @@ class RMTWidget(QWidget):
                 f"{path}: the model knows classes {names}, this project {self.project.tileset.classes.names}"
             )
         self.model_state = ckpt
-        self.status.setText(f"model loaded from {path}")
+        self._say(f"model loaded from {path}")
 
     def export_annotations(self, path: str | Path) -> Path:
         self.session.pull()
@@ -983,7 +1031,7 @@ class RMTWidget(QWidget):
             self.session.refresh()
         self._refresh_list_rows(all_rows=True)
         self.save_project()
-        self.status.setText(f"imported {n} boxes from {Path(path).name}")
+        self._say(f"imported {n} boxes from {Path(path).name}")
         return n
 
     def export_predictions(self, path: str | Path) -> Path:
@@ -996,6 +1044,9 @@ class RMTWidget(QWidget):
             fn()
         except (NapariRmtError, OSError) as exc:
             self._report_error(exc)
+            return
+        if self.last_error is not None:
+            self._say("")  # it worked: the earlier error no longer stands
 
     def _ask_folder(self) -> None:
         d = QFileDialog.getExistingDirectory(self, "Folder of tiles")

@@ -84,13 +84,22 @@ def build_detector(num_classes: int, cfg: ModelConfig | None = None) -> FasterRC
     # stay as torchvision builds them. The box head is an MLP and has no normalisation.
     group = norm_layer is not nn.BatchNorm2d and norm_layer is not FrozenBatchNorm2d
     head_norm = norm_layer if group else None
+    try:
+        if cfg.backbone.startswith("resnet"):
+            body = getattr(torchvision_resnet, cfg.backbone)(weights=api_weights, norm_layer=norm_layer)
+        else:
+            body = torchvision_mobilenet.mobilenet_v3_large(weights=api_weights, norm_layer=norm_layer)
+    except OSError as exc:  # URLError and its kin: the weights API could not download
+        raise WeightsError(
+            f"the ImageNet weights of {cfg.backbone} could not be downloaded ({type(exc).__name__}: {exc}); "
+            "on a machine without internet, download the torchvision weights file elsewhere and pass "
+            "it with --weights FILE, or train without weights"
+        ) from exc
     if cfg.backbone.startswith("resnet"):
-        body = getattr(torchvision_resnet, cfg.backbone)(weights=api_weights, norm_layer=norm_layer)
         backbone = _resnet_fpn_extractor(body, 5 if cfg.weights is None else 3, norm_layer=head_norm)
     else:
         # Stages 2..(last) of MobileNet-v3 give strides 8, 16 and 32: the stride-8 map is
         # what sees 12 px nuclei.
-        body = torchvision_mobilenet.mobilenet_v3_large(weights=api_weights, norm_layer=norm_layer)
         backbone = _mobilenet_extractor(
             body, True, 6 if cfg.weights is None else 3, returned_layers=[2, 3, 4], norm_layer=head_norm
         )

@@ -48,9 +48,12 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
+        # torch's message goes on to advise loading with weights_only=False, which would run
+        # whatever code the file carries: never passed on to a user.
         raise CheckpointError(
-            f"{path}: refused to load: not a napari-rmt checkpoint, or tampered with "
-            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+            f"{path}: refused to load: not a napari-rmt checkpoint, or it holds something other "
+            f"than weights and settings (damaged or tampered with; {type(exc).__name__}). Only "
+            "checkpoints written by napari-rmt load."
         ) from exc
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a napari-rmt checkpoint (no '{FORMAT}' marker)")

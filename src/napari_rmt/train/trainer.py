@@ -230,8 +230,21 @@ class Trainer:
             p = max(p, self.elapsed_s / self.cfg.time_budget_s)
         return min(1.0, p)
 
+    #: A semi-supervised step costs about this many burn-in steps (teacher pass, a second
+    #: batch): measured 1.46 for rmt+ with ResNet-18 at 256 px (docs/benchmarks.md). Used
+    #: for the ETA during burn-in, so that it does not jump when the phase changes.
+    SEMI_STEP_COST = 1.5
+
     def _eta(self, recent: deque[float]) -> float:
-        eta = float(np.mean(recent)) * (self.cfg.iterations - self.iteration) if recent else 0.0
+        if not recent:
+            return 0.0
+        step = float(np.mean(recent))
+        left = self.cfg.iterations - self.iteration
+        if self.cfg.uses_teacher and self.teacher is None:
+            burn_left = max(0, min(left, self.cfg.burn_in - self.iteration))
+            eta = step * burn_left + step * self.SEMI_STEP_COST * (left - burn_left)
+        else:
+            eta = step * left
         if self.cfg.time_budget_s:
             eta = min(eta, max(0.0, self.cfg.time_budget_s - self.elapsed_s))
         return eta
