@@ -38,16 +38,15 @@ def main() -> None:
     ap.add_argument("--model", default=None)
     ap.add_argument("--iterations", type=int, default=20)
     ap.add_argument("--tiles", type=int, default=16)
-    ap.add_argument("--method", default="rmt")
-    ap.add_argument("--threshold", type=float, default=0.3, help="pseudo-label threshold")
-    ap.add_argument("--show-score", type=float, default=0.3, help="score slider for the review shots")
+    ap.add_argument("--method", default="rmt+")
+    ap.add_argument("--threshold", type=float, default=None, help="pseudo-label threshold (default: the method's)")
+    ap.add_argument("--show-score", type=float, default=None, help="score slider for the review shots")
     args = ap.parse_args()
 
     import napari
     from qtpy.QtWidgets import QApplication
 
     import napari_rmt.gui.widget as wm
-    from napari_rmt.model import ModelConfig
     from napari_rmt.train import TrainConfig
 
     tmp = Path(tempfile.mkdtemp())
@@ -56,7 +55,7 @@ def main() -> None:
     viewer.window.resize(1500, 1200)
     w = wm.RMTWidget(viewer)
     viewer.window.add_dock_widget(w, name="Cell detection (RMT)")
-    w.open_coco(subset(args.tiles, tmp))
+    w.open_coco(subset(args.tiles, tmp), allow_outside=True)  # the tiles stay in shared/data
     if args.model:
         w.load_model(args.model)
 
@@ -78,14 +77,15 @@ def main() -> None:
     w.show_tile(0)
     shot("workflow-1-annotate.png")
 
-    cfg = TrainConfig(
-        method=args.method,
+    extra = {"threshold": args.threshold} if args.threshold is not None else {}
+    cfg = TrainConfig.for_method(
+        args.method,
         iterations=args.iterations,
         burn_in=1 if args.model else args.iterations // 2,
         warmup=1,
         lr=0.005 if args.model else 0.02,
-        threshold=args.threshold,
-        model=ModelConfig(backbone="resnet18"),
+        model={"backbone": "resnet18"},
+        **extra,
     )
     w.train(config=cfg)
     while w.worker is not None and w.progress.value() < max(2, args.iterations * 2 // 3):
@@ -97,7 +97,8 @@ def main() -> None:
 
     unl = next(i for i, t in enumerate(w.project.tileset) if not t.is_labelled)
     w.show_tile(unl)
-    w.score_slider.setValue(round(100 * args.show_score))
+    if args.show_score is not None:
+        w.score_slider.setValue(round(100 * args.show_score))  # else where the run left it
     viewer.layers.selection.active = w.session.predictions
     shot("workflow-3-review.png")
     w.accept_tile()

@@ -103,10 +103,12 @@ def test_rpn_leaves_anchors_on_ignored_boxes_out():
 def test_rmt_plus_end_to_end(tiny_tiles):
     cfg = TrainConfig.for_method(
         "rmt+", iterations=5, burn_in=2, warmup=1, labelled_batch=2, unlabelled_batch=2, lr=0.01,
-        gmm_min_scores=5, model={"backbone": "resnet18"},
+        pseudo_rule="gmm", gmm_min_scores=5, model={"backbone": "resnet18"},
     )
-    assert cfg.soft_negatives and cfg.ignore_low == 0.2 and cfg.pseudo_rule == "gmm"
-    assert cfg.model.focal_gamma == 0.0 and cfg.uses_mixing and cfg.uses_reg
+    d = TrainConfig.for_method("rmt+")  # the recipe's defaults (docs/tuning.md)
+    assert d.soft_negatives and d.ignore_low == 0.2 and d.pseudo_rule == "fixed" and d.threshold == 0.5
+    assert d.lambda_u == 1.0 and d.lr_schedule == "cosine" and d.model.focal_gamma == 0.0
+    assert cfg.uses_mixing and cfg.uses_reg and cfg.pseudo_rule == "gmm" and cfg.soft_negatives
     trainer = Trainer(tiny_tiles[:3], tiny_tiles[3:], CLASSES, cfg)
     calls = []
     real = trainer._teacher_background
@@ -215,10 +217,26 @@ def test_eta_counts_the_dearer_semi_supervised_steps_during_burn_in(tiny_tiles):
     cfg = TrainConfig.for_method("rmt+", iterations=10, burn_in=4, model={"backbone": "resnet18"})
     trainer = Trainer(tiny_tiles[:3], tiny_tiles[3:], CLASSES, cfg)
     trainer.iteration = 1
-    # 3 burn-in steps left at 2 s, then 6 semi-supervised steps at 1.5 x 2 s
-    assert trainer._eta(deque([2.0, 2.0])) == pytest.approx(3 * 2.0 + 6 * 3.0)
+    # 3 burn-in steps left at 2 s, then 6 semi-supervised steps at 1.85 x 2 s
+    assert trainer._eta(deque([2.0, 2.0])) == pytest.approx(3 * 2.0 + 6 * 2.0 * Trainer.SEMI_STEP_COST)
     trainer.cfg.time_budget_s, trainer.elapsed_s = 20.0, 5.0
     assert trainer._eta(deque([2.0])) == pytest.approx(15.0)  # the budget ends it sooner
     sup = Trainer(tiny_tiles[:3], [], CLASSES, TrainConfig.for_method("supervised", iterations=10))
     sup.iteration = 1
     assert sup._eta(deque([2.0])) == pytest.approx(18.0)
+
+
+def test_method_defaults_set_burn_in_and_the_predicting_network(tiny_tiles):
+    cfg = TrainConfig.for_method("rmt+", iterations=100)
+    assert cfg.burn_in == 75 and cfg.predict_with == "student"  # the recipe: 3/4, then the student
+    assert TrainConfig.for_method("rmt", iterations=100).burn_in == 50  # the others: half
+    assert TrainConfig.for_method("rmt", iterations=100, burn_in=7).burn_in == 7  # given: kept
+    assert TrainConfig.for_method("ubt", time_budget_s=60.0).burn_in_fraction == 0.5
+    with pytest.raises(NapariRmtError, match="predict_with"):
+        TrainConfig.for_method("rmt+", predict_with="both")
+    cfg = TrainConfig.for_method("rmt+", iterations=3, burn_in=1, warmup=1, labelled_batch=2, model={"backbone": "resnet18"})
+    trainer = Trainer(tiny_tiles[:3], tiny_tiles[3:], CLASSES, cfg)
+    list(trainer.run())
+    assert trainer.teacher is not None and trainer.predict_with == "student" and trainer.model is trainer.student
+    cfg.predict_with = "teacher"
+    assert trainer.model is trainer.teacher

@@ -120,7 +120,7 @@ def _add_training_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lambda-r", type=float, default=None)
     p.add_argument("--p-norm", type=float, default=None)
     p.add_argument("--ema", type=float, default=None, help="EMA decay sigma (Eq. 7)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None, help="default 0")
     p.add_argument("--device", default="auto")
     p.add_argument("--checkpoint-every", type=_at_least(0), default=0)
 
@@ -136,14 +136,14 @@ _OVERRIDES = {
 
 def _training_overrides(args: argparse.Namespace) -> dict[str, Any]:
     """The training options the user gave (method-independent), as TrainConfig fields."""
-    from .train.config import burn_in_for
 
     values: dict[str, Any] = {f: getattr(args, a) for a, f in _OVERRIDES.items() if getattr(args, a) is not None}
     iterations = args.iterations or 2000
+    if args.burn_in is not None:
+        values["burn_in"] = args.burn_in  # else the method's rule (TrainConfig.for_method)
     values.update(
         iterations=iterations,
-        burn_in=args.burn_in if args.burn_in is not None else burn_in_for(iterations),
-        seed=args.seed,
+        seed=args.seed or 0,
         device=args.device,
         checkpoint_every=args.checkpoint_every,
     )
@@ -165,12 +165,13 @@ def _training_overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _config_from_args(args: argparse.Namespace):
-    from .train.config import RECOMMENDED, TrainConfig
+    from .train.config import RECOMMENDED, TrainConfig, burn_in_for
 
     values = _training_overrides(args)
     method = args.method or RECOMMENDED
     if method == "stac":
-        values["burn_in"] = min(max(1, values["burn_in"]), values["iterations"] - 1)
+        burn = values.get("burn_in", burn_in_for(values["iterations"]))
+        values["burn_in"] = min(max(1, burn), values["iterations"] - 1)
     return TrainConfig.for_method(method, **values)
 
 
@@ -198,7 +199,7 @@ def _resume_config(args: argparse.Namespace, path: str):
                 "batch": saved.labelled_batch, "norm": saved.model.norm, "focal_gamma": saved.model.focal_gamma}[opt]
         if have != value:
             differ.append(f"--{opt.replace('_', '-')} {value} (saved {have})")
-    if args.seed != saved.seed:
+    if args.seed is not None and args.seed != saved.seed:
         differ.append(f"--seed {args.seed} (saved {saved.seed})")
     if differ:
         raise NapariRmtError(
@@ -301,6 +302,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if out_dir.exists() and not out_dir.is_dir():
         raise NapariRmtError(f"--out {out_dir}: is a file; give a folder for the run")
     check_output(out_dir / "model.pt", [args.coco], "--out")
+    if args.resume and args.seed is None:
+        from .train.checkpoint import config_from_checkpoint, read_checkpoint
+
+        args.seed = config_from_checkpoint(read_checkpoint(args.resume)).seed  # the same labelled pick
     if not args.resume and not args.overwrite and any((out_dir / n).exists() for n in ("model.pt", "events.jsonl")):
         raise NapariRmtError(
             f"--out {out_dir}: holds an earlier run; continue it with --resume {out_dir / 'model.pt'}, "
@@ -316,7 +321,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         labelled = [t for t in tiles if t.id in set(ids)]
         unlabelled = [t for t in tiles if t.id not in set(ids)]
     elif args.labeled_fraction is not None:
-        labelled, unlabelled = pick_labelled(tiles, args.labeled_fraction, args.group_key, args.seed)
+        labelled, unlabelled = pick_labelled(tiles, args.labeled_fraction, args.group_key, args.seed or 0)
     else:
         labelled, unlabelled = tileset.labelled, tileset.unlabelled
     out = Path(args.out)

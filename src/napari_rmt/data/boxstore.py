@@ -89,3 +89,38 @@ def read_boxes_zarr(path: str | os.PathLike) -> tuple[Boxes, ClassList, tuple[in
         xyxy=xyxy, class_ids=cid, scores=score, sources=np.full(len(cid), BoxSource.PREDICTED, np.int8)
     )
     return boxes, classes, (int(meta["image_width"]), int(meta["image_height"]))
+
+
+def write_whole_image_boxes(
+    path: str | os.PathLike,
+    boxes: Boxes,
+    classes: ClassList,
+    image_name: str,
+    image_size: tuple[int, int],
+    image_path: str | os.PathLike | None = None,
+) -> Path:
+    """One large image's boxes, in whole-image pixels, in the format the suffix names:
+    a zarr box store (``.zarr``), QuPath GeoJSON (``.geojson``) or COCO results (else)."""
+    from .coco import write_coco_results
+    from .geojson import write_geojson
+    from .tiles import Tile, TileSet
+
+    path = Path(path)
+    if path.suffix.lower() == ".zarr":
+        return write_boxes_zarr(boxes, path, classes, image_size, source=str(image_path or image_name))
+    whole = TileSet(
+        [
+            Tile(
+                id=1,
+                name=image_name,
+                width=image_size[0],
+                height=image_size[1],
+                path=Path(image_path) if image_path is not None else None,
+                predictions=boxes,
+            )
+        ],
+        classes,
+    )
+    if path.suffix.lower() == ".geojson":
+        return write_geojson(whole, path, predictions=True)
+    return write_coco_results(whole, path)

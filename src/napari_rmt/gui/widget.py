@@ -275,7 +275,8 @@ class RMTWidget(QWidget):
         form.addRow("backbone", self.backbone_combo)
         self.iter_spin = _spin(1, 1_000_000, 500)
         form.addRow("iterations", self.iter_spin)
-        self.minutes_spin = _dspin(0, 10_000, 0, 5, decimals=0)
+        # 20 minutes: what a CPU user waits; 500 iterations would take about 30 (docs/benchmarks.md)
+        self.minutes_spin = _dspin(0, 10_000, 20, 5, decimals=0)
         self.minutes_spin.setSpecialValueText("no limit")
         self.minutes_spin.setToolTip("stop after this many minutes of training, even before the iterations")
         form.addRow("minutes", self.minutes_spin)
@@ -696,7 +697,8 @@ class RMTWidget(QWidget):
         """The advanced form shows the chosen method's own defaults (one source: the config)."""
         from ..train.config import TrainConfig
 
-        cfg = TrainConfig.for_method(method)
+        cfg = TrainConfig.for_method(method, iterations=self.iter_spin.value())
+        self.burn_spin.setValue(cfg.burn_in)
         self.thr_spin.setValue(cfg.threshold)
         self.rule_combo.setCurrentText(cfg.pseudo_rule)
         self.ignore_spin.setValue(cfg.ignore_low or 0.0)
@@ -736,12 +738,12 @@ class RMTWidget(QWidget):
                 labelled_batch=self.batch_spin.value(),
                 unlabelled_batch=self.batch_spin.value(),
             )
-        else:
-            values["burn_in"] = burn_in_for(iterations, warm_start=self.model_state is not None)
-            if values.get("time_budget_s"):
-                values["burn_in_fraction"] = 0.1 if self.model_state is not None else 0.5
+        elif self.model_state is not None:
+            # warm start: the teacher is already trained; else the method's own rule
+            values["burn_in"] = burn_in_for(iterations, warm_start=True)
+            values["burn_in_fraction"] = 0.1
         if method == "stac":
-            values["burn_in"] = min(max(1, values["burn_in"]), iterations - 1)
+            values["burn_in"] = min(max(1, values.get("burn_in", burn_in_for(iterations))), iterations - 1)
         return TrainConfig.for_method(method, **values)
 
     def train(self, config=None, synchronous: bool = False) -> None:
@@ -940,28 +942,12 @@ class RMTWidget(QWidget):
         """Whole-image boxes as COCO results (.json), a zarr box store (.zarr) or GeoJSON."""
         if self.whole is None or not len(self.whole.boxes):
             raise NapariRmtError("there are no whole-image predictions yet (Predict whole image)")
-        path = Path(path)
-        image, boxes, classes = self.whole.image, self.whole.boxes, self.project.tileset.classes
-        if path.suffix.lower() == ".zarr":
-            from ..data.boxstore import write_boxes_zarr
+        from ..data.boxstore import write_whole_image_boxes
 
-            return write_boxes_zarr(boxes, path, classes, image.size, source=str(image.path or image.name))
-        whole = TileSet(
-            [
-                Tile(
-                    id=1,
-                    name=image.name,
-                    width=image.width,
-                    height=image.height,
-                    path=image.path,
-                    predictions=boxes,
-                )
-            ],
-            classes,
+        image = self.whole.image
+        return write_whole_image_boxes(
+            path, self.whole.boxes, self.project.tileset.classes, image.name, image.size, image.path
         )
-        if path.suffix.lower() == ".geojson":
-            return write_geojson(whole, path, predictions=True)
-        return write_coco_results(whole, path)
 
     # ================================================================== persistence
     def _changed(self) -> None:

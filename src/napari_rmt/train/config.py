@@ -24,23 +24,29 @@ METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
     "rmt+": {
         "soft_negatives": True,
         "ignore_low": 0.2,
-        "pseudo_rule": "gmm",
+        "pseudo_rule": "fixed",
+        "threshold": 0.5,
+        "lambda_u": 1.0,
         "ema_decay": 0.99,
         "lr_schedule": "cosine",
         "labelled_batch": 4,
+        "burn_in_fraction": 0.75,
+        "predict_with": "student",
         "model": {"focal_gamma": 0.0},
     },
 }
 
 
-def burn_in_for(iterations: int, warm_start: bool = False) -> int:
+def burn_in_for(iterations: int, warm_start: bool = False, fraction: float | None = None) -> int:
     """The burn-in when none is given (CLI, widget, experiment alike).
 
-    From random init, half the run: the teacher has to be right about most cells before
-    its pseudo-labels help (measured, docs/benchmarks.md). Warm-started from a trained
-    model, a tenth: the teacher is already trained.
+    From random init, ``fraction`` of the run (a method's ``burn_in_fraction``, else half):
+    the teacher has to be right about most cells before its pseudo-labels help (measured,
+    docs/benchmarks.md). Warm-started from a trained model, a tenth: the teacher is
+    already trained.
     """
-    return max(0, min(iterations - 1, max(1, iterations // 10 if warm_start else iterations // 2)))
+    share = 0.1 if warm_start else (fraction if fraction is not None else 0.5)
+    return max(0, min(iterations - 1, max(1, int(iterations * share))))
 
 
 @dataclass
@@ -97,8 +103,14 @@ class TrainConfig:
     time_budget_s: float = 0.0
     #: "constant" (after warm-up) or "cosine": down to 5 % of the rate at the end of the run.
     lr_schedule: str = "constant"
-    #: With a time budget: burn-in ends at this fraction of it, if sooner than ``burn_in``.
+    #: With a time budget: burn-in ends at this fraction of it, if sooner than ``burn_in``;
+    #: without one, the default burn-in is this fraction of the iterations (``burn_in_for``).
     burn_in_fraction: float | None = None
+    #: Which network predicts once there is a teacher: "teacher" (the paper) or "student".
+    #: With a cosine schedule the last steps run at a small rate, so the final student is
+    #: already settled, while an EMA teacher still carries weights from many steps before
+    #: (measured, docs/benchmarks.md).
+    predict_with: str = "teacher"
     model: ModelConfig = field(default_factory=ModelConfig)
 
     def __post_init__(self) -> None:
@@ -160,6 +172,8 @@ class TrainConfig:
             bad("time_budget_s and checkpoint_every_s must be >= 0 (0: off)")
         if self.burn_in_fraction is not None and not 0.0 <= self.burn_in_fraction < 1.0:
             bad(f"burn_in_fraction {self.burn_in_fraction} must be in [0, 1)")
+        if self.predict_with not in ("teacher", "student"):
+            bad(f"predict_with {self.predict_with!r} is not 'teacher' or 'student'")
 
     @property
     def uses_teacher(self) -> bool:
@@ -182,12 +196,18 @@ class TrainConfig:
         """
         defaults = METHOD_DEFAULTS.get(method, {})
         values: dict[str, Any] = {k: v for k, v in defaults.items() if k != "model"}
+        if "burn_in" not in overrides:
+            iterations = overrides.get("iterations", TrainConfig.iterations)
+            fraction = overrides.get("burn_in_fraction", values.get("burn_in_fraction"))
+            values["burn_in"] = burn_in_for(iterations, fraction=fraction)
         given = overrides.pop("model", None)
         if isinstance(given, ModelConfig):
             model = given
         else:
             model = ModelConfig(**_tuples({**defaults.get("model", {}), **(given or {})}))
         values.update(overrides)
+        if values.get("time_budget_s") and values.get("burn_in_fraction") is None:
+            values["burn_in_fraction"] = 0.5  # a time-limited run leaves burn-in by time too
         return cls(method=method, model=model, **values)
 
     def to_dict(self) -> dict[str, Any]:

@@ -213,8 +213,11 @@ class Trainer:
 
     @property
     def predict_with(self) -> str:
-        """Which network predicts: the teacher for mean-teacher methods once it exists."""
-        return "teacher" if self.cfg.uses_teacher and self.teacher is not None else "student"
+        """Which network predicts: for mean-teacher methods once a teacher exists, the one
+        the config names (the teacher by default); the student otherwise."""
+        if self.cfg.uses_teacher and self.teacher is not None:
+            return self.cfg.predict_with
+        return "student"
 
     @property
     def model(self) -> nn.Module:
@@ -231,9 +234,10 @@ class Trainer:
         return min(1.0, p)
 
     #: A semi-supervised step costs about this many burn-in steps (teacher pass, a second
-    #: batch): measured 1.46 for rmt+ with ResNet-18 at 256 px (docs/benchmarks.md). Used
-    #: for the ETA during burn-in, so that it does not jump when the phase changes.
-    SEMI_STEP_COST = 1.5
+    #: batch): measured 1.85 for rmt+ with ResNet-18 at 256 px, batch 4 + 2 (median 4.37 s
+    #: against 2.37 s, docs/benchmarks.md). Used for the ETA during burn-in, so that it
+    #: does not jump when the phase changes.
+    SEMI_STEP_COST = 1.85
 
     def _eta(self, recent: deque[float]) -> float:
         if not recent:
