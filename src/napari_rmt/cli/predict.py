@@ -1,0 +1,160 @@
+"""``napari-rmt predict``: tiles of a COCO file or image files; large images in stitched windows."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from ..data.errors import NapariRmtError
+from .common import ProgressBar, at_least, in_range, load_dataset
+
+
+def add_parser(sub) -> None:
+    pred = sub.add_parser("predict", help="predict cells with a trained model")
+    pred.add_argument("--model", required=True, help="model.pt (or its run folder)")
+    pred.add_argument("--coco", default=None, help="predict every image of this COCO json, keeping ids")
+    pred.add_argument("--images", default=None, help="image folder for --coco")
+    pred.add_argument(
+        "--allow-outside-paths", action="store_true",
+        help="read images named by absolute paths or ../ in the COCO file (refused by default)",
+    )
+    pred.add_argument("paths", nargs="*", help="image files (when no --coco)")
+    pred.add_argument("--out", required=True, help="COCO results json")
+    pred.add_argument("--score-threshold", type=in_range(0, 1), default=0.05)
+    pred.add_argument("--nms", type=in_range(0, 1, low_open=True), default=0.5, help="class-agnostic NMS IoU")
+    pred.add_argument("--batch-size", type=at_least(1), default=4)
+    pred.add_argument("--device", default="auto")
+    big = pred.add_argument_group(
+        "large images",
+        "image files larger than window + 2 x context (and zarr stores) are predicted in windows "
+        "and stitched into whole-image boxes",
+    )
+    big.add_argument("--window", type=at_least(16), default=512, help="window size in pixels (default 512)")
+    big.add_argument("--overlap", type=at_least(0), default=0, help="overlap between windows (default 0)")
+    big.add_argument("--context", type=at_least(0), default=128, help="pixels read around each window (default 128)")
+    big.add_argument("--zarr", default=None, help="also write each large image's boxes to DIR/<name>.zarr")
+    pred.set_defaults(func=run)
+
+
+def _classes_by_name(model_classes, data_classes, where: str):
+    """The model's classes under the dataset's category ids, matched by name.
+
+    Boxes written under the model's own ids would be scored as other classes when the
+    dataset numbers its categories differently; a class the dataset lacks is refused.
+    """
+    from ..data.classes import CellClass, ClassList
+
+    if model_classes.names == data_classes.names and model_classes.ids == data_classes.ids:
+        return model_classes
+    missing = [c.name for c in model_classes if c.name.lower() not in {n.lower() for n in data_classes.names}]
+    if missing:
+        raise NapariRmtError(
+            f"{where}: the model predicts classes {missing} that the dataset's categories "
+            f"{data_classes.names} lack; predict on image files instead, or add the categories"
+        )
+    return ClassList(
+        CellClass(data_classes.by_name(c.name).id, data_classes.by_name(c.name).name, c.colour) for c in model_classes
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..data.atomic import atomic_write_json, check_output
+    from ..data.boxstore import write_boxes_zarr
+    from ..data.coco import write_coco_results
+    from ..data.imageio import image_size
+    from ..data.large import is_zarr_path, open_large_image, tile_grid
+    from ..data.tiles import Tile, TileSet
+    from ..model.predict import predict_tiles
+    from ..model.wholeimage import predict_large_image
+    from ..train.checkpoint import load_model
+    from ..train.trainer import resolve_device
+
+    # Every output is checked before hours of work, and none may be (inside) an input.
+    inputs = [p for p in (args.model, args.coco, *(args.paths or [])) if p]
+    check_output(args.out, inputs, "--out")
+    if not args.coco:
+        check_output(Path(args.out).with_suffix(".images.json"), inputs, "--out")
+    if args.zarr:
+        for p in args.paths or []:
+            check_output(Path(args.zarr) / f"{Path(p).stem}.zarr", inputs, "--zarr", folder=True)
+    model, classes, _ = load_model(args.model)
+    device = resolve_device(args.device)
+    model.to(device)
+    if args.coco:
+        tileset = load_dataset(args)
+        classes = _classes_by_name(classes, tileset.classes, args.coco)
+        tiles = list(tileset)
+    else:
+        if not args.paths:
+            raise NapariRmtError("give --coco ANN.json or image paths to predict")
+        tiles = []
+        for i, p in enumerate(args.paths, start=1):
+            w, h = open_large_image(p).size if is_zarr_path(p) else image_size(p)
+            tiles.append(Tile(id=i, name=Path(p).name, width=w, height=h, path=Path(p)))
+    # Images larger than one window (and zarr stores) are predicted window by window
+    # and stitched; the rest in batches of whole tiles.
+    side = args.window + 2 * args.context
+    large = [
+        t for t in tiles if not args.coco and (t.width > side or t.height > side or is_zarr_path(t.path))
+    ]
+    small = [t for t in tiles if t not in large]
+    t0 = time.perf_counter()
+    if small:
+        bar = ProgressBar(len(small), label="predict")
+        predict_tiles(
+            model,
+            small,
+            classes,
+            batch_size=args.batch_size,
+            score_threshold=args.score_threshold,
+            nms_iou=args.nms,
+            device=device,
+            progress=lambda d, n: bar.update(d),
+        )
+        bar.close()
+    for t in large:
+        image = open_large_image(t.path)
+        n_windows = len(tile_grid(image.width, image.height, args.window, args.overlap))
+        bar = ProgressBar(n_windows, label=f"{t.name[:24]} windows")
+        started = time.perf_counter()
+        t.predictions = predict_large_image(
+            model,
+            image,
+            classes,
+            window=args.window,
+            overlap=args.overlap,
+            context=args.context,
+            batch_size=args.batch_size,
+            score_threshold=args.score_threshold,
+            nms_iou=args.nms,
+            device=device,
+            progress=lambda d, n, b=bar, s0=started: b.update(
+                d, eta=(time.perf_counter() - s0) / d * (n - d)
+            ),
+        )
+        bar.close()
+        if args.zarr:
+            folder = Path(args.zarr)
+            folder.mkdir(parents=True, exist_ok=True)
+            store = write_boxes_zarr(
+                t.predictions, folder / f"{Path(t.name).stem}.zarr", classes, image.size, source=str(t.path)
+            )
+            print(f"napari-rmt: {len(t.predictions)} boxes of {t.name} -> {store}")
+    out_set = TileSet(tiles=[], classes=classes)
+    for t in tiles:
+        out_set.add(
+            Tile(id=t.id, name=t.name, width=t.width, height=t.height, path=t.path, predictions=t.predictions)
+        )
+    if not args.coco:
+        # The index first, the results last; each result also names its file, so a crash
+        # between the two writes cannot attribute boxes to the wrong image.
+        atomic_write_json(
+            Path(args.out).with_suffix(".images.json"),
+            [{"id": t.id, "file_name": str(t.path), "width": t.width, "height": t.height} for t in tiles],
+            indent=1,
+        )
+    out = write_coco_results(out_set, args.out, file_names=not args.coco)
+    n = sum(len(t.predictions) for t in tiles)
+    print(f"napari-rmt: {n} boxes on {len(tiles)} images in {time.perf_counter() - t0:.1f} s; wrote {out}")
+    return 0

@@ -1,0 +1,109 @@
+"""``napari-rmt train``: train a detector on a COCO dataset (or resume a run)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from ..data.errors import NapariRmtError
+from .common import (
+    add_training_options,
+    config_from_args,
+    drop_replayed_events,
+    load_dataset,
+    read_ids,
+    resume_config,
+    run_training,
+)
+
+
+def add_parser(sub) -> None:
+    train = sub.add_parser("train", help="train a detector on a COCO dataset")
+    train.add_argument("--coco", required=True, help="COCO json of the training images")
+    train.add_argument("--images", default=None, help="image folder (default: the json's folder)")
+    which = train.add_mutually_exclusive_group()
+    which.add_argument(
+        "--labeled-fraction",
+        type=float,
+        default=None,
+        help="label this fraction of the images; the rest are unlabelled",
+    )
+    which.add_argument("--labeled-ids", default=None, help="file with the labelled image ids")
+    train.add_argument(
+        "--group-key",
+        default=None,
+        help="pick labelled images by whole groups of this image field (e.g. source_tile)",
+    )
+    train.add_argument("--init-from", default=None, help="warm start from an earlier model.pt")
+    train.add_argument("--resume", default=None, help="continue an interrupted run from its model.pt")
+    train.add_argument("--overwrite", action="store_true", help="replace an earlier run in --out")
+    train.add_argument("--out", required=True, help="run folder: model.pt, config.json, events.jsonl")
+    train.add_argument(
+        "--allow-outside-paths", action="store_true",
+        help="read images named by absolute paths or ../ in the COCO file (refused by default)",
+    )
+    add_training_options(train)
+    train.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..data.atomic import atomic_write_json, check_output
+    from ..data.split import pick_labelled
+    from ..train.trainer import Trainer
+
+    out_dir = Path(args.out)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise NapariRmtError(f"--out {out_dir}: is a file; give a folder for the run")
+    check_output(out_dir / "model.pt", [args.coco], "--out")
+    if args.resume and args.seed is None:
+        from ..train.checkpoint import config_from_checkpoint, read_checkpoint
+
+        args.seed = config_from_checkpoint(read_checkpoint(args.resume)).seed  # the same labelled pick
+    if not args.resume and not args.overwrite and any((out_dir / n).exists() for n in ("model.pt", "events.jsonl")):
+        raise NapariRmtError(
+            f"--out {out_dir}: holds an earlier run; continue it with --resume {out_dir / 'model.pt'}, "
+            "replace it with --overwrite, or choose another folder"
+        )
+    tileset = load_dataset(args)
+    tiles = list(tileset)
+    if args.labeled_ids:
+        ids = read_ids(Path(args.labeled_ids))
+        unknown = sorted(set(ids) - {t.id for t in tiles})
+        if unknown:
+            raise NapariRmtError(f"{args.labeled_ids}: image ids {unknown[:10]} are not in {args.coco}")
+        labelled = [t for t in tiles if t.id in set(ids)]
+        unlabelled = [t for t in tiles if t.id not in set(ids)]
+    elif args.labeled_fraction is not None:
+        labelled, unlabelled = pick_labelled(tiles, args.labeled_fraction, args.group_key, args.seed or 0)
+    else:
+        labelled, unlabelled = tileset.labelled, tileset.unlabelled
+    out = Path(args.out)
+    cfg = resume_config(args, args.resume) if args.resume else config_from_args(args)
+    print(
+        f"napari-rmt: {cfg.method} on {len(labelled)} labelled + {len(unlabelled)} unlabelled tiles, "
+        f"{cfg.iterations} iterations, {cfg.model.backbone}"
+        + (", random init" if cfg.model.weights is None else f", weights {cfg.model.weights}"),
+        file=sys.stderr,
+    )
+    if args.resume:
+        trainer = Trainer.resume(args.resume, labelled, unlabelled, config=cfg, checkpoint_path=out / "model.pt")
+        drop_replayed_events(out / "events.jsonl", trainer.iteration)
+    else:
+        trainer = Trainer(
+            labelled,
+            unlabelled,
+            tileset.classes,
+            cfg,
+            init_from=args.init_from,
+            checkpoint_path=out / "model.pt",
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "labelled_ids.json", [t.id for t in labelled])
+    records = run_training(trainer, out, append=bool(args.resume))
+    fin = records[-1] if records else {}
+    print(
+        f"napari-rmt: {fin.get('iteration', trainer.iteration)} iterations in "
+        f"{fin.get('seconds', 0):.0f} s; wrote {out / 'model.pt'}"
+    )
+    return 0
