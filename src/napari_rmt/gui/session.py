@@ -14,7 +14,7 @@ import numpy as np
 
 from ..data.boxes import Boxes, BoxSource
 from ..data.classes import ClassList
-from ..data.errors import NapariRmtError
+from ..data.errors import ImageReadError, NapariRmtError
 from ..data.project import Project
 from ..data.suggest import rank_unlabelled
 from ..data.tiles import Tile, TileStatus
@@ -44,6 +44,7 @@ class Session:
         self._updating = False
         self._hidden_predictions = Boxes()
         self.hidden_kept = 0  # predictions the last Accept tile left hidden (kept, not dropped)
+        self.image_error: str | None = None  # why the tile on screen has no pixels, if it has none
         self._shown = False
         self._counts: dict[str, int] = {}
         self._make_layers()
@@ -219,7 +220,14 @@ class Session:
         self.index = index
         self._shown = True
         t = self.tile
-        self.image.data = t.pixels()
+        try:
+            self.image.data = t.pixels()
+            self.image_error = None
+        except ImageReadError as exc:
+            # A missing or damaged image does not hide the tile's boxes: they are shown over
+            # a grey field of the tile's size, and the error is kept for the widget to say.
+            self.image.data = np.full((t.height, t.width, 3), 128, dtype=np.uint8)
+            self.image_error = str(exc)
         self.image.metadata["tile_id"] = t.id
         # A window of a large image sits at its place over the whole-image overview;
         # layer data stay in tile pixels, the translation is napari's.

@@ -254,6 +254,11 @@ class RMTWidget(QWidget):
         add.clicked.connect(self._ask_class)
         cl.addWidget(add)
         root.addWidget(classes)
+        # The colours of the classes, in words: a legend for what the boxes on the canvas mean.
+        self.legend = QLabel("")
+        self.legend.setWordWrap(True)
+        self.legend.setToolTip("annotations: thicker edges; predictions: thinner edges")
+        root.addWidget(self.legend)
 
         train = QGroupBox("Train")
         form = QFormLayout(train)
@@ -404,6 +409,7 @@ class RMTWidget(QWidget):
         self.class_combo.clear()
         self.class_combo.addItems(tileset.classes.names)
         self.class_combo.blockSignals(False)
+        self._refresh_legend()
         self.project_label.setText(f"project: {folder}")
         self._attach_whole(tileset)
         self._fill_list()
@@ -554,6 +560,8 @@ class RMTWidget(QWidget):
             return
         self.session.show_tile(index)
         self._after_move()
+        if self.session.image_error:
+            self._report_error(NapariRmtError(self.session.image_error), prefix="image not shown")
 
     def suggest_next(self) -> None:
         if self.session is None:
@@ -623,6 +631,13 @@ class RMTWidget(QWidget):
 
         return pick
 
+    def _refresh_legend(self) -> None:
+        project = getattr(self, "project", None)
+        classes = project.tileset.classes if project is not None else []
+        self.legend.setText(
+            " ".join(f'<span style="color:{c.hex}">■</span>&nbsp;{c.name}' for c in classes)
+        )
+
     def _ask_class(self) -> None:
         name, ok = QInputDialog.getText(self, "New class", "class name:")
         if ok and name:
@@ -638,6 +653,7 @@ class RMTWidget(QWidget):
         self.session.show_tile(self.session.index)
         self._bind_keys()
         self.class_combo.addItem(name)
+        self._refresh_legend()
         self._changed()
 
     # ================================================================== review
@@ -1013,6 +1029,7 @@ class RMTWidget(QWidget):
             self.session.show_tile(index)
             self._bind_keys()
             self.class_combo.addItems(ts.classes.names[len(names) :])
+            self._refresh_legend()
         else:
             self.session.refresh()
         self._refresh_list_rows(all_rows=True)
