@@ -231,7 +231,8 @@ def plot(out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    runs = sorted(p for p in out.glob("*/pseudo.jsonl") if p.stat().st_size)
+    runs = sorted(p for p in out.glob("s*/*/pseudo.jsonl") if p.stat().st_size)
+    truth = []
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     for p in runs:
         rows = [json.loads(line) for line in p.read_text().splitlines()]
@@ -242,6 +243,7 @@ def plot(out: Path) -> None:
             return np.convolve(v, np.ones(k) / k, mode="valid")
 
         per_tile = [np.mean(r["pseudo"]) for r in rows]
+        truth += [r["n_gt"] / max(1, len(r["pseudo"])) for r in rows]
         recall = [r["tp"] / max(1, r["n_gt"]) for r in rows]
         precision = [r["tp"] / max(1, r["n_pseudo"]) for r in rows]
         ts = t[k - 1 :]
@@ -249,7 +251,9 @@ def plot(out: Path) -> None:
         axes[0].plot(ts, smooth(per_tile), label=label)
         axes[1].plot(ts, smooth(recall), label=label)
         axes[2].plot(ts, smooth(precision), label=label)
-    gt = "true cells per tile: about 40"
+    if truth:
+        axes[0].axhline(float(np.mean(truth)), color="k", ls="--", lw=1, label="true cells per tile (mean)")
+    gt = f"true: {np.mean(truth):.0f} per tile" if truth else ""
     for ax, title in zip(axes, [f"pseudo-boxes per unlabelled tile ({gt})", "teacher recall of the hidden truth",
                                 "precision of the pseudo-boxes"], strict=True):
         ax.set_title(title, fontsize=10)

@@ -26,6 +26,7 @@ from qtpy.QtWidgets import (  # noqa: E402
     QDoubleSpinBox,
     QFileDialog,
     QFormLayout,
+    QGridLayout,
     QGroupBox,
     QHBoxLayout,
     QInputDialog,
@@ -183,17 +184,19 @@ class RMTWidget(QWidget):
 
         tiles = QGroupBox("Tiles")
         tl = QVBoxLayout(tiles)
-        row = QHBoxLayout()
-        for text, slot in (
-            ("Folder…", self._ask_folder),
-            ("COCO…", self._ask_coco),
-            ("Sample", self.open_sample),
-            ("Image layer", self.open_image_layer),
-            ("Project…", self._ask_project),
+        row = QGridLayout()
+        for k, (text, slot) in enumerate(
+            (
+                ("Open folder…", self._ask_folder),
+                ("Open COCO…", self._ask_coco),
+                ("Open project…", self._ask_project),
+                ("Image layer", self.open_image_layer),
+                ("Sample", self.open_sample),
+            )
         ):
             b = QPushButton(text)
             b.clicked.connect(slot)
-            row.addWidget(b)
+            row.addWidget(b, k // 3, k % 3)
         tl.addLayout(row)
         self.project_label = QLabel("no project")
         self.project_label.setWordWrap(True)
@@ -265,7 +268,7 @@ class RMTWidget(QWidget):
         self.method_combo = QComboBox()
         # Choices come from the core (torch is imported at widget open anyway, for warm
         # imports); the recommended method first.
-        from ..model.config import BACKBONES
+        from ..model.config import BACKBONES, ModelConfig
         from ..train.config import METHODS, PSEUDO_RULES, RECOMMENDED
 
         self.method_combo.addItems([RECOMMENDED, *(m for m in METHODS if m != RECOMMENDED)])
@@ -276,7 +279,9 @@ class RMTWidget(QWidget):
         )
         form.addRow("method", self.method_combo)
         self.backbone_combo = QComboBox()
-        self.backbone_combo.addItems(BACKBONES)
+        # the default (ModelConfig's) first, the others as the core lists them
+        default_backbone = ModelConfig().backbone
+        self.backbone_combo.addItems([default_backbone, *(b for b in BACKBONES if b != default_backbone)])
         form.addRow("backbone", self.backbone_combo)
         self.iter_spin = _spin(1, 1_000_000, 500)
         form.addRow("iterations", self.iter_spin)
@@ -380,18 +385,20 @@ class RMTWidget(QWidget):
         root.addWidget(review)
 
         export = QGroupBox("Export and model")
-        el = QHBoxLayout(export)
-        for text, slot in (
-            ("COCO…", self._ask_export_coco),
-            ("GeoJSON…", self._ask_export_geojson),
-            ("Import GeoJSON…", self._ask_import_geojson),
-            ("Predictions…", self._ask_export_predictions),
-            ("Save model…", self._ask_save_model),
-            ("Load model…", self._ask_load_model),
+        el = QGridLayout(export)  # two rows of three: one row of six was wider than the dock
+        for k, (text, slot) in enumerate(
+            (
+                ("Export COCO…", self._ask_export_coco),
+                ("Export GeoJSON…", self._ask_export_geojson),
+                ("Export predictions…", self._ask_export_predictions),
+                ("Import GeoJSON…", self._ask_import_geojson),
+                ("Save model…", self._ask_save_model),
+                ("Load model…", self._ask_load_model),
+            )
         ):
             b = QPushButton(text)
             b.clicked.connect(slot)
-            el.addWidget(b)
+            el.addWidget(b, k // 3, k % 3)
         root.addWidget(export)
         root.addStretch(1)
 
@@ -410,6 +417,11 @@ class RMTWidget(QWidget):
         self.class_combo.addItems(tileset.classes.names)
         self.class_combo.blockSignals(False)
         self._refresh_legend()
+        # New boxes start with the class most boxes already have (not the first in the list,
+        # which on CoNSeP is the rare "miscellaneous").
+        counts = {c.id: sum(int((t.boxes.class_ids == c.id).sum()) for t in tileset) for c in tileset.classes}
+        if counts and max(counts.values()) > 0:
+            self.class_combo.setCurrentText(tileset.classes.by_id(max(counts, key=counts.get)).name)
         self.project_label.setText(f"project: {folder}")
         self._attach_whole(tileset)
         self._fill_list()
