@@ -60,8 +60,18 @@ AUTOSAVER = textwrap.dedent(
 )
 
 
-def _kill_after(cmd: list[str], delay: float, cwd: Path) -> None:
+def _kill_after(cmd: list[str], delay: float, cwd: Path, after_write: Path | None = None) -> None:
+    """Start ``cmd`` and SIGKILL it ``delay`` seconds later; with ``after_write``, the delay
+    counts from the moment that file is (re)written, so that a slow machine's start-up
+    (importing torch) does not let every kill land before the first checkpoint."""
+    before = after_write.stat().st_mtime_ns if after_write is not None and after_write.exists() else None
     proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    if after_write is not None:
+        deadline = time.perf_counter() + 120
+        while time.perf_counter() < deadline and proc.poll() is None:
+            if after_write.exists() and after_write.stat().st_mtime_ns != before:
+                break
+            time.sleep(0.05)
     time.sleep(delay)
     if proc.poll() is None:
         os.kill(proc.pid, signal.SIGKILL)
@@ -124,7 +134,7 @@ def test_training_and_prediction_killed_at_random_leave_whole_files_and_resume(t
     for k in range(kills):
         fresh = k == 0 or not (run / "model.pt").is_file()
         cmd = [*train, "--overwrite"] if fresh else [*train, "--resume", str(run / "model.pt")]
-        _kill_after(cmd, rng.uniform(4.0, 9.0), tmp_path)
+        _kill_after(cmd, rng.uniform(0.0, 3.0), tmp_path, after_write=run / "model.pt")
         if (run / "model.pt").is_file():
             try:
                 ckpt = read_checkpoint(run / "model.pt")
@@ -148,7 +158,7 @@ def test_training_and_prediction_killed_at_random_leave_whole_files_and_resume(t
     predict = [*exe, "predict", "--model", str(run / "model.pt"), "--coco", str(tiny_coco), "--out", str(out)]
     half = 0
     for _ in range(max(2, kills // 2)):
-        _kill_after(predict, rng.uniform(2.0, 6.0), tmp_path)
+        _kill_after(predict, rng.uniform(2.0, 6.0), tmp_path)  # before, during or after the write
         if out.is_file():
             try:
                 json.loads(out.read_text())

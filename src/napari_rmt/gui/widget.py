@@ -401,6 +401,10 @@ class RMTWidget(QWidget):
             el.addWidget(b, k // 3, k % 3)
         root.addWidget(export)
         root.addStretch(1)
+        # The dock takes the scroll area's width, which does not follow its content: ask for
+        # the content's own width (plus the vertical scroll bar), or rows get clipped on the
+        # right (seen in the screenshots).
+        scroll.setMinimumWidth(body.sizeHint().width() + scroll.verticalScrollBar().sizeHint().width())
 
     # ================================================================== opening
     def set_tileset(self, tileset: TileSet, name: str, folder: Path | None = None) -> None:
