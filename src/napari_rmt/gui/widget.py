@@ -404,7 +404,7 @@ class RMTWidget(QWidget):
         # The dock takes the scroll area's width, which does not follow its content: ask for
         # the content's own width (plus the vertical scroll bar), or rows get clipped on the
         # right (seen in the screenshots).
-        scroll.setMinimumWidth(body.sizeHint().width() + scroll.verticalScrollBar().sizeHint().width())
+        scroll.setMinimumWidth(body.sizeHint().width() + scroll.verticalScrollBar().sizeHint().width() + 40)
 
     # ================================================================== opening
     def set_tileset(self, tileset: TileSet, name: str, folder: Path | None = None) -> None:
