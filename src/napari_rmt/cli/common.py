@@ -167,35 +167,30 @@ def config_from_args(args: argparse.Namespace):
     return TrainConfig.for_method(method, **values)
 
 
-#: Options a resumed run may change: how long it goes on and where it runs.
-_RESUMABLE = {"iterations", "time_budget_s", "device", "checkpoint_every"}
-
-
-def resume_config(args: argparse.Namespace, path: str):
-    """The saved run's config, with only the options that may change on a resume applied.
+def resume_config(args: argparse.Namespace, ckpt: dict[str, Any]):
+    """The saved run's config (of the loaded checkpoint ``ckpt``), with only the options
+    that may change on a resume applied: iterations, minutes, device, checkpoint interval.
 
     Any other option given on the command line that differs from the saved one is
     refused by name: a resumed run is the run that was started, not a new one.
     """
-    from ..train.checkpoint import config_from_checkpoint, read_checkpoint
+    from ..train.checkpoint import config_from_checkpoint
 
-    saved = config_from_checkpoint(read_checkpoint(path))
-    given = {a: getattr(args, a) for a in _OVERRIDES if getattr(args, a) is not None}
-    differ = [f"--{a.replace('_', '-')} {v} (saved {getattr(saved, _OVERRIDES[a])})"
-              for a, v in given.items() if getattr(saved, _OVERRIDES[a]) != v]
-    for opt, value in (("method", args.method), ("backbone", args.backbone), ("burn_in", args.burn_in),
-                       ("batch", args.batch), ("norm", args.norm), ("focal_gamma", args.focal_gamma)):
-        if value is None:
-            continue
-        have = {"method": saved.method, "backbone": saved.model.backbone, "burn_in": saved.burn_in,
-                "batch": saved.labelled_batch, "norm": saved.model.norm, "focal_gamma": saved.model.focal_gamma}[opt]
-        if have != value:
-            differ.append(f"--{opt.replace('_', '-')} {value} (saved {have})")
-    if args.seed is not None and args.seed != saved.seed:
-        differ.append(f"--seed {args.seed} (saved {saved.seed})")
+    saved = config_from_checkpoint(ckpt)
+    given = [(a, getattr(args, a), getattr(saved, f)) for a, f in _OVERRIDES.items()]
+    given += [
+        ("method", args.method, saved.method),
+        ("backbone", args.backbone, saved.model.backbone),
+        ("burn_in", args.burn_in, saved.burn_in),
+        ("batch", args.batch, saved.labelled_batch),
+        ("norm", args.norm, saved.model.norm),
+        ("focal_gamma", args.focal_gamma, saved.model.focal_gamma),
+        ("seed", args.seed, saved.seed),
+    ]
+    differ = [f"--{a.replace('_', '-')} {v} (saved {have})" for a, v, have in given if v is not None and v != have]
     if differ:
         raise NapariRmtError(
-            f"--resume {path}: continues the run as it was started; these options differ from it: "
+            f"--resume {ckpt['_path']}: continues the run as it was started; these options differ from it: "
             + "; ".join(differ)
             + ". Drop them, or start a new run from it with --init-from."
         )

@@ -50,21 +50,21 @@ def add_parser(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..data.atomic import atomic_write_json, check_output
     from ..data.split import pick_labelled
+    from ..train.checkpoint import read_checkpoint
     from ..train.trainer import Trainer
 
     out_dir = Path(args.out)
     if out_dir.exists() and not out_dir.is_dir():
         raise NapariRmtError(f"--out {out_dir}: is a file; give a folder for the run")
     check_output(out_dir / "model.pt", [args.coco], "--out")
-    if args.resume and args.seed is None:
-        from ..train.checkpoint import config_from_checkpoint, read_checkpoint
-
-        args.seed = config_from_checkpoint(read_checkpoint(args.resume)).seed  # the same labelled pick
     if not args.resume and not args.overwrite and any((out_dir / n).exists() for n in ("model.pt", "events.jsonl")):
         raise NapariRmtError(
             f"--out {out_dir}: holds an earlier run; continue it with --resume {out_dir / 'model.pt'}, "
             "replace it with --overwrite, or choose another folder"
         )
+    # Read once: the saved config decides the labelled pick (its seed) and the trainer's state.
+    ckpt = read_checkpoint(args.resume) if args.resume else None
+    cfg = resume_config(args, ckpt) if ckpt is not None else config_from_args(args)
     tileset = load_dataset(args)
     tiles = list(tileset)
     if args.labeled_ids:
@@ -75,11 +75,10 @@ def run(args: argparse.Namespace) -> int:
         labelled = [t for t in tiles if t.id in set(ids)]
         unlabelled = [t for t in tiles if t.id not in set(ids)]
     elif args.labeled_fraction is not None:
-        labelled, unlabelled = pick_labelled(tiles, args.labeled_fraction, args.group_key, args.seed or 0)
+        labelled, unlabelled = pick_labelled(tiles, args.labeled_fraction, args.group_key, cfg.seed)
     else:
         labelled, unlabelled = tileset.labelled, tileset.unlabelled
     out = Path(args.out)
-    cfg = resume_config(args, args.resume) if args.resume else config_from_args(args)
     print(
         f"napari-rmt: {cfg.method} on {len(labelled)} labelled + {len(unlabelled)} unlabelled tiles, "
         f"{cfg.iterations} iterations, {cfg.model.backbone}"
@@ -87,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     if args.resume:
-        trainer = Trainer.resume(args.resume, labelled, unlabelled, config=cfg, checkpoint_path=out / "model.pt")
+        trainer = Trainer.resume(ckpt, labelled, unlabelled, config=cfg, checkpoint_path=out / "model.pt")
         drop_replayed_events(out / "events.jsonl", trainer.iteration)
     else:
         trainer = Trainer(

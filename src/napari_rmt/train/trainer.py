@@ -663,7 +663,7 @@ class Trainer:
     @classmethod
     def resume(
         cls,
-        path: str | os.PathLike,
+        path: str | os.PathLike | dict,
         labelled: Sequence[Tile],
         unlabelled: Sequence[Tile],
         config: TrainConfig | None = None,
@@ -675,7 +675,7 @@ class Trainer:
         iterations, another method after a shared burn-in, a longer budget); its model
         must be the checkpoint's, since the weights are. Without, the saved config.
         """
-        ckpt = read_checkpoint(path)
+        ckpt = path if isinstance(path, dict) else read_checkpoint(path)  # a checkpoint read already
         saved = config_from_checkpoint(ckpt)
         cfg = config or saved
         if cfg.model != saved.model:
