@@ -130,7 +130,9 @@ def result(trainer: Trainer, name: str, test, classes, wall: float) -> dict:
         "model": trainer.predict_with, "f1": evaluate(trainer.model, test, classes),
     }
     if trainer.teacher is not None:
-        res["student_f1"] = evaluate(trainer.student, test, classes)
+        # The other network of the pair: the student when the teacher predicts, and back.
+        other = trainer.student if trainer.predict_with == "teacher" else trainer.teacher
+        res["student_f1" if trainer.predict_with == "teacher" else "teacher_f1"] = evaluate(other, test, classes)
     return res
 
 
@@ -138,8 +140,15 @@ def base_config(args, method: str) -> TrainConfig:
     return TrainConfig.for_method(
         method, iterations=1_000_000, burn_in=0, seed=args.seed, time_budget_s=args.minutes * 60,
         lr_schedule=args.schedule, labelled_batch=4, unlabelled_batch=args.unlabelled_batch,
-        checkpoint_every_s=0, model={"focal_gamma": args.gamma, "norm": args.norm},
+        checkpoint_every_s=0, init=args.init, model={"focal_gamma": args.gamma, "norm": args.norm, **ARCH[args.arch]},
     )
+
+
+#: "sized": the default since issue 14; "full": the default before it (the paper's FPN on ResNet-18).
+ARCH = {
+    "sized": {},
+    "full": {"fpn_channels": 256, "resnet_stages": 4, "box_head_dim": 1024, "anchor_sizes": (8, 16, 32, 64, 128)},
+}
 
 
 def main() -> None:
@@ -155,7 +164,9 @@ def main() -> None:
     ap.add_argument("--schedule", default="cosine")
     ap.add_argument("--unlabelled-batch", type=int, default=2)
     ap.add_argument("--set", nargs="*", default=[], help="branch: config overrides KEY=VALUE (json values)")
-    ap.add_argument("--tag", default="")
+    ap.add_argument("--tag", default="", help="run names end with it; a branch starts from supervised<tag>")
+    ap.add_argument("--init", choices=["none", "nucleus"], default="none", help="random init or the bundled model")
+    ap.add_argument("--arch", choices=sorted(ARCH), default="sized", help="the detector's size (issue 14)")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -184,7 +195,7 @@ def main() -> None:
         name = f"{args.method}_at{int(args.at * 100)}{args.tag}"
         run = out / name
         run.mkdir(exist_ok=True)
-        state = out / "supervised" / f"state_{int(args.at * 100)}.pt"
+        state = out / f"supervised{args.tag}" / f"state_{int(args.at * 100)}.pt"
         ckpt = torch.load(state, map_location="cpu", weights_only=True)
         overrides = {k: json.loads(v) for k, v in (kv.split("=", 1) for kv in args.set)}
         cfg = base_config(args, args.method)
@@ -213,11 +224,11 @@ def table(out: Path) -> str:
             rows.append(f"| {seed} | yardstick | {r['iterations']} | plain | " + " | ".join(f"{v:.1f}" for v in per)
                         + f" | {np.mean(per):.1f} | **{r['f1_class_agnostic']:.1f}** |")
             continue
-        for which in ("f1", "student_f1"):
-            if which not in r:
-                continue
+        for which in ("f1", "student_f1", "teacher_f1"):
+            if which not in r or (which == "student_f1" and r["model"] == "student"):
+                continue  # runs before teacher_f1 existed scored the student twice
             f = r[which]
-            model = r["model"] if which == "f1" else "student"
+            model = r["model"] if which == "f1" else which.split("_")[0]
             rows.append(f"| {seed} | {r['run']} | {r['iterations']} | {model} | "
                         + " | ".join(f"{f[c]['f1']:.1f}" for c in classes)
                         + f" | {f['mean_class_f1']:.1f} | **{f['any']['f1']:.1f}** |")

@@ -18,7 +18,11 @@ def test_demo_trains_and_writes_predictions(tmp_path, capsys):
     geo = json.loads((tmp_path / "predictions.geojson").read_text())
     assert len(geo["features"]) == len(preds)
     assert (tmp_path / "model.pt").is_file()
-    assert "predicted boxes" in capsys.readouterr().out
+    from PIL import Image
+
+    assert Image.open(tmp_path / "prediction.png").size == (2 * 512 + 8, 512)  # truth | predictions
+    said = capsys.readouterr().out
+    assert "predicted boxes" in said and "F1 against them" in said
 
 
 def test_train_then_predict_on_a_tiny_coco(tmp_path, capsys):
@@ -161,3 +165,31 @@ def test_predict_a_large_zarr_image_writes_whole_image_boxes(tmp_path, capsys):
     )
     np.testing.assert_allclose(np.sort(direct.scores), np.sort(boxes.scores), atol=1e-5)
     assert "windows" in capsys.readouterr().err
+
+
+def test_predict_with_the_bundled_nucleus_model(tmp_path):
+    from napari_rmt.data.sample import sample_dir
+
+    images = sorted((sample_dir() / "images").glob("*.png"))[:2]
+    out = tmp_path / "nuclei.json"
+    assert main(["predict", "--model", "nucleus", *map(str, images), "--out", str(out)]) == 0
+    preds = json.loads(out.read_text())
+    confident = [p for p in preds if p["score"] > 0.5]
+    assert {p["image_id"] for p in confident} == {1, 2} and len(confident) >= 10  # 40-90 nuclei per tile
+
+
+def test_train_starts_from_the_nucleus_model_where_it_fits():
+    from napari_rmt.cli import build_parser
+    from napari_rmt.cli.common import config_from_args
+
+    def init(*options):
+        args = build_parser().parse_args(["train", "--coco", "a.json", "--out", "r", *options])
+        return config_from_args(args).init
+
+    assert init() == "nucleus"
+    assert init("--init", "none") == "none"
+    # Another architecture than the bundled model's: random init, unless asked (then refused by name).
+    assert init("--backbone", "mobilenet_v3_large") == "none"
+    assert init("--fpn-channels", "256", "--resnet-stages", "4") == "none"
+    assert init("--norm", "group") == "none"
+    assert init("--fpn-channels", "128") == "nucleus"  # the default, said out loud

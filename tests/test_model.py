@@ -28,8 +28,32 @@ def test_random_init_uses_trainable_batchnorm_and_native_size():
     # Native size: a 96 x 80 image is not rescaled to 800 px.
     images, _ = model.transform([torch.rand(3, 96, 80)])
     assert images.image_sizes == [(96, 80)]
-    sizes = model.rpn.anchor_generator.sizes
-    assert sizes[0] == (8,) and len(sizes) == 5
+    # Sized for nuclei: strides 4-16 plus the pooled level, 8-64 px anchors, 128-channel FPN.
+    assert model.rpn.anchor_generator.sizes == ((8,), (16,), (32,), (64,))
+    assert model.backbone.out_channels == 128 and not hasattr(model.backbone.body, "layer4")
+    assert model.roi_heads.box_head.fc7.out_features == 512
+
+
+def test_the_papers_full_fpn_is_one_option_away():
+    full = build_detector(2, ModelConfig(backbone="resnet18", fpn_channels=256, resnet_stages=4, box_head_dim=1024))
+    assert full.rpn.anchor_generator.sizes == ((8,), (16,), (32,), (64,), (128,))
+    assert full.backbone.out_channels == 256 and hasattr(full.backbone.body, "layer4")
+    sized = build_detector(2, ModelConfig(backbone="resnet18"))
+    n = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert n(sized) < n(full) / 3  # 6.9 M against 28 M weights
+    assert ModelConfig(backbone="resnet50").resolved("fpn_channels") == 256
+
+
+def test_checkpoints_from_before_the_sized_default_still_load():
+    from napari_rmt.train.config import TrainConfig
+
+    saved = TrainConfig(method="supervised").to_dict()
+    for key in ("fpn_channels", "resnet_stages", "box_head_dim"):
+        del saved["model"][key]  # as written before these options existed
+    cfg = TrainConfig.from_dict(saved)
+    assert (cfg.model.resolved("fpn_channels"), cfg.model.resolved("resnet_stages")) == (256, 4)
+    with pytest.raises(Exception, match="resnet_stages 5"):
+        build_detector(2, ModelConfig(resnet_stages=5))
 
 
 def test_local_weights_file_loads_into_the_backbone(tmp_path):

@@ -80,8 +80,9 @@ def in_range(low: float, high: float, low_open: bool = False):
 def add_training_options(p: argparse.ArgumentParser) -> None:
     """Training options. Unset ones take the method's default (``TrainConfig.for_method``),
     so ``--method rmt`` is the paper's method and ``--method rmt+`` the recommended recipe."""
+    from ..model.bundled import LICENSE_NOTE
     from ..model.config import BACKBONES
-    from ..train.config import METHODS, PSEUDO_RULES, RECOMMENDED, SCHEDULES
+    from ..train.config import INITS, METHODS, PSEUDO_RULES, RECOMMENDED, SCHEDULES
 
     p.add_argument("--method", choices=METHODS, default=None, help=f"default {RECOMMENDED}")
     p.add_argument("--iterations", type=at_least(1), default=None, help="default 2000")
@@ -93,7 +94,19 @@ def add_training_options(p: argparse.ArgumentParser) -> None:
         default=None,
         help="'imagenet' (torchvision's weights API, downloads) or a local weights file",
     )
+    p.add_argument(
+        "--init", choices=INITS, default=None,
+        help="start from the bundled nucleus model (backbone, FPN, RPN, box regression; a fresh "
+        "classifier for your classes) or from random weights ('none'). Default: nucleus with the "
+        f"resnet18 backbone and no --weights, else none. The nucleus model is {LICENSE_NOTE}",
+    )
     p.add_argument("--full-heads", action="store_true", help="torchvision's proposal counts (slower)")
+    p.add_argument("--fpn-channels", type=at_least(8), default=None, help="FPN width (default: resnet18 128, else 256)")
+    p.add_argument(
+        "--resnet-stages", type=int, choices=(3, 4), default=None,
+        help="ResNet stages under the FPN: 3 ends at stride 16 (resnet18's default), 4 at 32 (the paper's)",
+    )
+    p.add_argument("--box-head-dim", type=at_least(16), default=None, help="box head width (default: resnet18 512, else 1024)")
     p.add_argument("--norm", choices=("auto", "batch", "group", "frozen"), default=None)
     p.add_argument("--focal-gamma", type=float, default=None, help="box head focal gamma (0: cross-entropy)")
     p.add_argument("--batch", type=at_least(1), default=None, help="labelled and unlabelled images per step")
@@ -152,7 +165,17 @@ def training_overrides(args: argparse.Namespace) -> dict[str, Any]:
         model["norm"] = args.norm
     if args.focal_gamma is not None:
         model["focal_gamma"] = args.focal_gamma
+    for key in ("fpn_channels", "resnet_stages", "box_head_dim"):
+        if getattr(args, key) is not None:
+            model[key] = getattr(args, key)
     values["model"] = model
+    if args.init is None:
+        from ..model.config import ModelConfig
+        from ..train.config import default_init
+
+        values["init"] = default_init(ModelConfig(**model))
+    else:
+        values["init"] = args.init
     return values
 
 
@@ -186,6 +209,8 @@ def resume_config(args: argparse.Namespace, ckpt: dict[str, Any]):
         ("norm", args.norm, saved.model.norm),
         ("focal_gamma", args.focal_gamma, saved.model.focal_gamma),
         ("seed", args.seed, saved.seed),
+        ("init", args.init, saved.init),
+        *((k, getattr(args, k), saved.model.resolved(k)) for k in ("fpn_channels", "resnet_stages", "box_head_dim")),
     ]
     differ = [f"--{a.replace('_', '-')} {v} (saved {have})" for a, v, have in given if v is not None and v != have]
     if differ:

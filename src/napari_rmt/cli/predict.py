@@ -12,7 +12,7 @@ from .common import ProgressBar, at_least, in_range, load_dataset
 
 def add_parser(sub) -> None:
     pred = sub.add_parser("predict", help="predict cells with a trained model")
-    pred.add_argument("--model", required=True, help="model.pt (or its run folder)")
+    pred.add_argument("--model", required=True, help="model.pt (or its run folder), or 'nucleus' for the bundled nucleus model")
     pred.add_argument("--coco", default=None, help="predict every image of this COCO json, keeping ids")
     pred.add_argument("--images", default=None, help="image folder for --coco")
     pred.add_argument(

@@ -82,7 +82,11 @@ def run(args: argparse.Namespace) -> int:
     print(
         f"napari-rmt: {cfg.method} on {len(labelled)} labelled + {len(unlabelled)} unlabelled tiles, "
         f"{cfg.iterations} iterations, {cfg.model.backbone}"
-        + (", random init" if cfg.model.weights is None else f", weights {cfg.model.weights}"),
+        + (
+            f", weights {cfg.model.weights}" if cfg.model.weights is not None
+            else ", from the bundled nucleus model" if cfg.init == "nucleus" and not args.init_from
+            else "" if args.init_from else ", random init"
+        ),
         file=sys.stderr,
     )
     if args.resume:

@@ -9,6 +9,10 @@ Choices made for cells rather than COCO objects:
   on random weights does not normalise at all); with pretrained weights it is frozen.
 - ``light_heads`` trims proposal counts and RoI samples: at small tiles the heads, not the
   backbone, dominate CPU time (measured in shared/MACHINE.md).
+- ResNet-18 is sized for nuclei (``ModelConfig.resolved``): stages 1-3 only (strides 4-16;
+  stride 32 sees no 8-40 px nucleus, and stage 4 holds three quarters of ResNet-18's
+  weights), a 128-channel FPN and a 512-wide box head: 6.9 M weights instead of 28 M, a
+  step in less than half the time (docs/benchmarks.md). ResNet-50 keeps the paper's full FPN.
 """
 
 from __future__ import annotations
@@ -23,11 +27,12 @@ from torchvision.models import mobilenetv3 as torchvision_mobilenet
 from torchvision.models import resnet as torchvision_resnet
 from torchvision.models.detection import FasterRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
-from torchvision.models.detection.backbone_utils import _mobilenet_extractor, _resnet_fpn_extractor
+from torchvision.models.detection.backbone_utils import BackboneWithFPN, _mobilenet_extractor
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.rpn import RPNHead
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import MultiScaleRoIAlign
+from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from torchvision.ops.misc import Conv2dNormActivation, FrozenBatchNorm2d
 
 from ..data.errors import NapariRmtError
@@ -48,9 +53,7 @@ class NativeSizeTransform(GeneralizedRCNNTransform):
 
 
 def _norm_layer(cfg: ModelConfig):
-    norm = cfg.norm
-    if norm == "auto":
-        norm = "batch" if cfg.weights is None else "frozen"
+    norm = cfg.norm_kind()
     if norm == "batch":
         return nn.BatchNorm2d
     if norm == "frozen":
@@ -95,26 +98,29 @@ def build_detector(num_classes: int, cfg: ModelConfig | None = None) -> FasterRC
             "on a machine without internet, download the torchvision weights file elsewhere and pass "
             "it with --weights FILE, or train without weights"
         ) from exc
+    channels = cfg.resolved("fpn_channels")
     if cfg.backbone.startswith("resnet"):
-        backbone = _resnet_fpn_extractor(body, 5 if cfg.weights is None else 3, norm_layer=head_norm)
+        backbone = _resnet_fpn(body, cfg.resolved("resnet_stages"), channels, cfg.weights is None, head_norm)
     else:
         # Stages 2..(last) of MobileNet-v3 give strides 8, 16 and 32: the stride-8 map is
         # what sees 12 px nuclei.
         backbone = _mobilenet_extractor(
             body, True, 6 if cfg.weights is None else 3, returned_layers=[2, 3, 4], norm_layer=head_norm
         )
+        if channels != backbone.out_channels:
+            raise NapariRmtError(f"mobilenet_v3_large has a {backbone.out_channels}-channel FPN, not {channels}")
     if cfg.weights not in (None, "imagenet"):
         load_backbone_weights(backbone, cfg.weights, cfg.backbone)
 
     names = _feature_map_names(backbone)
     n_maps = len(names)
-    sizes = _split_sizes(cfg.anchor_sizes, n_maps)
+    sizes = _split_sizes(cfg.anchor_sizes or tuple(8 * 2**i for i in range(n_maps)), n_maps)
     anchors = AnchorGenerator(sizes=sizes, aspect_ratios=(tuple(cfg.aspect_ratios),) * n_maps)
     # RoIs are pooled from the FPN levels proper; the extra max-pooled level serves the RPN only.
     roi_pool = MultiScaleRoIAlign(
         featmap_names=[n for n in names if n != "pool"] or names, output_size=7, sampling_ratio=2
     )
-    rep = 1024
+    rep = cfg.resolved("box_head_dim")
     box_head = TwoMLPHead(backbone.out_channels * 7 * 7, rep)
     light = cfg.light_heads
     model = FasterRCNN(
@@ -155,6 +161,34 @@ def build_detector(num_classes: int, cfg: ModelConfig | None = None) -> FasterRC
         min_size=t.min_size, max_size=t.max_size, image_mean=t.image_mean, image_std=t.image_std
     )
     return model
+
+
+def _resnet_fpn(body: nn.Module, stages: int, channels: int, train_all: bool, norm_layer) -> BackboneWithFPN:
+    """ResNet stages 1..``stages`` under an FPN of ``channels``, plus a max-pooled level.
+
+    Stages past ``stages`` are dropped from the module (no weights, no FLOPs). From random
+    init every layer trains; from ImageNet weights the stem and first stage stay frozen,
+    as torchvision does.
+    """
+    if stages not in (3, 4):
+        raise NapariRmtError(f"resnet_stages {stages} must be 3 (strides 4-16) or 4 (strides 4-32)")
+    if channels < 8 or channels % 8:
+        raise NapariRmtError(f"fpn_channels {channels} must be a positive multiple of 8")
+    trainable = ["layer4", "layer3", "layer2", "layer1", "conv1"][: 5 if train_all else 3]
+    if train_all:
+        trainable.append("bn1")
+    for name, parameter in body.named_parameters():
+        if not any(name.startswith(layer) for layer in trainable):
+            parameter.requires_grad_(False)
+    width = body.inplanes // 8  # 64 for ResNet-18 (basic blocks), 256 for ResNet-50
+    return BackboneWithFPN(
+        body,
+        return_layers={f"layer{i + 1}": str(i) for i in range(stages)},
+        in_channels_list=[width * 2**i for i in range(stages)],
+        out_channels=channels,
+        extra_blocks=LastLevelMaxPool(),
+        norm_layer=norm_layer,
+    )
 
 
 def _rpn_head(channels: int, anchors: int, norm_layer) -> RPNHead:

@@ -18,6 +18,7 @@ from torch import nn
 from ..data.atomic import atomic_write
 from ..data.classes import ClassList
 from ..data.errors import NapariRmtError
+from ..model.bundled import resolve_model
 from ..model.detector import build_detector
 from .config import TrainConfig
 
@@ -39,8 +40,11 @@ def save_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> Path:
 
 
 def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """Load and check a checkpoint file (weights_only); errors name the file."""
-    path = Path(path)
+    """Load and check a checkpoint file (weights_only); errors name the file.
+
+    ``"nucleus"`` is the bundled nucleus model (``model/bundled.py``).
+    """
+    path = resolve_model(path)
     if path.is_dir():
         path = path / "model.pt"
     if not path.is_file():
@@ -122,3 +126,24 @@ def model_from_checkpoint(ckpt: dict[str, Any]) -> tuple[nn.Module, ClassList, T
     load_state(model, state, ckpt.get("_path", "checkpoint"))
     model.eval()
     return model, classes, cfg
+
+
+def transfer_weights(model: nn.Module, ckpt: dict[str, Any], where: str) -> None:
+    """Start ``model`` from a model trained for other classes: everything but the classifier.
+
+    Backbone, FPN, RPN and box head are taken as they are. The box regression is
+    class-specific; each of ``model``'s classes starts from the source's first class (for
+    the nucleus model, its only one), which knows how a nucleus box is drawn. The
+    classifier keeps its fresh initialisation: the classes are the user's.
+    """
+    state = ckpt.get(ckpt.get("predict_with", "student")) or ckpt["student"]
+    own = model.state_dict()
+    cls_key, reg_key = "roi_heads.box_predictor.cls_score.", "roi_heads.box_predictor.bbox_pred."
+    taken = {k: v for k, v in state.items() if not k.startswith((cls_key, reg_key))}
+    taken.update({k: v for k, v in own.items() if k.startswith(cls_key)})
+    for part in ("weight", "bias"):
+        source, n_classes = state.get(reg_key + part), own[reg_key + part].shape[0] // 4 - 1
+        if source is None or source.shape[0] < 8:
+            raise CheckpointError(f"{where}: has no box regression to start from")
+        taken[reg_key + part] = torch.cat([source[:4]] + [source[4:8]] * n_classes)
+    load_state(model, taken, where)

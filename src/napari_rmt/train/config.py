@@ -8,13 +8,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..data.errors import NapariRmtError
-from ..model.config import ModelConfig
+from ..model.config import LEGACY, SIZED, ModelConfig
 
 METHODS = ("supervised", "stac", "ubt", "rmt", "rmt-noreg", "rmt+")
 #: The method the GUI and ``napari-rmt train`` use unless told otherwise.
 RECOMMENDED = "rmt+"
 PSEUDO_RULES = ("fixed", "gmm", "topk")
 SCHEDULES = ("constant", "cosine")
+#: Where a training starts: random init, or the bundled nucleus model.
+INITS = ("none", "nucleus")
 
 #: What a method changes from the dataclass defaults (which are the paper's). ``rmt+`` is
 #: ``rmt`` with the published rules for an unsure teacher (SPEC §5) and settings for a
@@ -35,6 +37,16 @@ METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
         "model": {"focal_gamma": 0.0},
     },
 }
+
+
+def default_init(model: ModelConfig) -> str:
+    """Where a run starts unless told: the bundled nucleus model where it fits the
+    architecture asked for (the CLI's and the widget's default), else random init.
+
+    The bundled model is the sized ``resnet18`` with trainable BatchNorm (its README)."""
+    sized = all(model.resolved(k) == v for k, v in SIZED["resnet18"].items())
+    fits = model.backbone == "resnet18" and model.weights is None and model.norm_kind() == "batch" and sized
+    return "nucleus" if fits else "none"
 
 
 def burn_in_for(iterations: int, warm_start: bool = False, fraction: float | None = None) -> int:
@@ -111,6 +123,9 @@ class TrainConfig:
     #: already settled, while an EMA teacher still carries weights from many steps before
     #: (measured, docs/benchmarks.md).
     predict_with: str = "teacher"
+    #: Where the student starts: "none" (random init, or ``model.weights``), or "nucleus":
+    #: the bundled nucleus model (``model/bundled.py``) with a fresh classifier.
+    init: str = "none"
     model: ModelConfig = field(default_factory=ModelConfig)
 
     def __post_init__(self) -> None:
@@ -172,6 +187,11 @@ class TrainConfig:
             bad("time_budget_s and checkpoint_every_s must be >= 0 (0: off)")
         if self.burn_in_fraction is not None and not 0.0 <= self.burn_in_fraction < 1.0:
             bad(f"burn_in_fraction {self.burn_in_fraction} must be in [0, 1)")
+        if self.init not in INITS:
+            bad(f"init {self.init!r} is not one of {INITS}")
+        if self.init == "nucleus" and self.model.weights is not None:
+            bad("init 'nucleus' starts the backbone from the bundled model; it cannot also start "
+                f"from weights {self.model.weights!r} (use init 'none' with those weights)")
         if self.predict_with not in ("teacher", "student"):
             bad(f"predict_with {self.predict_with!r} is not 'teacher' or 'student'")
 
@@ -219,6 +239,10 @@ class TrainConfig:
         unknown = set(data) - known
         if unknown:
             raise NapariRmtError(f"training config: unknown keys {sorted(unknown)}")
+        model = data.get("model")
+        if isinstance(model, dict):
+            # Saved before the architecture was sized per backbone: it was built as LEGACY says.
+            data = {**data, "model": {**LEGACY, **model}}
         return cls(**_tuples(data))
 
 

@@ -51,6 +51,7 @@ from .checkpoint import (
     load_state,
     read_checkpoint,
     save_checkpoint,
+    transfer_weights,
 )
 from .config import TrainConfig
 from .events import CheckpointEvent, Event, FinishedEvent, IterationEvent, PhaseEvent, ValidationEvent
@@ -174,6 +175,8 @@ class Trainer:
         self.last_pseudo: list[tuple[int, bool, Tensor, Tensor]] = []
         if init_from is not None:
             self._warm_start(init_from)
+        elif self.cfg.init == "nucleus":
+            self._init_nucleus()
 
         # Tiles become uint8 tensors once: re-reading PNGs every step would dominate on CPUs.
         self._labelled = [self._load_labelled(t) for t in labelled]
@@ -659,6 +662,27 @@ class Trainer:
             raise CheckpointError(f"{where}: trained for classes {names}, not {self.classes.names}")
         state = ckpt.get(ckpt.get("predict_with", "student")) or ckpt["student"]
         load_state(self.student, state, where)
+
+    def _init_nucleus(self) -> None:
+        """Backbone, FPN, RPN and box regression from the bundled nucleus model."""
+        from ..model.bundled import NUCLEUS
+
+        ckpt = read_checkpoint(NUCLEUS)
+        bundled = config_from_checkpoint(ckpt).model
+        mine = self.cfg.model
+
+        def arch(cfg) -> dict[str, object]:
+            return {"backbone": cfg.backbone, "norm": cfg.norm_kind(), "anchor_sizes": cfg.anchor_sizes,
+                    **{k: cfg.resolved(k) for k in ("fpn_channels", "resnet_stages", "box_head_dim")}}
+
+        want = arch(bundled)
+        differ = [f"{k} {v} (the nucleus model's: {want[k]})" for k, v in arch(mine).items() if v != want[k]]
+        if differ:
+            raise TrainingError(
+                "init 'nucleus' needs the bundled model's architecture; this run has " + "; ".join(differ)
+                + ". Use init 'none' for another architecture."
+            )
+        transfer_weights(self.student, ckpt, ckpt["_path"])
 
     @classmethod
     def resume(
