@@ -74,6 +74,13 @@ def main() -> None:
         print("wrote", OUT / name, flush=True)
 
     OUT.mkdir(parents=True, exist_ok=True)
+    # Annotation by correction: the bundled nucleus model's boxes on an empty tile.
+    w.show_tile(next(i for i, t in enumerate(w.project.tileset) if not t.is_labelled))
+    w.set_class("inflammatory")
+    w.detect_nuclei(synchronous=True)
+    viewer.layers.selection.active = w.session.predictions
+    shot("workflow-0-detect.png")
+    print("status:", w.status.text(), flush=True)
     w.show_tile(0)
     shot("workflow-1-annotate.png")
 
@@ -84,9 +91,11 @@ def main() -> None:
         burn_in=1 if args.model else args.iterations // 2,
         warmup=1,
         lr=0.005 if args.model else 0.02,
-        model={"backbone": "resnet18"},
+        model={"backbone": "resnet18", "focal_gamma": 0.0},
+        init="none" if args.model else "nucleus",
         **extra,
     )
+    w.tabs.setCurrentIndex(1)  # where the Train button is
     w.train(config=cfg)
     while w.worker is not None and w.progress.value() < max(2, args.iterations * 2 // 3):
         pump(0.2)

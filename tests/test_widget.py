@@ -305,3 +305,37 @@ def test_widget_restores_an_interrupted_runs_checkpoint(widget, tmp_path):
     w.open_project(folder)
     assert w.model_state is not None and w.model_state["iteration"] == 1
     assert "interrupted" in w.status.text()
+
+
+def test_detect_nuclei_then_classify_and_accept(widget):
+    """Annotation by correction: the bundled model's boxes, reclassified with a key, accepted."""
+    w, s = widget, widget.session
+    ts = w.project.tileset
+    empty = [i for i, t in enumerate(ts) if not len(t.boxes)]
+    w.show_tile(empty[0])
+    w.set_class("stromal")
+    w.detect_nuclei(synchronous=True)
+    assert w.last_error is None
+    shown = len(s.predictions.data)
+    assert shown >= 5, f"{shown} nuclei shown on a 256 px CoNSeP tile"
+    assert set(s.predictions.features["class"]) == {"stromal"}
+    s.predictions.selected_data = {0}
+    w._class_key(2)()  # key "3": lymphocyte
+    assert s.predictions.features["class"][0] == "lymphocyte"
+    assert w.accept_tile() == shown
+    tile = ts[empty[0]]
+    assert len(tile.boxes) == shown and sorted(set(ts.classes.by_id(c).name for c in tile.boxes.class_ids)) == [
+        "lymphocyte", "stromal"]
+
+    # On a tile with annotations it refuses and changes nothing.
+    labelled = next(i for i, t in enumerate(ts) if len(t.boxes))
+    w.show_tile(labelled)
+    before = len(ts[labelled].boxes), len(ts[labelled].predictions)
+    w.detect_nuclei(synchronous=True)
+    assert "annotations already" in w.last_error
+    assert (len(ts[labelled].boxes), len(ts[labelled].predictions)) == before
+
+    # All empty tiles: only those with nothing on them get boxes.
+    w.detect_nuclei(all_empty=True, synchronous=True)
+    assert all(len(t.predictions) for i, t in enumerate(ts) if i in empty[1:])
+    assert (len(ts[labelled].boxes), len(ts[labelled].predictions)) == before

@@ -147,6 +147,46 @@ class TrainingJob:
         return JobResult(state, predictions, cancelled, self.trainer.iteration)
 
 
+class NucleusJob:
+    """Boxes from the bundled nucleus model on tiles with nothing on them yet.
+
+    The model knows one class, "nucleus"; its boxes are given ``class_id`` (the class the
+    user has selected), to be reclassified with the keys 1-9 and accepted: annotation by
+    correction instead of drawing.
+    """
+
+    def __init__(self, tiles: list[Tile], class_id: int, batch: int = 4) -> None:
+        self.tiles = snapshot(tiles)
+        self.class_id = class_id
+        self.batch = batch
+        self._cancel = False
+
+    def cancel(self) -> None:
+        self._cancel = True
+
+    def run(self) -> Generator[PredictProgress, None, dict[int, Boxes] | None]:
+        """Yields progress; returns the boxes per tile id, or None when cancelled."""
+        from ._guard import guard_triton
+
+        guard_triton()
+        from ..model.bundled import NUCLEUS
+        from ..model.predict import predict_tiles
+        from ..train.checkpoint import load_model
+
+        model, classes, _ = load_model(NUCLEUS)
+        out: dict[int, Boxes] = {}
+        total = len(self.tiles)
+        for start in range(0, total, self.batch):
+            if self._cancel:
+                return None
+            chunk = self.tiles[start : start + self.batch]
+            for tile, boxes in zip(chunk, predict_tiles(model, chunk, classes, self.batch, store=False), strict=True):
+                boxes.class_ids[:] = self.class_id
+                out[tile.id] = boxes
+            yield PredictProgress(min(start + self.batch, total), total)
+        return out
+
+
 class WholeImageJob:
     """Detect cells over a whole large image with a checkpoint's model, window by window."""
 

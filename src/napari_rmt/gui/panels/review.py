@@ -1,0 +1,186 @@
+"""Reviewing predictions: the score cut, accepting, and boxes from the bundled nucleus model."""
+
+from __future__ import annotations
+
+import numpy as np
+from qtpy.QtCore import Qt
+from qtpy.QtWidgets import QGroupBox, QHBoxLayout, QLabel, QPushButton, QSlider, QVBoxLayout
+
+from ...data.errors import NapariRmtError
+from ...model.bundled import LICENSE_NOTE
+from ..state import AppState
+
+
+class ReviewPanel(QGroupBox):
+    def __init__(self, state: AppState, current_class, parent=None) -> None:
+        """``current_class()`` is the class new boxes get (the classes panel's choice)."""
+        super().__init__("Review predictions", parent)
+        self.state = state
+        self.current_class = current_class
+        rl = QVBoxLayout(self)
+        row = QHBoxLayout()
+        self.score_label = QLabel("score > 0.50")
+        self.score_slider = QSlider(Qt.Orientation.Horizontal)
+        self.score_slider.setRange(0, 100)
+        self.score_slider.setValue(50)
+        self.score_slider.valueChanged.connect(self._on_score)
+        row.addWidget(self.score_label)
+        row.addWidget(self.score_slider, 1)
+        rl.addLayout(row)
+        row = QHBoxLayout()
+        self.accept_tile_btn = QPushButton("Accept tile")
+        self.accept_tile_btn.setToolTip(
+            "Shown predictions become annotations and the tile becomes reviewed; predictions hidden "
+            "by the score cut stay predictions"
+        )
+        self.accept_tile_btn.clicked.connect(self.accept_tile)
+        self.accept_sel_btn = QPushButton("Accept selected")
+        self.accept_sel_btn.clicked.connect(self.accept_selected)
+        row.addWidget(self.accept_tile_btn)
+        row.addWidget(self.accept_sel_btn)
+        rl.addLayout(row)
+        row = QHBoxLayout()
+        self.detect_btn = QPushButton("Detect nuclei")
+        self.detect_btn.setToolTip(
+            "Boxes from the bundled nucleus model on this tile, as predictions of the selected class: "
+            "change a box's class with 1-9, then accept. The model was " + LICENSE_NOTE
+        )
+        self.detect_btn.clicked.connect(lambda: self.detect_nuclei(all_empty=False))
+        self.detect_all_btn = QPushButton("… on all empty tiles")
+        self.detect_all_btn.setToolTip("The same on every tile with no annotation and no prediction")
+        self.detect_all_btn.clicked.connect(lambda: self.detect_nuclei(all_empty=True))
+        row.addWidget(self.detect_btn)
+        row.addWidget(self.detect_all_btn)
+        rl.addLayout(row)
+        state.moved.connect(self.update_score_label)
+        state.predictions_arrived.connect(self._on_predictions)
+        state.busy_changed.connect(self._update_enabled)
+        self._update_enabled()
+
+    # ------------------------------------------------------------------ the score cut
+    def _on_score(self, value: int) -> None:
+        state = self.state
+        if state.session is not None:
+            state.session.set_score_threshold(value / 100)
+        self.update_score_label()
+        if state.whole is not None and len(state.whole.boxes):
+            state.whole.show_predictions(score_threshold=value / 100)
+
+    def update_score_label(self) -> None:
+        """The cut and how many of this tile's predictions it hides: nothing hides silently."""
+        text = f"score > {self.score_slider.value() / 100:.2f}"
+        if self.state.session is not None:
+            hidden = len(self.state.session._hidden_predictions)
+            text += f" · {hidden} hidden" if hidden else ""
+        self.score_label.setText(text)
+
+    def _on_predictions(self, predictions) -> None:
+        self.score_slider.setValue(self.start_cut(predictions))
+        self.update_score_label()
+
+    def start_cut(self, predictions) -> int:
+        """Where the slider starts after a run: the cut that shows as many boxes as the
+        model expects cells (the sum of its scores, which a calibrated model makes the
+        expected count), so that a short run's low scores do not leave the canvas empty."""
+        scores = np.sort(np.concatenate([b.scores for b in predictions] or [np.zeros(0)]))[::-1]
+        expected = round(float(scores.sum())) if scores.size else 0
+        if expected < 1:
+            return self.score_slider.value()
+        cut = float(scores[min(expected, scores.size) - 1])
+        return max(0, min(self.score_slider.value(), int(100 * cut) - 1))
+
+    # ------------------------------------------------------------------ accepting
+    def accept_tile(self) -> int:
+        state = self.state
+        if state.session is None:
+            return 0
+        try:
+            n = state.session.accept_tile()
+        except NapariRmtError as exc:
+            state.report_error(exc, prefix="nothing accepted")
+            return 0
+        if state.session.hidden_kept:
+            state.say(
+                f"accepted {n} boxes; {state.session.hidden_kept} predictions below the score cut are "
+                "kept as predictions (lower the cut to see them)"
+            )
+        state.rows_changed.emit(False)
+        state.refresh_grid()
+        return n
+
+    def accept_selected(self) -> int:
+        if self.state.session is None:
+            return 0
+        n = self.state.session.accept_selected()
+        self.state.rows_changed.emit(False)
+        return n
+
+    # ------------------------------------------------------------------ bundled nucleus model
+    def detect_nuclei(self, all_empty: bool = False, synchronous: bool = False) -> None:
+        """Boxes from the bundled nucleus model: on this tile (its predictions are replaced),
+        or on every tile with no annotation and no prediction (nothing else is touched)."""
+        state = self.state
+        if state.session is None:
+            state.report_error(NapariRmtError("open tiles first"))
+            return
+        state.session.pull()
+        ts = state.project.tileset
+        if all_empty:
+            tiles = [t for t in ts if not len(t.boxes) and not len(t.predictions)]
+            if not tiles:
+                state.say("no empty tile: every tile has annotations or predictions already")
+                return
+        else:
+            tile = state.session.tile
+            if len(tile.boxes):
+                state.report_error(NapariRmtError(
+                    f"{tile.name} has {len(tile.boxes)} annotations already; Detect nuclei is for tiles "
+                    "without any (its boxes would sit on top of yours)"
+                ))
+                return
+            tiles = [tile]
+        from ..jobs import NucleusJob
+
+        name = self.current_class() or ts.classes.names[0]
+        self._detect_class = name
+        if not state.busy:
+            state.progress.emit(0, len(tiles))
+            state.say(f"detecting nuclei on {len(tiles)} tile{'s' if len(tiles) > 1 else ''}…")
+        state.start_job(
+            NucleusJob(tiles, ts.classes.by_name(name).id),
+            lambda msg: state.progress.emit(msg.done, msg.total),
+            self._on_detected,
+            "Detect nuclei failed",
+            synchronous,
+        )
+
+    def _on_detected(self, result) -> None:
+        state = self.state
+        if result is None:
+            state.say("Detect nuclei cancelled")
+            return
+        ts = state.project.tileset
+        state.session.pull()
+        for tile_id, boxes in result.items():
+            tile = ts.by_id(tile_id)
+            if not len(tile.boxes):  # the user may have drawn meanwhile: never cover that
+                tile.predictions = boxes
+        state.session.refresh()
+        self.score_slider.setValue(self.start_cut(result.values()))
+        self.update_score_label()
+        state.rows_changed.emit(True)
+        cut = self.score_slider.value() / 100
+        n = sum(int((b.scores > cut).sum()) for b in result.values())
+        state.say(
+            f"{n} nuclei above score {cut:.2f} on {len(result)} tile{'s' if len(result) > 1 else ''}, "
+            f"as {self._detect_class}: "
+            "select a box and press 1-9 for its class, then Accept tile"
+        )
+        state.changed()
+
+    def _update_enabled(self) -> None:
+        has, running = self.state.session is not None, self.state.busy
+        for w in (self.accept_tile_btn, self.accept_sel_btn, self.score_slider):
+            w.setEnabled(has)
+        self.detect_btn.setEnabled(has and not running)
+        self.detect_all_btn.setEnabled(has and not running)

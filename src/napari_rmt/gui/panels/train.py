@@ -1,0 +1,356 @@
+"""Training: the method and its settings, Train / Cancel, live losses."""
+
+from __future__ import annotations
+
+from napari.utils.notifications import show_info
+from qtpy.QtCore import Qt
+from qtpy.QtWidgets import (
+    QCheckBox,
+    QComboBox,
+    QFormLayout,
+    QGroupBox,
+    QHBoxLayout,
+    QPushButton,
+    QVBoxLayout,
+    QWidget,
+)
+
+from ...data.errors import NapariRmtError
+from ...data.project import MODEL, TRAINING
+from ...model.bundled import LICENSE_NOTE
+from ..state import AppState
+from .common import dspin, spin
+
+
+class LossPlot(QWidget):
+    """Live loss curves (total, supervised, unsupervised, L_reg), painted with QPainter.
+
+    A matplotlib canvas took 100-200 ms of the event loop per redraw on a software-GL
+    CPU machine, once per iteration; polylines of a few thousand points take about 1 ms.
+    """
+
+    TERMS = (("total", "#e6e6e6"), ("sup", "#ff9f1c"), ("unsup", "#2ec4b6"), ("reg", "#e71d36"))
+
+    def __init__(self, parent=None) -> None:
+        super().__init__(parent)
+        self.setMinimumHeight(140)
+        self.reset()
+
+    def reset(self) -> None:
+        self.x: list[int] = []
+        self.y: dict[str, list[float]] = {k: [] for k, _ in self.TERMS}
+        self.update()
+
+    def add(self, iteration: int, losses: dict[str, float]) -> None:
+        self.x.append(iteration)
+        for k, _ in self.TERMS:
+            self.y[k].append(float(losses.get(k, 0.0)))
+        self.update()  # a repaint is scheduled, merged with others, and cheap
+
+    def paintEvent(self, event) -> None:
+        from qtpy.QtCore import QPointF, QRectF
+        from qtpy.QtGui import QColor, QPainter, QPen, QPolygonF
+
+        p = QPainter(self)
+        p.setRenderHint(QPainter.RenderHint.Antialiasing)
+        w, h = self.width(), self.height()
+        left, right, top, bottom = 34, 8, 16, 16
+        plot = QRectF(left, top, max(1, w - left - right), max(1, h - top - bottom))
+        p.fillRect(self.rect(), QColor("#262930"))
+        p.setPen(QPen(QColor("#6b6f7a")))
+        p.drawRect(plot)
+        values = [v for k, _ in self.TERMS for v in self.y[k] if v == v]
+        if not self.x or not values:
+            p.drawText(plot, Qt.AlignmentFlag.AlignCenter, "losses appear here while training")
+            p.end()
+            return
+        x0, x1 = self.x[0], max(self.x[-1], self.x[0] + 1)
+        y1 = max(values) * 1.05 or 1.0
+        p.drawText(QPointF(2, top + 8), f"{y1:.2g}")
+        p.drawText(QPointF(2, h - bottom), "0")
+        p.drawText(QPointF(left, h - 3), f"{x0}")
+        p.drawText(QPointF(w - right - 40, h - 3), f"it {self.x[-1]}")
+        lx = left + 4
+        for k, colour in self.TERMS:
+            ys = self.y[k]
+            if not any(ys):
+                continue
+            pen = QPen(QColor(colour))
+            pen.setWidthF(1.3)
+            p.setPen(pen)
+            pts = QPolygonF(
+                [
+                    QPointF(
+                        plot.left() + (xi - x0) / (x1 - x0) * plot.width(),
+                        plot.bottom() - max(0.0, yi) / y1 * plot.height(),
+                    )
+                    for xi, yi in zip(self.x, ys, strict=True)
+                ]
+            )
+            p.drawPolyline(pts)
+            p.drawText(QPointF(lx, top - 3), k)
+            lx += 8 * len(k) + 14
+        p.end()
+
+
+
+class TrainPanel(QGroupBox):
+    def __init__(self, state: AppState, parent=None) -> None:
+        super().__init__("Train", parent)
+        self.state = state
+        form = QFormLayout(self)
+        self.method_combo = QComboBox()
+        # Choices come from the core (torch is imported at widget open anyway, for warm
+        # imports); the recommended method first.
+        from ...model.config import BACKBONES, ModelConfig
+        from ...train.config import METHODS, PSEUDO_RULES, RECOMMENDED
+
+        self.method_combo.addItems([RECOMMENDED, *(m for m in METHODS if m != RECOMMENDED)])
+        self.method_combo.setToolTip(
+            "rmt+: the recommended recipe (RMT with soft negatives, an ignore band and adaptive "
+            "thresholds); rmt: the paper's method; ubt, stac: the paper's baselines; supervised: "
+            "labelled tiles only"
+        )
+        form.addRow("method", self.method_combo)
+        self.backbone_combo = QComboBox()
+        # the default (ModelConfig's) first, the others as the core lists them
+        default_backbone = ModelConfig().backbone
+        self.backbone_combo.addItems([default_backbone, *(b for b in BACKBONES if b != default_backbone)])
+        form.addRow("backbone", self.backbone_combo)
+        self.init_combo = QComboBox()
+        self.init_combo.addItems(["nucleus model", "random weights"])
+        self.init_combo.setToolTip(
+            "nucleus model: start from the bundled H&E nucleus detector (a fresh classifier for your "
+            "classes), for resnet18; it was " + LICENSE_NOTE + ". random weights: start from scratch"
+        )
+        form.addRow("start from", self.init_combo)
+        self.iter_spin = spin(1, 1_000_000, 500)
+        form.addRow("iterations", self.iter_spin)
+        # 20 minutes: what a CPU user waits; 500 iterations would take about 30 (docs/benchmarks.md)
+        self.minutes_spin = dspin(0, 10_000, 20, 5, decimals=0)
+        self.minutes_spin.setSpecialValueText("no limit")
+        self.minutes_spin.setToolTip("stop after this many minutes of training, even before the iterations")
+        form.addRow("minutes", self.minutes_spin)
+        self.advanced = QGroupBox("advanced")
+        self.advanced.setCheckable(True)
+        self.advanced.setChecked(False)
+        # The settings show only while "advanced" is ticked: a disabled form squeezed into
+        # the dock's height was unreadable (seen in the screenshots).
+        self.advanced_body = QWidget()
+        adv = QFormLayout(self.advanced_body)
+        adv.setContentsMargins(0, 0, 0, 0)
+        QVBoxLayout(self.advanced).addWidget(self.advanced_body)
+        self.advanced_body.setVisible(False)
+        self.advanced.toggled.connect(self.advanced_body.setVisible)
+        self.burn_spin = spin(0, 1_000_000, 200)
+        self.thr_spin = dspin(0, 1, 0.7, 0.05)
+        self.lu_spin = dspin(0, 100, 4.0, 0.5)
+        self.lr_spin = dspin(0, 100, 1.0, 0.5)
+        self.p_spin = dspin(0.05, 1, 0.5, 0.05)
+        self.ema_spin = dspin(0, 1, 0.996, 0.001, decimals=4)
+        self.lrate_spin = dspin(0.0001, 1, 0.02, 0.005, decimals=4)
+        self.batch_spin = spin(1, 64, 2)
+        self.rule_combo = QComboBox()
+        self.rule_combo.addItems(PSEUDO_RULES)
+        self.ignore_spin = dspin(0, 1, 0.0, 0.05)
+        self.ignore_spin.setSpecialValueText("off")
+        self.soft_check = QCheckBox("soft negatives")
+        for label, w, tip in (
+            ("burn-in", self.burn_spin, "steps on labelled tiles only before the teacher starts labelling"),
+            ("threshold", self.thr_spin, "teacher score from which a box becomes a pseudo-label (fixed rule; "
+             "the fallback of the adaptive one)"),
+            ("pseudo rule", self.rule_combo, "fixed: one threshold; gmm: a threshold per class fitted to the "
+             "teacher's recent scores; topk: per tile the round(sum of scores) best boxes"),
+            ("ignore from", self.ignore_spin, "teacher boxes scoring between this and the threshold are "
+             "neither cells nor background for the student"),
+            ("", self.soft_check, "a region the teacher half-believes is a cell counts as background only "
+             "in proportion to the teacher's background score"),
+            ("λu", self.lu_spin, "weight of the loss on pseudo-labelled tiles (Eq. 6)"),
+            ("λr", self.lr_spin, "weight of the sparse regulariser that pushes class scores to be decisive (Eq. 6)"),
+            ("p (L_reg)", self.p_spin, "the p of the regulariser's p-norm (Eq. 5); smaller is sparser"),
+            ("σ (EMA)", self.ema_spin, "how slowly the teacher follows the student (Eq. 7); closer to 1 is slower"),
+            ("learning rate", self.lrate_spin, "SGD learning rate after warm-up"),
+            ("batch", self.batch_spin, "labelled (and unlabelled) tiles per step"),
+        ):
+            w.setToolTip(tip)
+            adv.addRow(label, w)
+        self.method_combo.currentTextChanged.connect(self._show_method_defaults)
+        self._show_method_defaults(self.method_combo.currentText())
+        form.addRow(self.advanced)
+        row = QHBoxLayout()
+        self.train_btn = QPushButton("Train semi-supervised")
+        self.train_btn.clicked.connect(lambda: self.train())
+        self.cancel_btn = QPushButton("Cancel")
+        self.cancel_btn.clicked.connect(self.cancel)
+        row.addWidget(self.train_btn, 2)
+        row.addWidget(self.cancel_btn, 1)
+        form.addRow(row)
+        self.plot = LossPlot()
+        form.addRow(self.plot)
+        state.busy_changed.connect(self._update_enabled)
+        state.opened.connect(self._update_enabled)
+        self._update_enabled()
+
+    def _show_method_defaults(self, method: str) -> None:
+        """The advanced form shows the chosen method's own defaults (one source: the config)."""
+        from ...train.config import TrainConfig
+
+        cfg = TrainConfig.for_method(method, iterations=self.iter_spin.value())
+        self.burn_spin.setValue(cfg.burn_in)
+        self.thr_spin.setValue(cfg.threshold)
+        self.rule_combo.setCurrentText(cfg.pseudo_rule)
+        self.ignore_spin.setValue(cfg.ignore_low or 0.0)
+        self.soft_check.setChecked(cfg.soft_negatives)
+        self.lu_spin.setValue(cfg.lambda_u)
+        self.lr_spin.setValue(cfg.lambda_r)
+        self.p_spin.setValue(cfg.p_norm)
+        self.ema_spin.setValue(cfg.ema_decay)
+        self.lrate_spin.setValue(cfg.lr)
+        self.batch_spin.setValue(cfg.labelled_batch)
+
+    def training_config(self):
+        """The method's defaults, with the advanced settings laid over them when ticked."""
+        from ...model.config import ModelConfig
+        from ...train.config import TrainConfig, burn_in_for, default_init
+
+        iterations = self.iter_spin.value()
+        method = self.method_combo.currentText()
+        values: dict = {
+            "iterations": iterations,
+            "warmup": min(100, iterations // 5),
+            "model": {"backbone": self.backbone_combo.currentText()},
+        }
+        wants_nucleus = self.init_combo.currentText() == "nucleus model"
+        values["init"] = default_init(ModelConfig(backbone=self.backbone_combo.currentText())) if wants_nucleus else "none"
+        if self.minutes_spin.value() > 0:
+            values["time_budget_s"] = 60.0 * self.minutes_spin.value()
+        if self.advanced.isChecked():
+            values.update(
+                burn_in=self.burn_spin.value(),
+                threshold=self.thr_spin.value(),
+                pseudo_rule=self.rule_combo.currentText(),
+                ignore_low=self.ignore_spin.value() or None,
+                soft_negatives=self.soft_check.isChecked(),
+                lambda_u=self.lu_spin.value(),
+                lambda_r=self.lr_spin.value(),
+                p_norm=self.p_spin.value(),
+                ema_decay=self.ema_spin.value(),
+                lr=self.lrate_spin.value(),
+                labelled_batch=self.batch_spin.value(),
+                unlabelled_batch=self.batch_spin.value(),
+            )
+        elif self.state.model_state is not None:
+            # warm start: the teacher is already trained; else the method's own rule
+            values["burn_in"] = burn_in_for(iterations, warm_start=True)
+            values["burn_in_fraction"] = 0.1
+        if method == "stac":
+            values["burn_in"] = min(max(1, values.get("burn_in", burn_in_for(iterations))), iterations - 1)
+        return TrainConfig.for_method(method, **values)
+
+    def train(self, config=None, synchronous: bool = False) -> None:
+        """Start training on the labelled tiles; the others are the unlabelled data."""
+        if self.state.session is None:
+            self.state.report_error(NapariRmtError("open tiles first"))
+            return
+        if self.state.busy:
+            show_info("training is already running")
+            return
+        self.state.session.pull()
+        ts = self.state.project.tileset
+        try:
+            cfg = config or self.training_config()
+            if not ts.labelled:
+                raise NapariRmtError(
+                    "no labelled tiles: tick 'This tile is fully annotated' on the tiles you finished"
+                )
+        except NapariRmtError as exc:
+            self.state.report_error(exc)
+            return
+        from ..jobs import TrainingJob
+
+        init = self.state.model_state
+        if init is not None:
+            from ...train.checkpoint import classes_from_checkpoint, config_from_checkpoint
+
+            same = (
+                classes_from_checkpoint(init).names == ts.classes.names
+                and config_from_checkpoint(init).model == cfg.model
+            )
+            if not same:
+                init = None  # another architecture or class list: start afresh
+        folder = self.state.project.folder
+        job = TrainingJob(
+            ts.labelled,
+            ts.unlabelled,
+            ts.classes,
+            cfg,
+            init_from=init,
+            save_to=folder / MODEL if folder is not None else None,
+            checkpoint_to=folder / TRAINING if folder is not None else None,
+        )
+        self.plot.reset()
+        self.state.progress.emit(0, cfg.iterations)
+        self.state.say(
+            f"{cfg.method}: {len(ts.labelled)} labelled, {len(ts.unlabelled)} unlabelled tiles"
+            + (" (warm start)" if init is not None else "")
+        )
+        self.state.start_job(job, self._on_yielded, self._on_returned, "training failed", synchronous)
+
+    def cancel(self) -> None:
+        self.state.cancel()
+
+    def _on_yielded(self, ev) -> None:
+        from ...train.events import IterationEvent, PhaseEvent
+        from ..jobs import PredictProgress
+
+        if isinstance(ev, IterationEvent):
+            self.state.progress.emit(ev.iteration, ev.total)
+            pseudo = (
+                f", {sum(ev.pseudo_per_image) / len(ev.pseudo_per_image):.1f} pseudo-boxes/tile"
+                if ev.pseudo_per_image
+                else ""
+            )
+            self.state.say(
+                f"{ev.phase}: iteration {ev.iteration}/{ev.total}, loss {ev.losses['total']:.3f}"
+                f"{pseudo}, ETA {_eta(ev.eta)}"
+            )
+            self.plot.add(ev.iteration, ev.losses)
+        elif isinstance(ev, PhaseEvent):
+            # In the status line, not a notification: napari's toast over the canvas makes
+            # software OpenGL redraw the whole scene (a 270-300 ms stall, measured).
+            self.state.say(ev.message)
+        elif isinstance(ev, PredictProgress):
+            self.state.say(f"predicting unlabelled tiles {ev.done}/{ev.total}")
+
+    def _on_returned(self, result) -> None:
+        self.plot.update()
+        if result.cancelled:
+            kept = "the previous model is kept" if self.state.model_state is not None else "there is no model yet"
+            self.state.say(f"cancelled after {result.iterations} iterations; {kept}")
+            return
+        self.state.model_state = result.checkpoint
+        ts = self.state.project.tileset
+        self.state.session.pull()
+        for tile_id, boxes in result.predictions.items():
+            tile = ts.by_id(tile_id)
+            if not tile.is_labelled:
+                tile.predictions = boxes
+        self.state.session.refresh()
+        self.state.predictions_arrived.emit(list(result.predictions.values()))
+        self.state.rows_changed.emit(True)
+        n = sum(len(b) for b in result.predictions.values())
+        self.state.say(
+            f"done: {result.iterations} iterations; {n} predicted boxes on "
+            f"{len(result.predictions)} unlabelled tiles"
+        )
+        self.state.changed()
+
+
+    def _update_enabled(self) -> None:
+        self.train_btn.setEnabled(self.state.session is not None and not self.state.busy)
+        self.cancel_btn.setEnabled(self.state.busy)
+
+
+def _eta(seconds: float) -> str:
+    s = int(max(0, seconds))
+    return f"{s // 60}:{s % 60:02d}"

@@ -1,0 +1,145 @@
+"""The widget's state object and each panel on its own (no RMTWidget around them)."""
+
+import json
+
+import pytest
+
+pytest.importorskip("napari")
+
+from napari_rmt.data import Boxes, TileSet, TileStatus
+from napari_rmt.data.boxes import BoxSource
+from napari_rmt.data.errors import NapariRmtError
+from napari_rmt.data.sample import load_sample
+from napari_rmt.gui.panels.export import ExportPanel
+from napari_rmt.gui.panels.large import LargePanel
+from napari_rmt.gui.panels.review import ReviewPanel
+from napari_rmt.gui.panels.status import StatusPanel
+from napari_rmt.gui.panels.tiles import ClassesPanel, TilesPanel
+from napari_rmt.gui.panels.train import TrainPanel
+from napari_rmt.gui.state import AppState
+
+
+@pytest.fixture
+def state(make_napari_viewer, tmp_path):
+    return AppState(make_napari_viewer(), tmp_path / "projects")
+
+
+class _Job:
+    """A job as jobs.py makes them: a generator of progress, then a result."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def cancel(self) -> None:
+        pass
+
+    def run(self):
+        yield from range(self.n)
+        return "done"
+
+
+def test_state_opens_tells_and_runs_one_job_at_a_time(state):
+    seen = []
+    state.opened.connect(lambda: seen.append("opened"))
+    state.message.connect(lambda text, error: seen.append((text, error)))
+    state.busy_changed.connect(lambda: seen.append("busy"))
+    with pytest.raises(NapariRmtError, match="no tiles"):
+        state.open(TileSet(), "empty")
+    state.open(load_sample(), "sample")
+    assert state.session is not None and (state.project.folder / "project.json").is_file()
+    assert seen[:2] == ["opened", "busy"]
+
+    state.guarded(lambda: (_ for _ in ()).throw(NapariRmtError("bad file x.png")))
+    assert state.last_error == "error: bad file x.png" and seen[-1] == ("error: bad file x.png", True)
+    state.guarded(lambda: None)  # a success clears the error shown
+    assert state.last_error is None and seen[-1] == ("", False)
+
+    progress, results = [], []
+    assert state.start_job(_Job(3), progress.append, results.append, "job failed", synchronous=True)
+    assert progress == [0, 1, 2] and results == ["done"] and not state.busy
+    state.worker = object()  # a job is running
+    assert not state.start_job(_Job(1), progress.append, results.append, "job failed", synchronous=True)
+    assert results == ["done"]
+
+
+def test_tiles_panel_lists_moves_and_marks(state):
+    panel = TilesPanel(state)
+    assert not panel.next_btn.isEnabled()
+    state.open(load_sample(), "sample")
+    assert panel.tile_list.count() == 16 and panel.next_btn.isEnabled()
+    panel.go(1)
+    assert state.session.index == 1 and panel.tile_list.currentRow() == 1
+    panel.show_tile(5)
+    was = state.session.tile.is_labelled
+    panel.labelled_box.setChecked(not was)
+    assert state.project.tileset[5].is_labelled is (not was)
+    assert ("labelled" if not was else "unlabelled") in panel.tile_list.item(5).text()
+
+
+def test_classes_panel_keys_and_new_class(state):
+    panel = ClassesPanel(state)
+    state.open(load_sample(), "sample")
+    names = state.project.tileset.classes.names
+    panel.class_key(1)()
+    assert panel.current == names[1] and state.session.current_class == names[1]
+    panel.add_class("mitosis")
+    assert panel.class_combo.findText("mitosis") >= 0 and "mitosis" in panel.legend.text()
+    assert state.session.current_class == names[1]  # the new session keeps the choice
+
+
+def test_review_panel_cut_and_accept(state):
+    panel = ReviewPanel(state, lambda: "tumor")
+    tiles = load_sample()
+    empty = 3
+    tiles[empty].boxes, tiles[empty].status = Boxes(), TileStatus.UNLABELLED
+    state.open(tiles, "sample")
+    state.session.show_tile(empty)
+    tile = state.session.tile
+    tile.predictions = Boxes(
+        xyxy=[[10, 10, 30, 30], [40, 40, 60, 60], [70, 70, 90, 90]],
+        class_ids=[1, 1, 1], scores=[0.9, 0.4, 0.2], sources=[BoxSource.PREDICTED] * 3,
+    )
+    state.session.refresh()
+    state.predictions_arrived.emit([tile.predictions])
+    # 1.5 cells expected (sum of scores): the cut shows the two best boxes.
+    assert panel.score_slider.value() == 39 and "1 hidden" in panel.score_label.text()
+    assert panel.accept_tile() == 2 and len(state.project.tileset[empty].boxes) == 2
+    assert len(state.project.tileset[empty].predictions) == 1  # the hidden one stays a prediction
+
+
+def test_status_panel_shows_messages_and_progress(state):
+    panel = StatusPanel(state)
+    state.report_error(NapariRmtError("no labelled tiles"))
+    assert "no labelled tiles" in panel.status.text() and "ff6b6b" in panel.status.styleSheet()
+    state.say("fine")
+    assert panel.status.text() == "fine" and panel.status.styleSheet() == ""
+    state.progress.emit(3, 7)
+    assert (panel.progress.value(), panel.progress.maximum()) == (3, 7)
+
+
+def test_train_panel_fills_the_methods_defaults(state):
+    panel = TrainPanel(state)
+    assert not panel.train_btn.isEnabled()
+    panel.method_combo.setCurrentText("rmt")
+    assert panel.thr_spin.value() == pytest.approx(0.7)  # the paper's threshold
+    panel.method_combo.setCurrentText("rmt+")
+    cfg = panel.training_config()
+    assert cfg.method == "rmt+" and cfg.init == "nucleus" and cfg.threshold == pytest.approx(0.5)
+    panel.init_combo.setCurrentText("random weights")
+    assert panel.training_config().init == "none"
+
+
+def test_large_panel_needs_a_large_image(state):
+    panel = LargePanel(state)
+    assert not panel.predict_whole_btn.isEnabled()
+    panel.predict_whole_image(synchronous=True)
+    assert "open a large image first" in state.last_error
+
+
+def test_export_panel_writes_and_refuses(state, tmp_path):
+    panel = ExportPanel(state)
+    state.open(load_sample(), "sample")
+    out = panel.export_annotations(tmp_path / "a.json")
+    assert len(json.loads(out.read_text())["annotations"]) == sum(len(t.boxes) for t in state.project.tileset)
+    with pytest.raises(NapariRmtError, match="no trained model"):
+        panel.save_model(tmp_path / "m.pt")
