@@ -1,7 +1,7 @@
 """Where a training step's time and FLOPs go, old default against new (issue 14).
 
 For each architecture: FLOPs per part of a supervised step (``torch.utils.flop_counter``:
-backbone body, FPN, RPN, box head; forward and forward + backward), the forward time of
+backbone body, FPN, RPN, box head forward; the whole step forward and backward), the forward time of
 each part and the backward time, the achieved GFLOP/s against the machine's measured
 fp32 matmul peak; then the FLOPs and time of an rmt+ step (after burn-in) and the
 prediction throughput (tiles/s, 256 px, batch 8). Real CoNSeP tiles; the first steps
@@ -81,8 +81,7 @@ def staged_step(model, images, targets) -> tuple[dict[str, float], float, torch.
 
 
 def part_flops(model, images, targets) -> dict[str, dict[str, float]]:
-    """GFLOPs per part, forward and backward (the backward split by the module it runs in)."""
-    modules = {"body": model.backbone.body, "fpn": model.backbone.fpn, "rpn": model.rpn, "roi_heads": model.roi_heads}
+    """GFLOPs of each part's forward, and of the whole step's forward and backward."""
     out: dict[str, dict[str, float]] = {}
     il, tg = model.transform(images, targets)
     with FlopCounterMode(display=False) as c:
@@ -101,11 +100,6 @@ def part_flops(model, images, targets) -> dict[str, dict[str, float]]:
     with FlopCounterMode(display=False) as bwd:
         loss.backward()
     model.zero_grad(set_to_none=True)
-    counts = bwd.get_flop_counts()
-    for part, module in modules.items():
-        name = type(module).__name__
-        key = next((k for k in counts if k.split(".")[-1] == name or k == name), None)
-        out[part]["backward"] = sum(counts[key].values()) / 1e9 if key else float("nan")
     out["total"] = {"forward": sum(v["forward"] for v in out.values()), "backward": bwd.get_total_flops() / 1e9}
     return out
 
