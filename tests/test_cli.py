@@ -193,3 +193,14 @@ def test_train_starts_from_the_nucleus_model_where_it_fits():
     assert init("--fpn-channels", "256", "--resnet-stages", "4") == "none"
     assert init("--norm", "group") == "none"
     assert init("--fpn-channels", "128") == "nucleus"  # the default, said out loud
+
+
+def test_supervised_training_reads_no_unlabelled_tile(tmp_path, capsys):
+    from conftest import make_coco
+
+    coco = make_coco(tmp_path / "data", n_images=4, size=(64, 64))
+    (tmp_path / "data" / "images" / "tile_3.png").write_bytes(b"not a png")  # never read
+    rc = main(["train", "--coco", str(coco), "--method", "supervised", "--labeled-fraction", "0.5",
+               "--iterations", "1", "--init", "none", "--out", str(tmp_path / "run"), *TINY_TRAINING])
+    assert rc == 0
+    assert "supervised on 2 labelled + 0 unlabelled tiles" in capsys.readouterr().err

@@ -78,6 +78,8 @@ def run(args: argparse.Namespace) -> int:
         labelled, unlabelled = pick_labelled(tiles, args.labeled_fraction, args.group_key, cfg.seed)
     else:
         labelled, unlabelled = tileset.labelled, tileset.unlabelled
+    if not cfg.uses_unlabelled:
+        unlabelled = []  # supervised never reads them (decoding them all would only cost time)
     out = Path(args.out)
     print(
         f"napari-rmt: {cfg.method} on {len(labelled)} labelled + {len(unlabelled)} unlabelled tiles, "

@@ -123,7 +123,7 @@ def _one_run(cfg, classes, method, fraction, seed, lab, unl, test, run_dir: Path
     )
     if method == "stac" and not 0 < tcfg.burn_in < tcfg.iterations:
         tcfg.burn_in = tcfg.iterations // 2
-    unl_used = unl if method != "supervised" else []
+    unl_used = unl if tcfg.uses_unlabelled else []
     ckpt = run_dir / "model.pt"
     if ckpt.is_file():
         trainer = Trainer.resume(ckpt, lab, unl_used, checkpoint_path=ckpt)

@@ -89,7 +89,7 @@ class TrainingJob:
         from ..train.events import FinishedEvent
         from ..train.trainer import Trainer, TrainingError
 
-        unl_for_training = self.unlabelled if self.config.method != "supervised" else []
+        unl_for_training = self.unlabelled if self.config.uses_unlabelled else []
         self.trainer = Trainer(
             self.labelled,
             unl_for_training,

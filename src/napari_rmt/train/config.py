@@ -196,6 +196,11 @@ class TrainConfig:
             bad(f"predict_with {self.predict_with!r} is not 'teacher' or 'student'")
 
     @property
+    def uses_unlabelled(self) -> bool:
+        """Whether the unlabelled tiles are read at all (every front end asks this)."""
+        return self.method != "supervised"
+
+    @property
     def uses_teacher(self) -> bool:
         return self.method in ("ubt", "rmt", "rmt-noreg", "rmt+")
 
