@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from ..data.errors import NapariRmtError
+from ..model.config import SIZED_FIELDS  # plain data: no torch import for --help
 
 
 # ------------------------------------------------------------------ progress
@@ -165,7 +166,7 @@ def training_overrides(args: argparse.Namespace) -> dict[str, Any]:
         model["norm"] = args.norm
     if args.focal_gamma is not None:
         model["focal_gamma"] = args.focal_gamma
-    for key in ("fpn_channels", "resnet_stages", "box_head_dim"):
+    for key in SIZED_FIELDS:
         if getattr(args, key) is not None:
             model[key] = getattr(args, key)
     values["model"] = model
@@ -210,7 +211,7 @@ def resume_config(args: argparse.Namespace, ckpt: dict[str, Any]):
         ("focal_gamma", args.focal_gamma, saved.model.focal_gamma),
         ("seed", args.seed, saved.seed),
         ("init", args.init, saved.init),
-        *((k, getattr(args, k), saved.model.resolved(k)) for k in ("fpn_channels", "resnet_stages", "box_head_dim")),
+        *((k, getattr(args, k), saved.model.resolved(k)) for k in SIZED_FIELDS),
     ]
     differ = [f"--{a.replace('_', '-')} {v} (saved {have})" for a, v, have in given if v is not None and v != have]
     if differ:

@@ -81,14 +81,15 @@ def run(args: argparse.Namespace) -> int:
     if not cfg.uses_unlabelled:
         unlabelled = []  # supervised never reads them (decoding them all would only cost time)
     out = Path(args.out)
+    if cfg.model.weights is not None:
+        start = f", weights {cfg.model.weights}"
+    elif args.init_from:
+        start = ""  # the warm start's own model
+    else:
+        start = ", from the bundled nucleus model" if cfg.init == "nucleus" else ", random init"
     print(
         f"napari-rmt: {cfg.method} on {len(labelled)} labelled + {len(unlabelled)} unlabelled tiles, "
-        f"{cfg.iterations} iterations, {cfg.model.backbone}"
-        + (
-            f", weights {cfg.model.weights}" if cfg.model.weights is not None
-            else ", from the bundled nucleus model" if cfg.init == "nucleus" and not args.init_from
-            else "" if args.init_from else ", random init"
-        ),
+        f"{cfg.iterations} iterations, {cfg.model.backbone}{start}",
         file=sys.stderr,
     )
     if args.resume:

@@ -51,6 +51,25 @@ def snapshot(tiles: list[Tile]) -> list[Tile]:
     ]
 
 
+def predict_in_chunks(
+    model, tiles: list[Tile], classes: ClassList, batch: int, cancelled: Callable[[], bool], device="cpu"
+) -> Generator[PredictProgress, None, dict[int, Boxes] | None]:
+    """Predict ``tiles`` a batch at a time, yielding progress and checking for a cancel
+    between batches; returns the boxes per tile id, or None when cancelled."""
+    from ..model.predict import predict_tiles
+
+    out: dict[int, Boxes] = {}
+    total = len(tiles)
+    for start in range(0, total, batch):
+        if cancelled():
+            return None
+        chunk = tiles[start : start + batch]
+        boxes = predict_tiles(model, chunk, classes, batch_size=batch, store=False, device=device)
+        out.update({t.id: b for t, b in zip(chunk, boxes, strict=True)})
+        yield PredictProgress(min(start + batch, total), total)
+    return out
+
+
 class TrainingJob:
     def __init__(
         self,
@@ -85,7 +104,6 @@ class TrainingJob:
         from ._guard import guard_triton
 
         guard_triton()
-        from ..model.predict import predict_tiles
         from ..train.events import FinishedEvent
         from ..train.trainer import Trainer, TrainingError
 
@@ -121,22 +139,12 @@ class TrainingJob:
         cancelled = bool(finished and finished.cancelled)
         predictions: dict[int, Boxes] = {}
         if not cancelled:
-            total = len(self.unlabelled)
-            for start in range(0, total, self.predict_batch):
-                if self._cancel:
-                    cancelled = True
-                    break
-                chunk = self.unlabelled[start : start + self.predict_batch]
-                out = predict_tiles(
-                    self.trainer.model,
-                    chunk,
-                    self.classes,
-                    batch_size=self.predict_batch,
-                    store=False,
-                    device=self.trainer.device,
-                )
-                predictions.update({t.id: b for t, b in zip(chunk, out, strict=True)})
-                yield PredictProgress(min(start + self.predict_batch, total), total)
+            done = yield from predict_in_chunks(
+                self.trainer.model, self.unlabelled, self.classes, self.predict_batch,
+                lambda: self._cancel, self.trainer.device,
+            )
+            cancelled = done is None
+            predictions = done or {}
         state = self.trainer.state_dict()
         if not cancelled and self.save_to is not None:
             from ..train.checkpoint import save_checkpoint
@@ -170,20 +178,12 @@ class NucleusJob:
 
         guard_triton()
         from ..model.bundled import NUCLEUS
-        from ..model.predict import predict_tiles
         from ..train.checkpoint import load_model
 
         model, classes, _ = load_model(NUCLEUS)
-        out: dict[int, Boxes] = {}
-        total = len(self.tiles)
-        for start in range(0, total, self.batch):
-            if self._cancel:
-                return None
-            chunk = self.tiles[start : start + self.batch]
-            for tile, boxes in zip(chunk, predict_tiles(model, chunk, classes, self.batch, store=False), strict=True):
-                boxes.class_ids[:] = self.class_id
-                out[tile.id] = boxes
-            yield PredictProgress(min(start + self.batch, total), total)
+        out = yield from predict_in_chunks(model, self.tiles, classes, self.batch, lambda: self._cancel)
+        for boxes in (out or {}).values():
+            boxes.class_ids[:] = self.class_id
         return out
 
 

@@ -19,6 +19,8 @@ SIZED = {
 }
 #: What checkpoints written before these fields existed were built with.
 LEGACY = {"fpn_channels": 256, "resnet_stages": 4, "box_head_dim": 1024}
+#: The architecture fields sized per backbone.
+SIZED_FIELDS = tuple(LEGACY)
 
 
 @dataclass
@@ -57,3 +59,13 @@ class ModelConfig:
         """An architecture field's value, ``None`` turned into the backbone's sized default."""
         value = getattr(self, key)
         return int(value) if value is not None else SIZED[self.backbone][key]
+
+    def architecture(self) -> dict[str, object]:
+        """What fixes the weights' names and shapes (the class count aside): two configs
+        with the same architecture can take each other's backbone, FPN, RPN and box head."""
+        return {
+            "backbone": self.backbone,
+            "norm": self.norm_kind(),
+            "anchor_sizes": self.anchor_sizes,
+            **{k: self.resolved(k) for k in SIZED_FIELDS},
+        }

@@ -121,11 +121,15 @@ def model_from_checkpoint(ckpt: dict[str, Any]) -> tuple[nn.Module, ClassList, T
     classes = classes_from_checkpoint(ckpt)
     cfg = config_from_checkpoint(ckpt)
     model = build_detector(len(classes), cfg.model)
-    which = ckpt.get("predict_with", "student")
-    state = ckpt.get(which) or ckpt["student"]
-    load_state(model, state, ckpt.get("_path", "checkpoint"))
+    load_state(model, predicting_state(ckpt), ckpt.get("_path", "checkpoint"))
     model.eval()
     return model, classes, cfg
+
+
+def predicting_state(ckpt: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The weights a checkpoint predicts with: its ``predict_with`` network (the teacher or
+    the student), the student when there is no teacher."""
+    return ckpt.get(ckpt.get("predict_with", "student")) or ckpt["student"]
 
 
 def transfer_weights(model: nn.Module, ckpt: dict[str, Any], where: str) -> None:
@@ -136,7 +140,7 @@ def transfer_weights(model: nn.Module, ckpt: dict[str, Any], where: str) -> None
     the nucleus model, its only one), which knows how a nucleus box is drawn. The
     classifier keeps its fresh initialisation: the classes are the user's.
     """
-    state = ckpt.get(ckpt.get("predict_with", "student")) or ckpt["student"]
+    state = predicting_state(ckpt)
     own = model.state_dict()
     cls_key, reg_key = "roi_heads.box_predictor.cls_score.", "roi_heads.box_predictor.bbox_pred."
     taken = {k: v for k, v in state.items() if not k.startswith((cls_key, reg_key))}

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..data.errors import NapariRmtError
-from ..model.config import LEGACY, SIZED, ModelConfig
+from ..model.config import LEGACY, ModelConfig
 
 METHODS = ("supervised", "stac", "ubt", "rmt", "rmt-noreg", "rmt+")
 #: The method the GUI and ``napari-rmt train`` use unless told otherwise.
@@ -43,9 +43,9 @@ def default_init(model: ModelConfig) -> str:
     """Where a run starts unless told: the bundled nucleus model where it fits the
     architecture asked for (the CLI's and the widget's default), else random init.
 
-    The bundled model is the sized ``resnet18`` with trainable BatchNorm (its README)."""
-    sized = all(model.resolved(k) == v for k, v in SIZED["resnet18"].items())
-    fits = model.backbone == "resnet18" and model.weights is None and model.norm_kind() == "batch" and sized
+    The bundled model is the default ``resnet18`` from random init (its README), so this
+    needs no read of the file; ``Trainer`` checks against the file's own config."""
+    fits = model.weights is None and model.architecture() == ModelConfig(backbone="resnet18").architecture()
     return "nucleus" if fits else "none"
 
 

@@ -49,6 +49,7 @@ from .checkpoint import (
     classes_from_checkpoint,
     config_from_checkpoint,
     load_state,
+    predicting_state,
     read_checkpoint,
     save_checkpoint,
     transfer_weights,
@@ -660,23 +661,17 @@ class Trainer:
         names = [c.name for c in classes_from_checkpoint(ckpt)]
         if names != self.classes.names:
             raise CheckpointError(f"{where}: trained for classes {names}, not {self.classes.names}")
-        state = ckpt.get(ckpt.get("predict_with", "student")) or ckpt["student"]
-        load_state(self.student, state, where)
+        load_state(self.student, predicting_state(ckpt), where)
 
     def _init_nucleus(self) -> None:
         """Backbone, FPN, RPN and box regression from the bundled nucleus model."""
         from ..model.bundled import NUCLEUS
 
         ckpt = read_checkpoint(NUCLEUS)
-        bundled = config_from_checkpoint(ckpt).model
-        mine = self.cfg.model
-
-        def arch(cfg) -> dict[str, object]:
-            return {"backbone": cfg.backbone, "norm": cfg.norm_kind(), "anchor_sizes": cfg.anchor_sizes,
-                    **{k: cfg.resolved(k) for k in ("fpn_channels", "resnet_stages", "box_head_dim")}}
-
-        want = arch(bundled)
-        differ = [f"{k} {v} (the nucleus model's: {want[k]})" for k, v in arch(mine).items() if v != want[k]]
+        want = config_from_checkpoint(ckpt).model.architecture()
+        differ = [
+            f"{k} {v} (the nucleus model's: {want[k]})" for k, v in self.cfg.model.architecture().items() if v != want[k]
+        ]
         if differ:
             raise TrainingError(
                 "init 'nucleus' needs the bundled model's architecture; this run has " + "; ".join(differ)
@@ -708,7 +703,9 @@ class Trainer:
                 f"{cfg.model} asked for)"
             )
         classes = classes_from_checkpoint(ckpt)
-        trainer = cls(labelled, unlabelled, classes, cfg, **kwargs)
+        # Built from the checkpoint in memory: the init the config names (the bundled model,
+        # read from disk) would only be overwritten by the saved weights below.
+        trainer = cls(labelled, unlabelled, classes, cfg, init_from=ckpt, **kwargs)
         load_state(trainer.student, ckpt["student"], ckpt["_path"])
         if ckpt.get("teacher") is not None and cfg.method != "supervised":
             load_state(trainer.student, ckpt["teacher"], ckpt["_path"])  # checks the shapes

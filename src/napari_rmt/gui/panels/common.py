@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
-from qtpy.QtWidgets import QDoubleSpinBox, QSpinBox
+from collections.abc import Callable
+from pathlib import Path
+
+from napari.utils.notifications import show_info
+from qtpy.QtWidgets import QDoubleSpinBox, QFileDialog, QSpinBox, QWidget
+
+from ..state import AppState
 
 
 def spin(lo: int, hi: int, value: int) -> QSpinBox:
@@ -19,3 +25,12 @@ def dspin(lo: float, hi: float, value: float, step: float, decimals: int = 2) ->
     w.setSingleStep(step)
     w.setValue(value)
     return w
+
+
+def ask_save(parent: QWidget, state: AppState, title: str, filt: str, write: Callable[[str], Path]) -> None:
+    """Ask where to write, write there (errors to the status line), say where it went."""
+    if state.session is None:
+        return
+    f, _ = QFileDialog.getSaveFileName(parent, title, filter=filt)
+    if f:
+        state.guarded(lambda: show_info(f"wrote {write(f)}"))

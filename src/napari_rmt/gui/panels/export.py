@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from napari.utils.notifications import show_info
 from qtpy.QtWidgets import QFileDialog, QGridLayout, QGroupBox, QPushButton
 
 from ...data.coco import write_coco, write_coco_results
 from ...data.errors import NapariRmtError
 from ...data.geojson import write_geojson
 from ..state import AppState
+from .common import ask_save
 
 
 class ExportPanel(QGroupBox):
@@ -89,11 +89,7 @@ class ExportPanel(QGroupBox):
 
     # ------------------------------------------------------------------ dialogs
     def _ask_save(self, title: str, filt: str, fn) -> None:
-        if self.state.session is None:
-            return
-        f, _ = QFileDialog.getSaveFileName(self, title, filter=filt)
-        if f:
-            self.state.guarded(lambda: show_info(f"wrote {fn(f)}"))
+        ask_save(self, self.state, title, filt, fn)
 
     def _ask_export_coco(self) -> None:
         self._ask_save("Export annotations", "COCO json (*.json)", self.export_annotations)

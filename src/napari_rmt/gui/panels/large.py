@@ -12,7 +12,7 @@ from ...data.errors import NapariRmtError
 from ...data.tiles import TileSet
 from ..session import camera_of
 from ..state import AppState
-from .common import spin
+from .common import ask_save, spin
 
 
 class LargePanel(QGroupBox):
@@ -124,14 +124,10 @@ class LargePanel(QGroupBox):
             self.state.guarded(lambda: self.open_large_image(f))
 
     def _ask_export_whole(self) -> None:
-        if self.state.session is None:
-            return
-        f, _ = QFileDialog.getSaveFileName(
-            self, "Export whole-image predictions",
-            filter="COCO results (*.json);;zarr box store (*.zarr);;GeoJSON (*.geojson)",
+        ask_save(
+            self, self.state, "Export whole-image predictions",
+            "COCO results (*.json);;zarr box store (*.zarr);;GeoJSON (*.geojson)", self.export_whole_predictions,
         )
-        if f:
-            self.state.guarded(lambda: show_info(f"wrote {self.export_whole_predictions(f)}"))
 
     def _update_enabled(self) -> None:
         has_whole = self.state.whole is not None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+from napari.utils.notifications import show_info
 from qtpy.QtCore import Qt
 from qtpy.QtWidgets import QGroupBox, QHBoxLayout, QLabel, QPushButton, QSlider, QVBoxLayout
 
@@ -123,6 +124,9 @@ class ReviewPanel(QGroupBox):
         if state.session is None:
             state.report_error(NapariRmtError("open tiles first"))
             return
+        if state.busy:
+            show_info("busy: wait for the running job or cancel it")
+            return
         state.session.pull()
         ts = state.project.tileset
         if all_empty:
@@ -143,9 +147,8 @@ class ReviewPanel(QGroupBox):
 
         name = self.current_class() or ts.classes.names[0]
         self._detect_class = name
-        if not state.busy:
-            state.progress.emit(0, len(tiles))
-            state.say(f"detecting nuclei on {len(tiles)} tile{'s' if len(tiles) > 1 else ''}…")
+        state.progress.emit(0, len(tiles))
+        state.say(f"detecting nuclei on {len(tiles)} tile{'s' if len(tiles) > 1 else ''}…")
         state.start_job(
             NucleusJob(tiles, ts.classes.by_name(name).id),
             lambda msg: state.progress.emit(msg.done, msg.total),
