@@ -165,6 +165,7 @@ def main() -> None:
     ap.add_argument("--unlabelled-batch", type=int, default=2)
     ap.add_argument("--set", nargs="*", default=[], help="branch: config overrides KEY=VALUE (json values)")
     ap.add_argument("--tag", default="", help="run names end with it; a branch starts from supervised<tag>")
+    ap.add_argument("--variant", default="", help="branch: a suffix naming this branch's --set overrides")
     ap.add_argument("--init", choices=["none", "nucleus"], default="none", help="random init or the bundled model")
     ap.add_argument("--arch", choices=sorted(ARCH), default="sized", help="the detector's size (issue 14)")
     args = ap.parse_args()
@@ -192,7 +193,7 @@ def main() -> None:
         trainer = Trainer(lab, unl, ts.classes, base_config(args, "supervised"))
         wall = drive(trainer, run, unl, FRACTIONS)
     else:
-        name = f"{args.method}_at{int(args.at * 100)}{args.tag}"
+        name = f"{args.method}_at{int(args.at * 100)}{args.tag}{args.variant}"
         run = out / name
         run.mkdir(exist_ok=True)
         state = out / f"supervised{args.tag}" / f"state_{int(args.at * 100)}.pt"

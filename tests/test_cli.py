@@ -64,6 +64,59 @@ def test_train_then_predict_on_a_tiny_coco(tmp_path, capsys):
     assert [i["id"] for i in index] == [1, 2, 3, 4]
 
 
+def test_a_run_folder_holds_the_model_and_the_training_state_apart(tmp_path, capsys):
+    """model.pt: the predicting network in fp16, config and classes (what predict needs);
+    training.pt: the whole state, which --resume reads from the folder or either file."""
+    import torch
+
+    from conftest import make_coco
+    from napari_rmt.data.errors import NapariRmtError
+    from napari_rmt.model.predict import predict_tiles
+    from napari_rmt.train import Trainer, read_checkpoint
+    from napari_rmt.train.checkpoint import model_from_checkpoint, read_training_state
+
+    coco = make_coco(tmp_path / "data", n_images=4, size=(64, 64))
+    run = tmp_path / "run"
+    base = ["train", "--coco", str(coco), "--method", "rmt+", "--labeled-fraction", "0.5", *TINY_TRAINING,
+            "--out", str(run)]
+    assert main([*base, "--iterations", "2"]) == 0
+    model, state = read_checkpoint(run / "model.pt"), read_checkpoint(run / "training.pt")
+    assert model["kind"] == "model" and model["teacher"] is None and "optimizer" not in model
+    assert {v.dtype for v in model["student"].values() if v.is_floating_point()} == {torch.float16}
+    assert state["optimizer"] and state["teacher"] is not None and model["iteration"] == state["iteration"] == 2
+    assert (run / "model.pt").stat().st_size < 0.3 * (run / "training.pt").stat().st_size
+    # the state's predicting network (rmt+: the student), rounded to fp16
+    for k, v in state["student"].items():
+        assert torch.equal(model["student"][k], v.half() if v.is_floating_point() else v), k
+    from napari_rmt.data import read_coco
+
+    tiles = list(read_coco(coco))
+    a = predict_tiles(model_from_checkpoint(model)[0], tiles, model_from_checkpoint(state)[1], store=False)
+    b = predict_tiles(model_from_checkpoint(state)[0], tiles, model_from_checkpoint(state)[1], store=False)
+    for x, y in zip(a, b, strict=True):  # the best boxes score the same but for rounding
+        assert abs(x.scores[:20] - y.scores[:20]).max() < 0.01
+    # --resume from the folder, from model.pt or from training.pt: the same state
+    for where in (run, run / "model.pt", run / "training.pt"):
+        assert read_training_state(where)["iteration"] == 2
+    assert main([*base, "--iterations", "3", "--resume", str(run)]) == 0
+    assert read_checkpoint(run / "model.pt")["iteration"] == 3
+    # a model alone cannot be resumed: said, with what to do instead
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    (alone / "model.pt").write_bytes((run / "model.pt").read_bytes())
+    assert main([*base[:-1], str(tmp_path / "r2"), "--resume", str(alone / "model.pt")]) == 2
+    err = capsys.readouterr().err
+    assert "holds only the trained model" in err and "training.pt" in err and "--init-from" in err
+    try:
+        Trainer.resume(alone / "model.pt", tiles[:2], tiles[2:])
+    except NapariRmtError as exc:
+        assert "training.pt" in str(exc)
+    else:
+        raise AssertionError("a model-only file was resumed")
+    # ... but it warm-starts a new run
+    assert main([*base[:-1], str(tmp_path / "r3"), "--iterations", "2", "--init-from", str(alone / "model.pt")]) == 0
+
+
 def test_cli_errors_are_one_line_with_exit_2(tmp_path, capsys):
     bad = tmp_path / "bad.json"
     bad.write_text("[]")

@@ -84,6 +84,8 @@ def test_eq4_uses_classification_terms_only():
         "loss_rpn_box_reg": torch.tensor(100.0),
     }
     assert unsupervised_loss(terms).item() == 0.75
+    assert unsupervised_loss(terms, objectness_weight=0.0).item() == 0.5  # the RPN left to the labels
+    assert unsupervised_loss(terms, objectness_weight=0.5).item() == 0.625
 
 
 def test_eq6_total_loss_weighting():

@@ -224,6 +224,10 @@ def test_eta_counts_the_dearer_semi_supervised_steps_during_burn_in(tiny_tiles):
     sup = Trainer(tiny_tiles[:3], [], CLASSES, TrainConfig.for_method("supervised", iterations=10))
     sup.iteration = 1
     assert sup._eta(deque([2.0])) == pytest.approx(18.0)
+    # after burn-in: the semi-supervised steps' own mean once five are measured
+    trainer.cfg.time_budget_s, trainer.iteration, trainer.teacher = 0.0, 6, trainer.student
+    assert trainer._eta(deque([2.0]), deque([3.0] * 4)) == pytest.approx(4 * 2.0 * Trainer.SEMI_STEP_COST)
+    assert trainer._eta(deque([2.0]), deque([3.0] * 5)) == pytest.approx(4 * 3.0)
 
 
 def test_method_defaults_set_burn_in_and_the_predicting_network(tiny_tiles):
@@ -240,3 +244,95 @@ def test_method_defaults_set_burn_in_and_the_predicting_network(tiny_tiles):
     assert trainer.teacher is not None and trainer.predict_with == "student" and trainer.model is trainer.student
     cfg.predict_with = "teacher"
     assert trainer.model is trainer.teacher
+
+
+def test_foreground_score_by_hand():
+    """Two proposals: one the head splits between two classes (bg 0.1, 0.45 / 0.45), one it
+    calls background (0.8). By class neither passes 0.5; by foreground the first scores
+    0.9 with its most probable class and that class's box, the second 0.2."""
+    model = build_detector(3, ModelConfig(backbone="resnet18"))
+    heads = model.roi_heads
+    probs = torch.tensor([[0.1, 0.45, 0.44, 0.01], [0.8, 0.1, 0.05, 0.05]])
+
+    class Fixed(torch.nn.Module):
+        def forward(self, x):
+            deltas = torch.zeros(2, 16)
+            deltas[0, 8:12] = torch.tensor([0.0, 0.0, 0.5, 0.5])  # class 2's box is wider
+            return probs.log(), deltas
+
+    heads.box_predictor = Fixed()
+    heads.box_head = torch.nn.Identity()
+
+    class NoPool(torch.nn.Module):
+        def forward(self, feats, props, shapes):
+            return torch.zeros(sum(len(p) for p in props), 1)
+
+    heads.box_roi_pool = NoPool()
+    props = [torch.tensor([[10.0, 10, 30, 30], [60.0, 60, 80, 80]])]
+    (det,) = heads.foreground_detections({}, props, [(100, 100)], score_thresh=0.15)
+    assert det["scores"].tolist() == pytest.approx([0.9, 0.2])
+    assert det["labels"].tolist() == [1, 1]  # class 1 (0.45) over class 2 (0.44)
+    assert det["boxes"][0].tolist() == pytest.approx([10, 10, 30, 30])  # class 1's (zero) deltas
+    (det,) = heads.foreground_detections({}, props, [(100, 100)], score_thresh=0.5)
+    assert det["scores"].tolist() == pytest.approx([0.9])
+    # by class (torchvision's post-processing), nothing of the first proposal reaches 0.5
+    _boxes, scores, _labels = heads.postprocess_detections(probs.log(), torch.zeros(2, 16), props, [(100, 100)])
+    assert (scores[0] < 0.5).all()
+
+
+def test_rmt_plus_with_foreground_scores_end_to_end(tiny_tiles):
+    cfg = TrainConfig.for_method(
+        "rmt+", iterations=4, burn_in=2, warmup=1, labelled_batch=2, unlabelled_batch=2,
+        threshold=0.0, ignore_low=None, pseudo_score="foreground", model={"backbone": "resnet18"},
+    )
+    trainer = Trainer(tiny_tiles[:3], tiny_tiles[3:], CLASSES, cfg)
+    semi = [e for e in trainer.run() if isinstance(e, IterationEvent) and e.phase == "semi-supervised"]
+    assert len(semi) == 2 and all(math.isfinite(v) for e in semi for v in e.losses.values())
+    # at threshold 0 every proposal the teacher's NMS keeps is a pseudo-box
+    assert all(n > 0 for e in semi for n in e.pseudo_per_image)
+    with pytest.raises(NapariRmtError, match="pseudo_score"):
+        TrainConfig.for_method("rmt+", pseudo_score="objectness")
+
+
+def test_soft_class_targets_by_hand():
+    """Two RoIs: one matched to a pseudo-box (hard label 1), one matched to none, whose
+    target is the teacher's distribution (bg 0.5, class 1 0.2, class 2 0.3)."""
+    from napari_rmt.model.heads import soft_target_loss
+
+    logits = torch.log(torch.tensor([[0.2, 0.7, 0.1], [0.4, 0.4, 0.2]]))
+    labels = torch.tensor([1, 0])
+    soft = torch.tensor([[0.0, 0.0, 0.0], [0.5, 0.2, 0.3]])
+    use_soft = torch.tensor([False, True])
+    loss = soft_target_loss(logits, labels, soft, use_soft, torch.ones(2))
+    hard = -math.log(0.7)
+    soft_ce = -(0.5 * math.log(0.4) + 0.2 * math.log(0.4) + 0.3 * math.log(0.2))
+    assert float(loss) == pytest.approx((hard + soft_ce) / 2, rel=1e-5)
+    # all hard: plain cross-entropy
+    assert float(soft_target_loss(logits, labels, soft, torch.tensor([False, False]), torch.ones(2))) == (
+        pytest.approx(float(focal_loss(logits, labels, gamma=0.0)), rel=1e-5)
+    )
+
+
+def test_rmt_plus_with_soft_class_targets_end_to_end(tiny_tiles):
+    cfg = TrainConfig.for_method(
+        "rmt+", iterations=4, burn_in=2, warmup=1, labelled_batch=2, unlabelled_batch=2,
+        soft_targets=True, soft_temperature=0.5, model={"backbone": "resnet18"},
+    )
+    trainer = Trainer(tiny_tiles[:3], tiny_tiles[3:], CLASSES, cfg)
+    seen = []
+    real = trainer._teacher_class_probs
+
+    def spy(view, proposals):
+        out = real(view, proposals)
+        seen.append(out)
+        return out
+
+    trainer._teacher_class_probs = spy
+    semi = [e for e in trainer.run() if isinstance(e, IterationEvent) and e.phase == "semi-supervised"]
+    assert len(semi) == 2 and all(math.isfinite(v) for e in semi for v in e.losses.values())
+    # one teacher pass per step over every sampled RoI, a distribution over bg + classes
+    assert len(seen) == 2 and all(p.shape[1] == len(CLASSES) + 1 for p in seen)
+    assert all(torch.allclose(p.sum(1), torch.ones(len(p))) for p in seen)
+    assert trainer.student.roi_heads.roi_soft_targets is None  # removed after each forward
+    with pytest.raises(NapariRmtError, match="soft_temperature"):
+        TrainConfig.for_method("rmt+", soft_temperature=0.0)

@@ -83,7 +83,7 @@ def add_training_options(p: argparse.ArgumentParser) -> None:
     so ``--method rmt`` is the paper's method and ``--method rmt+`` the recommended recipe."""
     from ..model.bundled import LICENSE_NOTE
     from ..model.config import BACKBONES
-    from ..train.config import INITS, METHODS, PSEUDO_RULES, RECOMMENDED, SCHEDULES
+    from ..train.config import INITS, METHODS, PSEUDO_RULES, PSEUDO_SCORES, RECOMMENDED, SCHEDULES
 
     p.add_argument("--method", choices=METHODS, default=None, help=f"default {RECOMMENDED}")
     p.add_argument("--iterations", type=at_least(1), default=None, help="default 2000")
@@ -117,10 +117,23 @@ def add_training_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup", type=int, default=None)
     p.add_argument("--threshold", type=float, default=None, help="pseudo-label confidence")
     p.add_argument("--pseudo-rule", choices=PSEUDO_RULES, default=None)
+    p.add_argument(
+        "--pseudo-score", choices=PSEUDO_SCORES, default=None,
+        help="teacher score a pseudo-box is chosen by: its class probability, or 1 - background",
+    )
     p.add_argument("--ignore-low", type=float, default=None, help="low edge of the ignore band")
     p.add_argument(
         "--soft-negatives", action=argparse.BooleanOptionalAction, default=None,
         help="weight unlabelled negatives by the teacher's background score",
+    )
+    p.add_argument(
+        "--soft-targets", action=argparse.BooleanOptionalAction, default=None,
+        help="unlabelled proposals matched to no pseudo-box learn the teacher's class distribution",
+    )
+    p.add_argument("--soft-temperature", type=float, default=None, help="of the soft targets (below 1 sharpens)")
+    p.add_argument(
+        "--unsup-objectness", type=float, default=None,
+        help="weight of the RPN objectness term on pseudo-labels (Eq. 4: 1; 0: the RPN learns from labels only)",
     )
     p.add_argument("--lambda-u", type=float, default=None)
     p.add_argument("--lambda-r", type=float, default=None)
@@ -134,8 +147,10 @@ def add_training_options(p: argparse.ArgumentParser) -> None:
 #: argparse destination -> TrainConfig field, for the options that default to the method's value.
 _OVERRIDES = {
     "lr": "lr", "semi_lr": "semi_lr", "lr_schedule": "lr_schedule", "warmup": "warmup",
-    "threshold": "threshold", "pseudo_rule": "pseudo_rule", "ignore_low": "ignore_low",
-    "soft_negatives": "soft_negatives", "lambda_u": "lambda_u", "lambda_r": "lambda_r",
+    "threshold": "threshold", "pseudo_rule": "pseudo_rule", "pseudo_score": "pseudo_score",
+    "ignore_low": "ignore_low",
+    "soft_negatives": "soft_negatives", "soft_targets": "soft_targets",
+    "soft_temperature": "soft_temperature", "unsup_objectness": "unsup_objectness", "lambda_u": "lambda_u", "lambda_r": "lambda_r",
     "p_norm": "p_norm", "ema": "ema_decay",
 }
 
@@ -293,9 +308,9 @@ def run_training(trainer, out: Path, quiet: bool = False, append: bool = False) 
         except TrainingError:
             # The trainer is as it was after its last good step: keep that, as the message says.
             bar.close()
-            trainer.save(out / "model.pt")
+            trainer.save_run(out)
             raise
-    trainer.save(out / "model.pt")
+    trainer.save_run(out)
     return records
 
 

@@ -77,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
         f"{100 * counts['any'].f1:.0f} %; {per_class}"
     )
     picture(unlabelled[0], tileset.classes, out / "prediction.png")
-    for name in ("model.pt", "annotations.json", "predictions.json", "predictions.geojson", "events.jsonl",
+    for name in ("model.pt", "training.pt", "annotations.json", "predictions.json", "predictions.geojson", "events.jsonl",
                  "prediction.png"):
         print(f"wrote {out / name}")
     return 0

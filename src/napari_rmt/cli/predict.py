@@ -34,6 +34,17 @@ def add_parser(sub) -> None:
     big.add_argument("--overlap", type=at_least(0), default=0, help="overlap between windows (default 0)")
     big.add_argument("--context", type=at_least(0), default=128, help="pixels read around each window (default 128)")
     big.add_argument("--zarr", default=None, help="also write each large image's boxes to DIR/<name>.zarr")
+    dask = big.add_mutually_exclusive_group()
+    dask.add_argument(
+        "--workers", type=at_least(1), default=None,
+        help="predict the windows on a local Dask cluster of N worker processes (needs the 'scale' extra)",
+    )
+    dask.add_argument(
+        "--dask-scheduler", default=None, metavar="ADDRESS",
+        help="predict the windows on a running dask.distributed scheduler's workers (tcp://host:8786); "
+        "they must reach the image files by the same paths",
+    )
+    big.add_argument("--threads-per-worker", type=at_least(1), default=1, help="torch threads in each Dask worker")
     pred.set_defaults(func=run)
 
 
@@ -67,7 +78,6 @@ def run(args: argparse.Namespace) -> int:
     from ..data.tiles import Tile, TileSet
     from ..model.predict import predict_tiles
     from ..model.wholeimage import predict_large_image
-    from ..train.checkpoint import load_model
     from ..train.trainer import resolve_device
 
     # Every output is checked before hours of work, and none may be (inside) an input.
@@ -78,7 +88,10 @@ def run(args: argparse.Namespace) -> int:
     if args.zarr:
         for p in args.paths or []:
             check_output(Path(args.zarr) / f"{Path(p).stem}.zarr", inputs, "--zarr", folder=True)
-    model, classes, _ = load_model(args.model)
+    from ..train.checkpoint import model_from_checkpoint, model_payload, read_checkpoint
+
+    ckpt = read_checkpoint(args.model)
+    model, classes, _ = model_from_checkpoint(ckpt)
     device = resolve_device(args.device)
     model.to(device)
     if args.coco:
@@ -113,34 +126,46 @@ def run(args: argparse.Namespace) -> int:
             progress=lambda d, n: bar.update(d),
         )
         bar.close()
-    for t in large:
-        image = open_large_image(t.path)
-        n_windows = len(tile_grid(image.width, image.height, args.window, args.overlap))
-        bar = ProgressBar(n_windows, label=f"{t.name[:24]} windows")
-        started = time.perf_counter()
-        t.predictions = predict_large_image(
-            model,
-            image,
-            classes,
-            window=args.window,
-            overlap=args.overlap,
-            context=args.context,
-            batch_size=args.batch_size,
-            score_threshold=args.score_threshold,
-            nms_iou=args.nms,
-            device=device,
-            progress=lambda d, n, b=bar, s0=started: b.update(
-                d, eta=(time.perf_counter() - s0) / d * (n - d)
-            ),
-        )
-        bar.close()
-        if args.zarr:
-            folder = Path(args.zarr)
-            folder.mkdir(parents=True, exist_ok=True)
-            store = write_boxes_zarr(
-                t.predictions, folder / f"{Path(t.name).stem}.zarr", classes, image.size, source=str(t.path)
+    client = None
+    if large and (args.workers or args.dask_scheduler):
+        from ..model.dask_wholeimage import client_for
+
+        client = client_for(args.dask_scheduler, args.workers or 0)
+        print(f"napari-rmt: windows on Dask workers ({client.scheduler_info()['address']})")
+    try:
+        for t in large:
+            image = open_large_image(t.path)
+            n_windows = len(tile_grid(image.width, image.height, args.window, args.overlap))
+            bar = ProgressBar(n_windows, label=f"{t.name[:24]} windows")
+            started = time.perf_counter()
+            options = dict(
+                window=args.window, overlap=args.overlap, context=args.context, batch_size=args.batch_size,
+                score_threshold=args.score_threshold, nms_iou=args.nms,
+                progress=lambda d, n, b=bar, s0=started: b.update(d, eta=(time.perf_counter() - s0) / d * (n - d)),
             )
-            print(f"napari-rmt: {len(t.predictions)} boxes of {t.name} -> {store}")
+            if client is not None:
+                from ..model.dask_wholeimage import predict_large_image_dask
+
+                # full-precision weights: the same boxes as the single-process path
+                t.predictions = predict_large_image_dask(
+                    client, model_payload(ckpt, half=False), image, classes,
+                    threads_per_worker=args.threads_per_worker, **options,
+                )
+            else:
+                t.predictions = predict_large_image(model, image, classes, device=device, **options)
+            bar.close()
+            if args.zarr:
+                folder = Path(args.zarr)
+                folder.mkdir(parents=True, exist_ok=True)
+                store = write_boxes_zarr(
+                    t.predictions, folder / f"{Path(t.name).stem}.zarr", classes, image.size, source=str(t.path)
+                )
+                print(f"napari-rmt: {len(t.predictions)} boxes of {t.name} -> {store}")
+    finally:
+        if client is not None:
+            from ..model.dask_wholeimage import close_client
+
+            close_client(client)
     out_set = TileSet(tiles=[], classes=classes)
     for t in tiles:
         out_set.add(

@@ -36,9 +36,15 @@ def add_parser(sub) -> None:
         help="pick labelled images by whole groups of this image field (e.g. source_tile)",
     )
     train.add_argument("--init-from", default=None, help="warm start from an earlier model.pt")
-    train.add_argument("--resume", default=None, help="continue an interrupted run from its model.pt")
+    train.add_argument(
+        "--resume", default=None,
+        help="continue an interrupted run: its folder, model.pt or training.pt (the state is training.pt)",
+    )
     train.add_argument("--overwrite", action="store_true", help="replace an earlier run in --out")
-    train.add_argument("--out", required=True, help="run folder: model.pt, config.json, events.jsonl")
+    train.add_argument(
+        "--out", required=True,
+        help="run folder: model.pt (the model, for predict), training.pt (for --resume), config.json, events.jsonl",
+    )
     train.add_argument(
         "--allow-outside-paths", action="store_true",
         help="read images named by absolute paths or ../ in the COCO file (refused by default)",
@@ -48,22 +54,36 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """One process's training; under ``torchrun`` each rank runs this, rank 0 writes."""
+    from ..train.distributed import World, init_from_env, launched_by_torchrun, shutdown
+
+    world = World()
+    if launched_by_torchrun():
+        world, args.device = init_from_env(args.device)
+    try:
+        return _run(args, world)
+    finally:
+        shutdown()
+
+
+def _run(args: argparse.Namespace, world) -> int:
     from ..data.atomic import atomic_write_json, check_output
     from ..data.split import pick_labelled
-    from ..train.checkpoint import read_checkpoint
+    from ..train.checkpoint import MODEL_FILE, TRAINING_FILE, read_training_state
     from ..train.trainer import Trainer
 
     out_dir = Path(args.out)
     if out_dir.exists() and not out_dir.is_dir():
         raise NapariRmtError(f"--out {out_dir}: is a file; give a folder for the run")
-    check_output(out_dir / "model.pt", [args.coco], "--out")
-    if not args.resume and not args.overwrite and any((out_dir / n).exists() for n in ("model.pt", "events.jsonl")):
+    check_output(out_dir / MODEL_FILE, [args.coco], "--out")
+    earlier = (MODEL_FILE, TRAINING_FILE, "events.jsonl")
+    if not args.resume and not args.overwrite and any((out_dir / n).exists() for n in earlier):
         raise NapariRmtError(
-            f"--out {out_dir}: holds an earlier run; continue it with --resume {out_dir / 'model.pt'}, "
+            f"--out {out_dir}: holds an earlier run; continue it with --resume {out_dir}, "
             "replace it with --overwrite, or choose another folder"
         )
     # Read once: the saved config decides the labelled pick (its seed) and the trainer's state.
-    ckpt = read_checkpoint(args.resume) if args.resume else None
+    ckpt = read_training_state(args.resume) if args.resume else None
     cfg = resume_config(args, ckpt) if ckpt is not None else config_from_args(args)
     tileset = load_dataset(args)
     tiles = list(tileset)
@@ -87,14 +107,19 @@ def run(args: argparse.Namespace) -> int:
         start = ""  # the warm start's own model
     else:
         start = ", from the bundled nucleus model" if cfg.init == "nucleus" else ", random init"
-    print(
-        f"napari-rmt: {cfg.method} on {len(labelled)} labelled + {len(unlabelled)} unlabelled tiles, "
-        f"{cfg.iterations} iterations, {cfg.model.backbone}{start}",
-        file=sys.stderr,
-    )
+    if world.is_main:
+        ranks = f" on {world.size} processes (lr x {world.size})" if world.size > 1 else ""
+        print(
+            f"napari-rmt: {cfg.method} on {len(labelled)} labelled + {len(unlabelled)} unlabelled tiles, "
+            f"{cfg.iterations} iterations, {cfg.model.backbone}{start}{ranks}",
+            file=sys.stderr,
+        )
     if args.resume:
-        trainer = Trainer.resume(ckpt, labelled, unlabelled, config=cfg, checkpoint_path=out / "model.pt")
-        drop_replayed_events(out / "events.jsonl", trainer.iteration)
+        trainer = Trainer.resume(
+            ckpt, labelled, unlabelled, config=cfg, checkpoint_path=out / TRAINING_FILE, model_path=out / MODEL_FILE
+        )
+        if world.is_main:
+            drop_replayed_events(out / "events.jsonl", trainer.iteration)
     else:
         trainer = Trainer(
             labelled,
@@ -102,14 +127,19 @@ def run(args: argparse.Namespace) -> int:
             tileset.classes,
             cfg,
             init_from=args.init_from,
-            checkpoint_path=out / "model.pt",
+            checkpoint_path=out / TRAINING_FILE,
+            model_path=out / MODEL_FILE,
         )
+    if not world.is_main:
+        for _ in trainer.run():  # rank 0 logs, checkpoints and writes the model
+            pass
+        return 0
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "labelled_ids.json", [t.id for t in labelled])
     records = run_training(trainer, out, append=bool(args.resume))
     fin = records[-1] if records else {}
     print(
         f"napari-rmt: {fin.get('iteration', trainer.iteration)} iterations in "
-        f"{fin.get('seconds', 0):.0f} s; wrote {out / 'model.pt'}"
+        f"{fin.get('seconds', 0):.0f} s; wrote {out / MODEL_FILE} (and {TRAINING_FILE}, for --resume)"
     )
     return 0

@@ -26,6 +26,7 @@ from ..data.coco import read_coco
 from ..data.split import pick_labelled, split_by_group
 from ..data.tiles import Tile
 from ..model.predict import predict_tiles
+from ..train.checkpoint import MODEL_FILE, TRAINING_FILE
 from ..train.config import METHODS, TrainConfig
 from ..train.events import Event
 from ..train.trainer import Trainer
@@ -124,19 +125,19 @@ def _one_run(cfg, classes, method, fraction, seed, lab, unl, test, run_dir: Path
     if method == "stac" and not 0 < tcfg.burn_in < tcfg.iterations:
         tcfg.burn_in = tcfg.iterations // 2
     unl_used = unl if tcfg.uses_unlabelled else []
-    ckpt = run_dir / "model.pt"
-    if ckpt.is_file():
-        trainer = Trainer.resume(ckpt, lab, unl_used, checkpoint_path=ckpt)
+    state, model = run_dir / TRAINING_FILE, run_dir / MODEL_FILE
+    if state.is_file():
+        trainer = Trainer.resume(state, lab, unl_used, checkpoint_path=state, model_path=model)
         log(f"{rid}: resuming at iteration {trainer.iteration}")
     else:
-        trainer = Trainer(lab, unl_used, classes, tcfg, checkpoint_path=ckpt)
+        trainer = Trainer(lab, unl_used, classes, tcfg, checkpoint_path=state, model_path=model)
     log(f"{rid}: {len(lab)} labelled, {len(unl_used)} unlabelled, {tcfg.iterations} iterations")
     t0 = time.perf_counter()
     for ev in trainer.run():
         if on_event is not None:
             on_event(rid, ev)
     seconds = time.perf_counter() - t0
-    trainer.save(ckpt)
+    trainer.save_run(run_dir)
     record = {
         "run": rid,
         "method": method,

@@ -147,9 +147,9 @@ class TrainingJob:
             predictions = done or {}
         state = self.trainer.state_dict()
         if not cancelled and self.save_to is not None:
-            from ..train.checkpoint import save_checkpoint
+            from ..train.checkpoint import save_model
 
-            save_checkpoint(self.save_to, state)  # a 100 MB write must not block the viewer
+            save_model(self.save_to, state)  # the model only (the GUI warm-starts, never resumes)
         if self.checkpoint_to is not None:
             Path(self.checkpoint_to).unlink(missing_ok=True)
         return JobResult(state, predictions, cancelled, self.trainer.iteration)

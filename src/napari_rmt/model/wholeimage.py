@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Generator, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -270,6 +271,46 @@ def iter_predict_large_image(
     does not depend on the window that sees it. With ``objectness=None`` torchvision's
     per-input counts apply instead, raised to ``per_window_limit``.
     """
+    plan = plan_windows(image, window, overlap, context, batch_size, per_window_limit)
+    stitcher = plan.stitcher(nms_iou)
+    done = 0
+    with detection_limits(model, plan.limit, objectness, per_cell):
+        for batch in plan.batches:
+            for found in predict_window_batch(model, image, batch, score_threshold, nms_iou, device):
+                stitcher.add(*found)
+            done += len(batch)
+            yield done, plan.n_windows
+    return stitched_boxes(stitcher, classes)
+
+
+#: A batch of windows: each window with the region of the image its detector input covers.
+WindowBatch = list[tuple[Window, tuple[int, int, int, int]]]
+
+
+@dataclass
+class WindowPlan:
+    """How a large image is cut: batches of windows (row-major), the per-window box limit
+    and the stitcher's margin. Computing the batches anywhere (another process, another
+    machine) and stitching them here in this order gives the single-process result."""
+
+    batches: list[WindowBatch]
+    n_windows: int
+    limit: int
+    image: LargeImage
+    margin: float
+
+    def stitcher(self, nms_iou: float) -> _Stitcher:
+        return _Stitcher(self.image, margin=self.margin, nms_iou=nms_iou)
+
+
+def plan_windows(
+    image: LargeImage,
+    window: int = 512,
+    overlap: int = 0,
+    context: int = 128,
+    batch_size: int = 4,
+    per_window_limit: int | None = None,
+) -> WindowPlan:
     if context < 0 or overlap // 2 + context < 16:
         raise NapariRmtError(
             f"whole-image prediction needs each window to see more than a cell beyond its edge "
@@ -278,24 +319,36 @@ def iter_predict_large_image(
     windows = tile_grid(image.width, image.height, window, overlap)
     side = window + 2 * context
     limit = per_window_limit or limit_for_area(min(side, image.width), min(side, image.height))
-    stitcher = _Stitcher(image, margin=max(overlap / 2, 16.0), nms_iou=nms_iou)
-    done = 0
     # Row-major order matters to the stitcher; batches hold consecutive windows of one shape.
-    batches: list[list[tuple[Window, tuple[int, int, int, int]]]] = []
+    batches: list[WindowBatch] = []
     for w in windows:
         region = read_region(w, image, context)
         if batches and len(batches[-1]) < batch_size and batches[-1][0][1][2:] == region[2:]:
             batches[-1].append((w, region))
         else:
             batches.append([(w, region)])
-    with detection_limits(model, limit, objectness, per_cell):
-        for batch in batches:
-            tensors = [image_tensor(image.read(*region)) for _, region in batch]
-            dets = predict_images(model, tensors, batch_size=len(batch), device=device)
-            for (w, region), det in zip(batch, dets, strict=True):
-                stitcher.add(w, *_window_boxes(det, w, region, image, score_threshold, nms_iou, touch_px=1.0))
-            done += len(batch)
-            yield done, len(windows)
+    return WindowPlan(batches, len(windows), limit, image, max(overlap / 2, 16.0))
+
+
+def predict_window_batch(
+    model: nn.Module,
+    image: LargeImage,
+    batch: WindowBatch,
+    score_threshold: float,
+    nms_iou: float,
+    device: torch.device | str = "cpu",
+) -> list[tuple[Window, torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Each window's owned boxes (whole-image coordinates) for one batch of windows; the
+    model must be inside ``detection_limits`` for the plan's limit."""
+    tensors = [image_tensor(image.read(*region)) for _, region in batch]
+    dets = predict_images(model, tensors, batch_size=len(batch), device=device)
+    return [
+        (w, *_window_boxes(det, w, region, image, score_threshold, nms_iou, touch_px=1.0))
+        for (w, region), det in zip(batch, dets, strict=True)
+    ]
+
+
+def stitched_boxes(stitcher: _Stitcher, classes: ClassList) -> Boxes:
     boxes, scores, labels = stitcher.result()
     order = torch.argsort(scores, descending=True)
     return detections_to_boxes(boxes[order], scores[order], labels[order], classes)

@@ -1,4 +1,10 @@
-"""Checkpoints: student, teacher, optimizer, config and class names in one file.
+"""Checkpoints: what prediction needs, and what resuming a run needs, in two files.
+
+A run folder holds ``model.pt``, the model a user predicts with (the predicting network
+in fp16 storage, its config and class list: 14 MB for the default ResNet-18), and
+``training.pt``, the whole training state (student, teacher, optimizer, random state:
+several times that) that ``--resume`` reads. Both are the same format; a model file is
+marked ``kind: model``.
 
 Everything stored is a tensor, a number, a string or a container of those, so the file
 loads with ``torch.load(weights_only=True)``: a tampered file that carries code is
@@ -24,6 +30,8 @@ from .config import TrainConfig
 
 FORMAT = "napari-rmt-checkpoint"
 VERSION = 1
+MODEL_FILE = "model.pt"
+TRAINING_FILE = "training.pt"
 
 
 class CheckpointError(NapariRmtError):
@@ -68,6 +76,55 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
             raise CheckpointError(f"{path}: checkpoint lacks {key!r}")
     ckpt["_path"] = str(path)
     return ckpt
+
+
+def model_payload(state: dict[str, Any], half: bool = True) -> dict[str, Any]:
+    """A training state reduced to what prediction and warm starts need.
+
+    The predicting network's weights in fp16 storage with ``half`` (they load into the
+    fp32 model; predictions differ from the fp32 weights' by rounding only), config,
+    class list and how far the run got. No optimizer, no second network, no random state.
+    """
+    weights = predicting_state(state)
+    if half:
+        weights = {k: (v.half() if v.is_floating_point() else v) for k, v in weights.items()}
+    return {
+        "kind": "model",
+        "config": state["config"],
+        "classes": state["classes"],
+        "iteration": state.get("iteration", 0),
+        "elapsed_s": state.get("elapsed_s", 0.0),
+        "predict_with": "student",
+        "student": weights,
+        "teacher": None,
+    }
+
+
+def save_model(path: str | os.PathLike, state: dict[str, Any]) -> Path:
+    """Write the predicting model of a training state (``model_payload``) atomically."""
+    return save_checkpoint(path, model_payload(state))
+
+
+def is_model_only(ckpt: dict[str, Any]) -> bool:
+    return ckpt.get("kind") == "model"
+
+
+def read_training_state(path: str | os.PathLike) -> dict[str, Any]:
+    """The training state ``--resume`` continues: ``path`` itself when it is one, else the
+    ``training.pt`` of its run folder (``path`` may be the folder or its ``model.pt``)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / TRAINING_FILE
+    ckpt = read_checkpoint(path)
+    if not is_model_only(ckpt):
+        return ckpt
+    state = path.parent / TRAINING_FILE
+    if not state.is_file():
+        raise CheckpointError(
+            f"{path}: holds only the trained model (what prediction needs); resuming needs the run's "
+            f"training state, {state}, which is missing. Start a new run from this model with --init-from."
+        )
+    return read_checkpoint(state)
 
 
 def classes_from_checkpoint(ckpt: dict[str, Any]) -> ClassList:

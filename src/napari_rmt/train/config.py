@@ -14,6 +14,7 @@ METHODS = ("supervised", "stac", "ubt", "rmt", "rmt-noreg", "rmt+")
 #: The method the GUI and ``napari-rmt train`` use unless told otherwise.
 RECOMMENDED = "rmt+"
 PSEUDO_RULES = ("fixed", "gmm", "topk")
+PSEUDO_SCORES = ("class", "foreground")
 SCHEDULES = ("constant", "cosine")
 #: Where a training starts: random init, or the bundled nucleus model.
 INITS = ("none", "nucleus")
@@ -93,11 +94,27 @@ class TrainConfig:
     #: teacher's scores, Consistent Teacher), "topk" (per image the round(sum of scores)
     #: best boxes).
     pseudo_rule: str = "fixed"
+    #: What the teacher's score of a box is when pseudo-boxes are chosen: "class" (its
+    #: class probability, as the paper and the protocol score) or "foreground" (1 - its
+    #: background probability, labelled with its most probable class): a cell the teacher
+    #: is sure of but whose class it hesitates over is a pseudo-box, not background.
+    pseudo_score: str = "class"
     gmm_buffer: int = 2000  # teacher scores kept per class for the "gmm" rule
     gmm_min_scores: int = 100  # below this many scores a class uses ``threshold``
     #: Soft Teacher's negatives: a student proposal matched to no pseudo-box counts as
     #: background with the teacher's background probability for that box as its weight.
     soft_negatives: bool = False
+    #: Soft class targets (after Humble Teacher, Tang et al. 2021): a student proposal
+    #: matched to no pseudo-box learns the teacher's class distribution for that box (the
+    #: background included) instead of "background", at ``soft_temperature`` (below 1
+    #: sharpens it). The doubtful cells of the ignore band then teach their likely class
+    #: instead of nothing. Replaces soft negatives' weights for those proposals.
+    soft_targets: bool = False
+    soft_temperature: float = 1.0
+    #: Weight of the RPN's objectness term in the unlabelled loss (Eq. 4 has 1). Anchors
+    #: on the cells a shy teacher missed are RPN negatives there; 0 leaves the RPN to the
+    #: labelled tiles.
+    unsup_objectness: float = 1.0
     #: Ignore band: teacher boxes scoring in [ignore_low, pseudo threshold) are neither
     #: pseudo-boxes nor background; the proposals on them get no classification loss.
     ignore_low: float | None = None
@@ -143,7 +160,7 @@ class TrainConfig:
             v = getattr(self, f.name)
             if isinstance(v, float) and not math.isfinite(v):
                 bad(f"{f.name} is {v}; it must be a finite number")
-        for name in ("lambda_u", "lambda_r", "weight_decay", "grad_clip", "warmup", "checkpoint_every", "log_every",
+        for name in ("lambda_u", "lambda_r", "unsup_objectness", "weight_decay", "grad_clip", "warmup", "checkpoint_every", "log_every",
                      "validate_every"):
             if getattr(self, name) < 0:
                 bad(f"{name} {getattr(self, name)} must be >= 0")
@@ -177,6 +194,10 @@ class TrainConfig:
             bad(f"semi_lr {self.semi_lr} must be positive (or None: the same as lr)")
         if self.pseudo_rule not in PSEUDO_RULES:
             bad(f"pseudo_rule {self.pseudo_rule!r} is not one of {PSEUDO_RULES}")
+        if not 0.05 <= self.soft_temperature <= 10.0:
+            bad(f"soft_temperature {self.soft_temperature} must be in [0.05, 10]")
+        if self.pseudo_score not in PSEUDO_SCORES:
+            bad(f"pseudo_score {self.pseudo_score!r} is not one of {PSEUDO_SCORES}")
         if self.lr_schedule not in SCHEDULES:
             bad(f"lr_schedule {self.lr_schedule!r} is not one of {SCHEDULES}")
         if self.gmm_buffer < 10 or self.gmm_min_scores < 2:

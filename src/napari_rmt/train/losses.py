@@ -32,9 +32,12 @@ def roi_class_weights(labels: Tensor, bg_prob: Tensor | None, ignored: Tensor | 
     return weights
 
 
-def unsupervised_loss(losses: dict[str, Tensor]) -> Tensor:
-    """Eq. 4: classification only (RPN objectness + box-head focal) on pseudo-labels."""
-    return losses["loss_objectness"] + losses["loss_classifier"]
+def unsupervised_loss(losses: dict[str, Tensor], objectness_weight: float = 1.0) -> Tensor:
+    """Eq. 4: classification only (RPN objectness + box-head focal) on pseudo-labels.
+
+    ``objectness_weight`` < 1 (``TrainConfig.unsup_objectness``) lets the RPN learn less
+    from pseudo-labels: every cell the teacher missed is an RPN negative there."""
+    return objectness_weight * losses["loss_objectness"] + losses["loss_classifier"]
 
 
 def supervised_loss(losses: dict[str, Tensor]) -> Tensor:

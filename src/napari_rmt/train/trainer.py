@@ -43,18 +43,23 @@ from ..data.classes import ClassList
 from ..data.errors import NapariRmtError
 from ..data.tiles import Tile
 from ..model.detector import build_detector
-from .augment import StrongAugment, hflip, weak
+from .augment import StrongAugment, hflip
 from .checkpoint import (
+    MODEL_FILE,
+    TRAINING_FILE,
     CheckpointError,
     classes_from_checkpoint,
     config_from_checkpoint,
+    is_model_only,
     load_state,
     predicting_state,
     read_checkpoint,
     save_checkpoint,
+    save_model,
     transfer_weights,
 )
 from .config import TrainConfig
+from .distributed import any_rank, current_world, from_main, sync_buffers, wrap
 from .events import CheckpointEvent, Event, FinishedEvent, IterationEvent, PhaseEvent, ValidationEvent
 from .losses import (
     ema_update,
@@ -74,6 +79,10 @@ class TrainingError(NapariRmtError):
 
 class _Cancelled(Exception):
     pass
+
+
+#: Steps in the ETA's running mean of step seconds (per phase).
+ETA_WINDOW = 40
 
 
 class _Cycler:
@@ -143,6 +152,7 @@ class Trainer:
         init_from: str | os.PathLike | dict | None = None,
         validate: Callable[[nn.Module], dict[str, float]] | None = None,
         checkpoint_path: str | os.PathLike | None = None,
+        model_path: str | os.PathLike | None = None,
     ) -> None:
         self.cfg = config or TrainConfig()
         self.cfg.validate()
@@ -160,11 +170,21 @@ class Trainer:
             )
         self.device = resolve_device(self.cfg.device)
         self.validate_fn = validate
+        #: Periodic checkpoints write the training state to ``checkpoint_path`` and, when
+        #: given, the predicting model to ``model_path`` (a run folder's two files).
         self.checkpoint_path = Path(checkpoint_path) if checkpoint_path else None
+        self.model_path = Path(model_path) if model_path else None
         self._cancel = threading.Event()
 
-        torch.manual_seed(self.cfg.seed)
+        #: Under torchrun, this process's rank and the number of processes (train/distributed.py).
+        self.world = current_world()
+        torch.manual_seed(self.cfg.seed + self.world.rank)
+        #: Draws every rank makes alike (shuffles, flips of the global batch) ...
         self.gen = torch.Generator().manual_seed(self.cfg.seed)
+        #: ... and draws for this rank's own images only (the mixing of Eq. 3).
+        self._local_gen = (
+            self.gen if self.world.size == 1 else torch.Generator().manual_seed(self.cfg.seed + 7919 * self.world.rank)
+        )
         self.student = build_detector(len(classes), self.cfg.model).to(self.device)
         self.teacher: nn.Module | None = None
         self.iteration = 0
@@ -201,6 +221,12 @@ class Trainer:
         self._unl_cycle = _Cycler(max(1, len(self._unlabelled)), self.gen)
         self._stac_targets: list[tuple[Tensor, Tensor]] | None = None
 
+        #: The student as the labelled forward calls it: wrapped in DDP under torchrun (its
+        #: gradients are averaged over the ranks in backward), the student itself otherwise.
+        self._forward = self.student
+        if self.world.size > 1:
+            self._forward = wrap(self.student, self.device)
+            self.student = self._forward.module
         params = [p for p in self.student.parameters() if p.requires_grad]
         self.optimizer = torch.optim.SGD(
             params, lr=self.cfg.lr, momentum=self.cfg.momentum, weight_decay=self.cfg.weight_decay
@@ -238,21 +264,32 @@ class Trainer:
         return min(1.0, p)
 
     #: A semi-supervised step costs about this many burn-in steps (teacher pass, a second
-    #: batch): measured 1.85 for rmt+ with ResNet-18 at 256 px, batch 4 + 2 (median 4.37 s
-    #: against 2.37 s, docs/benchmarks.md). Used for the ETA during burn-in, so that it
-    #: does not jump when the phase changes.
-    SEMI_STEP_COST = 1.85
+    #: batch): for rmt+ with the sized ResNet-18 at 256 px, batch 4 + 2, 1.54-1.91 over
+    #: five 20-minute CoNSeP runs (median 1.64; 1.87 in step_profile.py's isolated steps,
+    #: docs/benchmarks.md). Used for the ETA until semi-supervised steps are measured.
+    SEMI_STEP_COST = 1.7
 
-    def _eta(self, recent: deque[float]) -> float:
-        if not recent:
+    def _eta(self, recent: deque[float], recent_semi: deque[float] | None = None) -> float:
+        """Seconds left: burn-in steps at the mean of the recent burn-in steps, semi-supervised
+        ones at the mean of the recent semi-supervised steps once five are measured (before
+        that, ``SEMI_STEP_COST`` burn-in steps each). Measured within 20 % from the first
+        minute on 88-96 % of the steps of real runs (``benchmarks/eta_accuracy.py``)."""
+        if not recent and not recent_semi:
             return 0.0
-        step = float(np.mean(recent))
+        burn_step = float(np.mean(recent)) if recent else float(np.mean(recent_semi)) / self.SEMI_STEP_COST
+        semi_step = (
+            float(np.mean(recent_semi))
+            if recent_semi and (len(recent_semi) >= 5 or not recent)
+            else burn_step * self.SEMI_STEP_COST
+        )
         left = self.cfg.iterations - self.iteration
         if self.cfg.uses_teacher and self.teacher is None:
             burn_left = max(0, min(left, self.cfg.burn_in - self.iteration))
-            eta = step * burn_left + step * self.SEMI_STEP_COST * (left - burn_left)
+            eta = burn_step * burn_left + semi_step * (left - burn_left)
+        elif self.cfg.method != "supervised" and self.teacher is not None:
+            eta = semi_step * left
         else:
-            eta = step * left
+            eta = burn_step * left
         if self.cfg.time_budget_s:
             eta = min(eta, max(0.0, self.cfg.time_budget_s - self.elapsed_s))
         return eta
@@ -262,7 +299,11 @@ class Trainer:
         start = time.perf_counter()
         elapsed_before = self.elapsed_s
         last_save = time.perf_counter()
-        recent: deque[float] = deque(maxlen=20)
+        # step seconds of the last burn-in / supervised steps, and of the semi-supervised
+        # ones; 40 steps: steadier than 20 and still follows the step time as it falls
+        # over a run (docs/benchmarks.md, the ETA)
+        recent: deque[float] = deque(maxlen=ETA_WINDOW)
+        recent_semi: deque[float] = deque(maxlen=ETA_WINDOW)
         if self.missing_classes:
             yield PhaseEvent(
                 self.iteration,
@@ -290,22 +331,33 @@ class Trainer:
             self.iteration += 1
             dt = time.perf_counter() - t0
             self.elapsed_s = elapsed_before + time.perf_counter() - start
-            recent.append(dt)
+            if self.world.size > 1:
+                # rank 0's clock and cancel decide for all, or the ranks would part ways
+                self.elapsed_s, stop = from_main([self.elapsed_s, float(self._cancel.is_set())], self.world)
+                if stop:
+                    self._cancel.set()
+            (recent_semi if info.get("phase") in ("semi-supervised", "stac-student") else recent).append(dt)
             if self.iteration % max(1, cfg.log_every) == 0 or self.iteration == cfg.iterations:
                 yield IterationEvent(
                     iteration=self.iteration,
                     total=cfg.iterations,
                     seconds=dt,
-                    eta=self._eta(recent),
+                    eta=self._eta(recent, recent_semi),
                     elapsed=self.elapsed_s,
                     **info,
                 )
+            if not self.world.is_main:
+                continue  # events, validation and checkpoints are rank 0's
             if self.validate_fn and cfg.validate_every and self.iteration % cfg.validate_every == 0:
                 yield ValidationEvent(self.iteration, self.validate_fn(self.model))
             due = bool(cfg.checkpoint_every) and self.iteration % cfg.checkpoint_every == 0
             due = due or (bool(cfg.checkpoint_every_s) and time.perf_counter() - last_save >= cfg.checkpoint_every_s)
             if self.checkpoint_path and due:
-                yield CheckpointEvent(self.iteration, str(self.save(self.checkpoint_path)))
+                state = self.state_dict()
+                written = save_checkpoint(self.checkpoint_path, state)
+                if self.model_path is not None:
+                    save_model(self.model_path, state)
+                yield CheckpointEvent(self.iteration, str(written))
                 last_save = time.perf_counter()
         yield FinishedEvent(self.iteration, self._cancel.is_set(), time.perf_counter() - start)
 
@@ -362,7 +414,7 @@ class Trainer:
         self.student.train()
         images, targets = self._labelled_batch()
         self._check_cancel()
-        sup_terms = self.student(images, targets)
+        sup_terms = self._forward(images, targets)
         l_sup = supervised_loss(sup_terms)
         zero = l_sup.new_zeros(())
         l_unsup, l_reg = zero, zero
@@ -375,7 +427,7 @@ class Trainer:
             self._check_cancel()
             with running_stats_frozen(self.student), self._roi_weighting(teacher_view):
                 unsup_terms = self.student(u_images, u_targets)
-            l_unsup = unsupervised_loss(unsup_terms)
+            l_unsup = unsupervised_loss(unsup_terms, cfg.unsup_objectness)
             if cfg.uses_reg:
                 l_reg = sparse_regulariser(self.student.roi_heads.last_class_logits, cfg.p_norm)
         elif phase == "stac-student":
@@ -390,6 +442,8 @@ class Trainer:
         terms.update({f"unsup/{k}": v for k, v in unsup_terms.items()})
         values = {k: float(v.detach()) for k, v in terms.items()}
         bad = [k for k, v in values.items() if not math.isfinite(v)]
+        if any_rank(bool(bad), self.world, self.device) and not bad:
+            bad = ["on another rank"]
         if bad:
             raise TrainingError(
                 f"the loss became non-finite at step {self.iteration + 1} ({', '.join(bad)}); "
@@ -402,6 +456,7 @@ class Trainer:
         if cfg.grad_clip:
             torch.nn.utils.clip_grad_norm_(self.student.parameters(), cfg.grad_clip)
         self.optimizer.step()
+        sync_buffers(self.student, self.world)
         if self.teacher is not None and cfg.uses_teacher:
             ema_update(self.teacher, self.student, cfg.ema_decay)
         return {"phase": phase, "losses": values, "lr": lr, **info}
@@ -412,7 +467,9 @@ class Trainer:
                 buf.copy_(saved[name])
 
     def _check_cancel(self) -> None:
-        if self._cancel.is_set():
+        # Under torchrun a step is never abandoned half-way (the other ranks would wait in
+        # its all-reduce): a cancel takes effect between steps, on every rank at once.
+        if self._cancel.is_set() and self.world.size == 1:
             raise _Cancelled
 
     def _set_lr(self) -> float:
@@ -424,17 +481,28 @@ class Trainer:
         if cfg.lr_schedule == "cosine":
             factor *= 0.05 + 0.95 * 0.5 * (1.0 + math.cos(math.pi * self.progress()))
         semi = cfg.method != "supervised" and self.teacher is not None
-        lr = (cfg.semi_lr if semi and cfg.semi_lr is not None else cfg.lr) * factor
+        # the linear scaling rule: under torchrun the global batch is world-size times larger
+        lr = (cfg.semi_lr if semi and cfg.semi_lr is not None else cfg.lr) * factor * self.world.size
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         return lr
 
     # ------------------------------------------------------------------ batches
+    def _own_share(self, cycle: _Cycler, batch: int) -> list[tuple[int, bool]]:
+        """This rank's (index, flipped) share of the global batch: every rank draws the
+        global batch's indices and flips alike (one process: the whole batch)."""
+        idx = cycle.take(batch * self.world.size)
+        flips = [bool(torch.rand((), generator=self.gen) < 0.5) for _ in idx]
+        lo = self.world.rank * batch
+        return list(zip(idx, flips, strict=True))[lo : lo + batch]
+
     def _labelled_batch(self) -> tuple[list[Tensor], list[dict[str, Tensor]]]:
         images, targets = [], []
-        for i in self._lab_cycle.take(self.cfg.labelled_batch):
+        for i, flip in self._own_share(self._lab_cycle, self.cfg.labelled_batch):
             im, boxes, labels = self._labelled[i]
-            im, boxes = weak(im.float().div(255), boxes, self.gen)
+            im = im.float().div(255)
+            if flip:
+                im, boxes = hflip(im, boxes)
             images.append(im.to(self.device))
             targets.append({"boxes": boxes.to(self.device), "labels": labels.to(self.device)})
         return images, targets
@@ -448,11 +516,11 @@ class Trainer:
         views), empty when neither soft negatives nor the ignore band is on.
         """
         cfg = self.cfg
-        idx = self._unl_cycle.take(cfg.unlabelled_batch)
+        share = self._own_share(self._unl_cycle, cfg.unlabelled_batch)
+        idx = [i for i, _ in share]
         weak_views, flips = [], []
-        for i in idx:
+        for i, flip in share:
             im = self._unlabelled[i].float().div(255)
-            flip = bool(torch.rand((), generator=self.gen) < 0.5)
             weak_views.append(im.flip(-1) if flip else im)
             flips.append(flip)
         assert self.teacher is not None
@@ -461,7 +529,7 @@ class Trainer:
         if cfg.ignore_low is not None:
             floor = min(floor, cfg.ignore_low)
         dets, teacher_view = self._teacher_predict(
-            weak_views, floor, keep_features=cfg.soft_negatives
+            weak_views, floor, keep_features=cfg.soft_negatives or cfg.soft_targets
         )
         if cfg.pseudo_rule == "gmm":
             for det in dets:
@@ -480,7 +548,7 @@ class Trainer:
             ignored_per_image.append(len(ignored))
             self.last_pseudo.append((i, flip, boxes, labels))
             if cfg.uses_mixing and len(boxes):
-                view, m, u = mix_pseudo_boxes(view, boxes, labels, scores, self.bank, self.gen)
+                view, m, u = mix_pseudo_boxes(view, boxes, labels, scores, self.bank, self._local_gen)
                 mixed, unmixed = mixed + m, unmixed + u
             images.append(self.strong(view).to(self.device))
             target = {"boxes": boxes.to(self.device), "labels": labels.to(self.device)}
@@ -502,12 +570,30 @@ class Trainer:
     def _roi_weighting(self, teacher_view: dict[str, Any]) -> Iterator[None]:
         """During the student's unlabelled forward, weight its sampled RoIs' classification
         loss by the teacher's background probability (soft negatives) and drop the RoIs on
-        ignored boxes (ignore band); a no-op when neither is on."""
+        ignored boxes (ignore band); a no-op when neither is on.
+
+        With soft class targets instead, every RoI matched to no pseudo-box (those on
+        ignored boxes too) learns the teacher's class distribution for its box, weight 1.
+        """
         cfg = self.cfg
+        heads = self.student.roi_heads
+        if cfg.soft_targets:
+
+            def soft_targets(proposals: list[Tensor], labels: list[Tensor], _targets: list[dict]):
+                probs = self._teacher_class_probs(teacher_view, proposals)
+                if cfg.soft_temperature != 1.0:
+                    probs = torch.softmax(torch.log(probs.clamp_min(1e-12)) / cfg.soft_temperature, dim=-1)
+                return probs, torch.cat(labels) == 0
+
+            heads.roi_soft_targets = soft_targets
+            try:
+                yield
+            finally:
+                heads.roi_soft_targets = None
+            return
         if not cfg.soft_negatives and cfg.ignore_low is None:
             yield
             return
-        heads = self.student.roi_heads
         fg_iou = heads.proposal_matcher.high_threshold
 
         def weighting(proposals: list[Tensor], labels: list[Tensor], targets: list[dict]) -> Tensor:
@@ -530,16 +616,20 @@ class Trainer:
         finally:
             heads.roi_weighting = None
 
-    @torch.no_grad()
     def _teacher_background(self, view: dict[str, Any], proposals: list[Tensor]) -> Tensor:
-        """The teacher's background probability for each proposal box, from its features
-        of the weak views (the strong views share their geometry)."""
+        """The teacher's background probability for each proposal box."""
+        return self._teacher_class_probs(view, proposals)[:, 0]
+
+    @torch.no_grad()
+    def _teacher_class_probs(self, view: dict[str, Any], proposals: list[Tensor]) -> Tensor:
+        """The teacher's class distribution (background first) for each proposal box, from
+        its features of the weak views (the strong views share their geometry)."""
         assert self.teacher is not None
         heads = self.teacher.roi_heads
         props = [p.detach() for p in proposals]
         pooled = heads.box_roi_pool(view["features"], props, view["image_sizes"])
         logits, _ = heads.box_predictor(heads.box_head(pooled))
-        return torch.softmax(logits, dim=-1)[:, 0]
+        return torch.softmax(logits, dim=-1)
 
     def _teacher_predict(
         self, views: list[Tensor], threshold: float, keep_features: bool = False
@@ -558,7 +648,10 @@ class Trainer:
                 images, _ = teacher.transform(batch)
                 features = teacher.backbone(images.tensors)
                 proposals, _ = teacher.rpn(images, features)
-                dets, _ = heads(features, proposals, images.image_sizes)
+                if self.cfg.pseudo_score == "foreground":
+                    dets = heads.foreground_detections(features, proposals, images.image_sizes, threshold)
+                else:
+                    dets, _ = heads(features, proposals, images.image_sizes)
             out = [{k: v.cpu() for k, v in d.items()} for d in dets]
             view = {"features": features, "image_sizes": images.image_sizes} if keep_features else {}
             return out, view
@@ -578,10 +671,10 @@ class Trainer:
     def _stac_batch(self) -> tuple[list[Tensor], list[dict[str, Tensor]], dict[str, Any]]:
         assert self._stac_targets is not None
         images, targets, per_image = [], [], []
-        for i in self._unl_cycle.take(self.cfg.unlabelled_batch):
+        for i, flip in self._own_share(self._unl_cycle, self.cfg.unlabelled_batch):
             boxes, labels = self._stac_targets[i]
             im = self._unlabelled[i].float().div(255)
-            if torch.rand((), generator=self.gen) < 0.5:
+            if flip:
                 im, boxes = hflip(im, boxes)
             images.append(self.strong(im).to(self.device))
             targets.append({"boxes": boxes.to(self.device), "labels": labels.to(self.device)})
@@ -633,6 +726,7 @@ class Trainer:
             "classes": self.classes.to_json(),
             "iteration": self.iteration,
             "elapsed_s": float(self.elapsed_s),
+            "world_size": self.world.size,
             "score_buffers": [list(b) for b in self.scores.buffers],
             "predict_with": self.predict_with,
             "student": {k: v.detach().cpu() for k, v in self.student.state_dict().items()},
@@ -652,7 +746,22 @@ class Trainer:
         }
 
     def save(self, path: str | os.PathLike) -> Path:
+        """The whole training state (what ``resume`` continues)."""
         return save_checkpoint(path, self.state_dict())
+
+    def save_model(self, path: str | os.PathLike) -> Path:
+        """The predicting model only (``checkpoint.model_payload``): a run's ``model.pt``."""
+        return save_model(path, self.state_dict())
+
+    def save_run(self, folder: str | os.PathLike) -> Path:
+        """``training.pt`` then ``model.pt`` into a run folder; returns the model's path.
+
+        In that order, so that a kill between the two leaves a model no newer than the
+        training state that ``--resume`` continues."""
+        folder = Path(folder)
+        state = self.state_dict()
+        save_checkpoint(folder / TRAINING_FILE, state)
+        return save_model(folder / MODEL_FILE, state)
 
     def _warm_start(self, source: str | os.PathLike | dict) -> None:
         """Start from an earlier model's predicting weights (student and, if used, teacher)."""
@@ -695,6 +804,11 @@ class Trainer:
         must be the checkpoint's, since the weights are. Without, the saved config.
         """
         ckpt = path if isinstance(path, dict) else read_checkpoint(path)  # a checkpoint read already
+        if is_model_only(ckpt):
+            raise CheckpointError(
+                f"{ckpt.get('_path', 'checkpoint')}: holds only the trained model, not the training "
+                f"state; resume from the run's {TRAINING_FILE}, or start a new run from it (init_from)"
+            )
         saved = config_from_checkpoint(ckpt)
         cfg = config or saved
         if cfg.model != saved.model:
@@ -703,6 +817,13 @@ class Trainer:
                 f"{cfg.model} asked for)"
             )
         classes = classes_from_checkpoint(ckpt)
+        saved_world, world = int(ckpt.get("world_size", 1)), current_world().size
+        if saved_world != world:
+            raise CheckpointError(
+                f"{ckpt.get('_path', 'checkpoint')}: the run was trained by {saved_world} process(es) and is "
+                f"resumed by {world}; resume with the same torchrun --nproc_per_node x --nnodes (its data "
+                "order and learning rate depend on it)"
+            )
         # Built from the checkpoint in memory: the init the config names (the bundled model,
         # read from disk) would only be overwritten by the saved weights below.
         trainer = cls(labelled, unlabelled, classes, cfg, init_from=ckpt, **kwargs)

@@ -103,7 +103,7 @@ class TrainPanel(QGroupBox):
         # Choices come from the core (torch is imported at widget open anyway, for warm
         # imports); the recommended method first.
         from ...model.config import BACKBONES, ModelConfig
-        from ...train.config import METHODS, PSEUDO_RULES, RECOMMENDED
+        from ...train.config import METHODS, PSEUDO_RULES, PSEUDO_SCORES, RECOMMENDED
 
         self.method_combo.addItems([RECOMMENDED, *(m for m in METHODS if m != RECOMMENDED)])
         self.method_combo.setToolTip(
@@ -152,19 +152,27 @@ class TrainPanel(QGroupBox):
         self.batch_spin = spin(1, 64, 2)
         self.rule_combo = QComboBox()
         self.rule_combo.addItems(PSEUDO_RULES)
+        self.score_combo = QComboBox()
+        self.score_combo.addItems(PSEUDO_SCORES)
         self.ignore_spin = dspin(0, 1, 0.0, 0.05)
         self.ignore_spin.setSpecialValueText("off")
         self.soft_check = QCheckBox("soft negatives")
+        self.soft_targets_check = QCheckBox("soft class targets")
         for label, w, tip in (
             ("burn-in", self.burn_spin, "steps on labelled tiles only before the teacher starts labelling"),
             ("threshold", self.thr_spin, "teacher score from which a box becomes a pseudo-label (fixed rule; "
              "the fallback of the adaptive one)"),
             ("pseudo rule", self.rule_combo, "fixed: one threshold; gmm: a threshold per class fitted to the "
              "teacher's recent scores; topk: per tile the round(sum of scores) best boxes"),
+            ("scored by", self.score_combo, "class: a box's score is its class probability; foreground: "
+             "1 - its background probability, so a cell whose class the teacher hesitates over still "
+             "becomes a pseudo-label (with its most probable class)"),
             ("ignore from", self.ignore_spin, "teacher boxes scoring between this and the threshold are "
              "neither cells nor background for the student"),
             ("", self.soft_check, "a region the teacher half-believes is a cell counts as background only "
              "in proportion to the teacher's background score"),
+            ("", self.soft_targets_check, "a region the teacher is unsure of teaches the student the teacher's "
+             "class probabilities for it, instead of 'background' or nothing"),
             ("λu", self.lu_spin, "weight of the loss on pseudo-labelled tiles (Eq. 6)"),
             ("λr", self.lr_spin, "weight of the sparse regulariser that pushes class scores to be decisive (Eq. 6)"),
             ("p (L_reg)", self.p_spin, "the p of the regulariser's p-norm (Eq. 5); smaller is sparser"),
@@ -199,8 +207,10 @@ class TrainPanel(QGroupBox):
         self.burn_spin.setValue(cfg.burn_in)
         self.thr_spin.setValue(cfg.threshold)
         self.rule_combo.setCurrentText(cfg.pseudo_rule)
+        self.score_combo.setCurrentText(cfg.pseudo_score)
         self.ignore_spin.setValue(cfg.ignore_low or 0.0)
         self.soft_check.setChecked(cfg.soft_negatives)
+        self.soft_targets_check.setChecked(cfg.soft_targets)
         self.lu_spin.setValue(cfg.lambda_u)
         self.lr_spin.setValue(cfg.lambda_r)
         self.p_spin.setValue(cfg.p_norm)
@@ -229,8 +239,10 @@ class TrainPanel(QGroupBox):
                 burn_in=self.burn_spin.value(),
                 threshold=self.thr_spin.value(),
                 pseudo_rule=self.rule_combo.currentText(),
+                pseudo_score=self.score_combo.currentText(),
                 ignore_low=self.ignore_spin.value() or None,
                 soft_negatives=self.soft_check.isChecked(),
+                soft_targets=self.soft_targets_check.isChecked(),
                 lambda_u=self.lu_spin.value(),
                 lambda_r=self.lr_spin.value(),
                 p_norm=self.p_spin.value(),
