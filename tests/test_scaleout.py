@@ -30,8 +30,8 @@ def test_two_ranks_take_the_step_one_process_takes_with_twice_the_batch(tmp_path
     a = torch.cat([two[k].flatten() for k in sorted(one)])
     b = torch.cat([one[k].flatten() for k in sorted(one)])
     assert b.norm() > 0
-    # equal up to float rounding and the box head's mean over RoIs (per rank vs over both)
-    assert (a - b).norm() / b.norm() < 0.05
+    # equal up to float rounding (measured 9e-5; the box head's mean over RoIs is per rank)
+    assert (a - b).norm() / b.norm() < 1e-3
     # and not by accident: one rank's half alone is far from the whole
     torchrun(1, str(WORKER), "grad", str(tmp_path), "1", "1")
     half = torch.load(tmp_path / "grad_1.pt")
