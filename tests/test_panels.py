@@ -127,6 +127,15 @@ def test_train_panel_fills_the_methods_defaults(state):
     assert cfg.method == "rmt+" and cfg.init == "nucleus" and cfg.threshold == pytest.approx(0.5)
     panel.init_combo.setCurrentText("random weights")
     assert panel.training_config().init == "none"
+    # the advanced form reaches the unsure-teacher options (issue 11)
+    panel.advanced.setChecked(True)
+    panel.score_combo.setCurrentText("foreground")
+    panel.soft_targets_check.setChecked(True)
+    panel.soft_temp_spin.setValue(0.5)
+    panel.unsup_rpn_spin.setValue(0.0)
+    cfg = panel.training_config()
+    assert cfg.pseudo_score == "foreground" and cfg.soft_targets and cfg.soft_temperature == pytest.approx(0.5)
+    assert cfg.unsup_objectness == 0.0 and cfg.soft_negatives and cfg.ignore_low == pytest.approx(0.2)
 
 
 def test_large_panel_needs_a_large_image(state):

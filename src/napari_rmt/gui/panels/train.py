@@ -158,6 +158,8 @@ class TrainPanel(QGroupBox):
         self.ignore_spin.setSpecialValueText("off")
         self.soft_check = QCheckBox("soft negatives")
         self.soft_targets_check = QCheckBox("soft class targets")
+        self.soft_temp_spin = dspin(0.05, 10, 1.0, 0.1)
+        self.unsup_rpn_spin = dspin(0, 10, 1.0, 0.25)
         for label, w, tip in (
             ("burn-in", self.burn_spin, "steps on labelled tiles only before the teacher starts labelling"),
             ("threshold", self.thr_spin, "teacher score from which a box becomes a pseudo-label (fixed rule; "
@@ -173,6 +175,10 @@ class TrainPanel(QGroupBox):
              "in proportion to the teacher's background score"),
             ("", self.soft_targets_check, "a region the teacher is unsure of teaches the student the teacher's "
              "class probabilities for it, instead of 'background' or nothing"),
+            ("soft temperature", self.soft_temp_spin, "of the soft class targets: below 1 sharpens the teacher's "
+             "probabilities, 1 takes them as they are"),
+            ("RPN on pseudo", self.unsup_rpn_spin, "weight of the proposal network's loss on pseudo-labels (Eq. 4: 1); "
+             "0 leaves the proposals to the labelled tiles, so cells the teacher missed are not taught as background"),
             ("λu", self.lu_spin, "weight of the loss on pseudo-labelled tiles (Eq. 6)"),
             ("λr", self.lr_spin, "weight of the sparse regulariser that pushes class scores to be decisive (Eq. 6)"),
             ("p (L_reg)", self.p_spin, "the p of the regulariser's p-norm (Eq. 5); smaller is sparser"),
@@ -211,6 +217,8 @@ class TrainPanel(QGroupBox):
         self.ignore_spin.setValue(cfg.ignore_low or 0.0)
         self.soft_check.setChecked(cfg.soft_negatives)
         self.soft_targets_check.setChecked(cfg.soft_targets)
+        self.soft_temp_spin.setValue(cfg.soft_temperature)
+        self.unsup_rpn_spin.setValue(cfg.unsup_objectness)
         self.lu_spin.setValue(cfg.lambda_u)
         self.lr_spin.setValue(cfg.lambda_r)
         self.p_spin.setValue(cfg.p_norm)
@@ -243,6 +251,8 @@ class TrainPanel(QGroupBox):
                 ignore_low=self.ignore_spin.value() or None,
                 soft_negatives=self.soft_check.isChecked(),
                 soft_targets=self.soft_targets_check.isChecked(),
+                soft_temperature=self.soft_temp_spin.value(),
+                unsup_objectness=self.unsup_rpn_spin.value(),
                 lambda_u=self.lu_spin.value(),
                 lambda_r=self.lr_spin.value(),
                 p_norm=self.p_spin.value(),
