@@ -1,0 +1,60 @@
+"""Does ``channels_last`` speed up a training step on this CPU? (issue 14, item 3)
+
+The default detector twice (same seed), one converted with
+``model.to(memory_format=torch.channels_last)`` (4-D weights; the convolutions then
+produce channels-last activations from the ordinary input batch), each taking SGD steps on
+the same 4 labelled CoNSeP tiles of seed 0's split, interleaved step by step so that both
+see the same machine; medians after 2 dropped steps.
+
+    python benchmarks/channels_last.py --steps 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+from semi_wins import split
+
+from napari_rmt.model import ModelConfig
+from napari_rmt.model.detector import build_detector
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=10)
+    args = ap.parse_args()
+    torch.set_num_threads(2)
+    ts, lab, _unl, _test = split(0)
+    label_of = {c.id: i + 1 for i, c in enumerate(ts.classes)}
+    images = [torch.from_numpy(t.pixels()).permute(2, 0, 1).float() / 255 for t in lab[:4]]
+    targets = [
+        {"boxes": torch.tensor(t.boxes.xyxy, dtype=torch.float32),
+         "labels": torch.tensor([label_of[int(c)] for c in t.boxes.class_ids])}
+        for t in lab[:4]
+    ]
+    models = {}
+    for layout in ("contiguous", "channels_last"):
+        torch.manual_seed(0)
+        model = build_detector(len(ts.classes), ModelConfig(backbone="resnet18", focal_gamma=0.0)).train()
+        if layout == "channels_last":
+            model = model.to(memory_format=torch.channels_last)
+        models[layout] = (model, torch.optim.SGD(model.parameters(), lr=0.001))
+    times: dict[str, list[float]] = {k: [] for k in models}
+    for step in range(args.steps):
+        for layout, (model, opt) in models.items():
+            t0 = time.perf_counter()
+            loss = sum(model(images, targets).values())
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            if step >= 2:
+                times[layout].append(time.perf_counter() - t0)
+    med = {k: round(statistics.median(v), 3) for k, v in times.items()}
+    print({**med, "speed-up": round(med["contiguous"] / med["channels_last"], 2)})
+
+
+if __name__ == "__main__":
+    main()
