@@ -30,7 +30,7 @@ from napari_rmt.data import Boxes, ClassList, read_coco
 from napari_rmt.data.tiles import Tile, TileStatus
 from napari_rmt.model import ModelConfig
 from napari_rmt.train import TrainConfig, Trainer
-from napari_rmt.train.checkpoint import read_checkpoint, save_checkpoint
+from napari_rmt.train.checkpoint import read_checkpoint, save_model
 
 MONUSEG = Path(__file__).resolve().parents[2] / "shared" / "data" / "monuseg" / "annotations.json"
 CROP = 256
@@ -98,13 +98,8 @@ def crop_pool(n: int, seed: int, scale_range: tuple[float, float]) -> tuple[list
 def export(work: Path, target: Path) -> None:
     """The last checkpoint's student, fp16, with its config and class list: a ``model.pt``."""
     ckpt = read_checkpoint(work / "model.pt")
-    state = {k: (v.half() if v.is_floating_point() else v) for k, v in ckpt["student"].items()}
     target.parent.mkdir(parents=True, exist_ok=True)
-    save_checkpoint(
-        target,
-        {"config": ckpt["config"], "classes": ckpt["classes"], "student": state, "teacher": None,
-         "predict_with": "student", "iteration": ckpt["iteration"], "elapsed_s": ckpt["elapsed_s"]},
-    )
+    save_model(target, ckpt)  # the predicting network (the student: supervised) in fp16
     digest = hashlib.sha256(target.read_bytes()).hexdigest()
     print(json.dumps({"file": str(target), "bytes": target.stat().st_size, "sha256": digest,
                       "iterations": ckpt["iteration"], "train_s": round(ckpt["elapsed_s"])}))

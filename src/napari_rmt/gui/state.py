@@ -150,6 +150,12 @@ class AppState(QObject):
             self.save_project()
 
     # ------------------------------------------------------------------ jobs
+    def refuse_if_busy(self) -> bool:
+        """True (and the user told so) while a job runs: callers stop before doing any work."""
+        if self.busy:
+            show_info("busy: wait for the running job or cancel it")
+        return self.busy
+
     def start_job(
         self,
         job,
@@ -159,8 +165,7 @@ class AppState(QObject):
         synchronous: bool = False,
     ) -> bool:
         """Run ``job.run`` off the GUI thread (here when ``synchronous``); one job at a time."""
-        if self.busy:
-            show_info("busy: wait for the running job or cancel it")
+        if self.refuse_if_busy():
             return False
         from .jobs import run_job
 

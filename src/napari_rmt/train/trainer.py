@@ -353,11 +353,8 @@ class Trainer:
             due = bool(cfg.checkpoint_every) and self.iteration % cfg.checkpoint_every == 0
             due = due or (bool(cfg.checkpoint_every_s) and time.perf_counter() - last_save >= cfg.checkpoint_every_s)
             if self.checkpoint_path and due:
-                state = self.state_dict()
-                written = save_checkpoint(self.checkpoint_path, state)
-                if self.model_path is not None:
-                    save_model(self.model_path, state)
-                yield CheckpointEvent(self.iteration, str(written))
+                self._save_files(self.checkpoint_path, self.model_path)
+                yield CheckpointEvent(self.iteration, str(self.checkpoint_path))
                 last_save = time.perf_counter()
         yield FinishedEvent(self.iteration, self._cancel.is_set(), time.perf_counter() - start)
 
@@ -759,9 +756,15 @@ class Trainer:
         In that order, so that a kill between the two leaves a model no newer than the
         training state that ``--resume`` continues."""
         folder = Path(folder)
+        self._save_files(folder / TRAINING_FILE, folder / MODEL_FILE)
+        return folder / MODEL_FILE
+
+    def _save_files(self, training: Path, model: Path | None) -> None:
+        """The training state, then (when given) the predicting model, from one state dict."""
         state = self.state_dict()
-        save_checkpoint(folder / TRAINING_FILE, state)
-        return save_model(folder / MODEL_FILE, state)
+        save_checkpoint(training, state)
+        if model is not None:
+            save_model(model, state)
 
     def _warm_start(self, source: str | os.PathLike | dict) -> None:
         """Start from an earlier model's predicting weights (student and, if used, teacher)."""

@@ -74,8 +74,7 @@ class LargePanel(QGroupBox):
             return
         from ..jobs import WholeImageJob
 
-        if state.busy:
-            show_info("busy: wait for the running job or cancel it")
+        if state.refuse_if_busy():
             return
         image = state.whole.image
         state.say(f"predicting {image.name} ({image.width} x {image.height})…")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import numpy as np
-from napari.utils.notifications import show_info
 from qtpy.QtCore import Qt
 from qtpy.QtWidgets import QGroupBox, QHBoxLayout, QLabel, QPushButton, QSlider, QVBoxLayout
 
@@ -124,8 +123,7 @@ class ReviewPanel(QGroupBox):
         if state.session is None:
             state.report_error(NapariRmtError("open tiles first"))
             return
-        if state.busy:
-            show_info("busy: wait for the running job or cancel it")
+        if state.refuse_if_busy():
             return
         state.session.pull()
         ts = state.project.tileset
