@@ -52,7 +52,7 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp())
     wm.DEFAULT_PROJECTS = tmp / "projects"
     viewer = napari.Viewer(show=True)
-    viewer.window.resize(1500, 1200)
+    viewer.window.resize(1600, 1000)
     w = wm.RMTWidget(viewer)
     viewer.window.add_dock_widget(w, name="Cell detection (RMT)")
     w.open_coco(subset(args.tiles, tmp), allow_outside=True)  # the tiles stay in shared/data
@@ -112,6 +112,12 @@ def main() -> None:
     shot("workflow-3-review.png")
     w.accept_tile()
     shot("workflow-4-accepted.png")
+    # Export: what the "Export COCO…" button does once its file dialog has answered.
+    from napari_rmt.gui.panels.common import write_and_say
+
+    write_and_say(w.state, w.export_annotations, str(tmp / "annotations.json"))
+    shot("workflow-5-export.png")
+    print("status:", w.status.text(), flush=True)
     w.save_project()
     viewer.close()
 

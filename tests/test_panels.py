@@ -105,6 +105,20 @@ def test_review_panel_cut_and_accept(state):
     assert panel.score_slider.value() == 39 and "1 hidden" in panel.score_label.text()
     assert panel.accept_tile() == 2 and len(state.project.tileset[empty].boxes) == 2
     assert len(state.project.tileset[empty].predictions) == 1  # the hidden one stays a prediction
+    # a prediction is shaded in its class colour, an annotation is an outline only
+    from napari_rmt.gui.session import PREDICTION_ALPHA
+
+    session = state.session
+    panel.score_slider.setValue(10)  # show the 0.2 one again
+    assert len(session.predictions.data) == 1 and len(session.annotations.data) == 2
+    pred_face, pred_edge = session.predictions.face_color[0], session.predictions.edge_color[0]
+    assert pred_face[3] == pytest.approx(PREDICTION_ALPHA) and pred_face[:3] == pytest.approx(pred_edge[:3])
+    assert (session.annotations.face_color[:, 3] == 0).all()
+    session.set_class(session.classes.names[1])  # a re-classed prediction keeps its shade
+    session.predictions.selected_data = {0}
+    session.set_class(session.classes.names[2])
+    assert session.predictions.face_color[0][3] == pytest.approx(PREDICTION_ALPHA)
+    assert session.predictions.face_color[0][:3] == pytest.approx(session.predictions.edge_color[0][:3])
 
 
 def test_status_panel_shows_messages_and_progress(state):
@@ -121,7 +135,7 @@ def test_train_panel_fills_the_methods_defaults(state):
     panel = TrainPanel(state)
     assert not panel.train_btn.isEnabled()
     panel.method_combo.setCurrentText("rmt")
-    assert panel.thr_spin.value() == pytest.approx(0.7)  # the paper's threshold
+    assert panel.form["threshold"].value() == pytest.approx(0.7)  # the paper's threshold
     panel.method_combo.setCurrentText("rmt+")
     cfg = panel.training_config()
     assert cfg.method == "rmt+" and cfg.init == "nucleus" and cfg.threshold == pytest.approx(0.5)
@@ -129,13 +143,45 @@ def test_train_panel_fills_the_methods_defaults(state):
     assert panel.training_config().init == "none"
     # the advanced form reaches the unsure-teacher options (issue 11)
     panel.advanced.setChecked(True)
-    panel.score_combo.setCurrentText("foreground")
-    panel.soft_targets_check.setChecked(True)
-    panel.soft_temp_spin.setValue(0.5)
-    panel.unsup_rpn_spin.setValue(0.0)
+    panel.form["pseudo_score"].setCurrentText("foreground")
+    panel.form["soft_targets"].setChecked(True)
+    panel.form["soft_temperature"].setValue(0.5)
+    panel.form["unsup_objectness"].setValue(0.0)
+    panel.form["unsup_background"].setValue(0.25)
+    panel.form["labelled_batch"].setValue(3)
     cfg = panel.training_config()
     assert cfg.pseudo_score == "foreground" and cfg.soft_targets and cfg.soft_temperature == pytest.approx(0.5)
     assert cfg.unsup_objectness == 0.0 and cfg.soft_negatives and cfg.ignore_low == pytest.approx(0.2)
+    assert cfg.unsup_background == pytest.approx(0.25) and cfg.labelled_batch == cfg.unlabelled_batch == 3
+    panel.form["ignore_low"].setValue(0.0)  # shown as "off": no ignore band
+    assert panel.training_config().ignore_low is None
+
+
+def test_advanced_form_and_cli_offer_the_same_settings(state):
+    """Both front ends are generated from train.config.TUNABLES: every setting is in the
+    form, shows each method's own default, and reads back unchanged; the command line has
+    an option for each with the same range."""
+    from napari_rmt.cli import build_parser
+    from napari_rmt.train.config import CLI_TUNABLES, METHODS, TUNABLES, TrainConfig
+
+    panel = TrainPanel(state)
+    panel.advanced.setChecked(True)
+    assert set(panel.form.widgets) == {t.name for t in TUNABLES}
+    for method in METHODS:
+        panel.method_combo.setCurrentText(method)
+        want = TrainConfig.for_method(method, iterations=panel.iter_spin.value())
+        got = panel.form.values()
+        for t in TUNABLES:
+            assert got[t.name] == pytest.approx(getattr(want, t.name)) if t.kind in ("int", "float") else (
+                got[t.name] == getattr(want, t.name)
+            ), (method, t.name)
+    train = build_parser()._subparsers._group_actions[0].choices["train"]
+    options = {o: a for a in train._actions for o in a.option_strings}
+    for t in CLI_TUNABLES:
+        assert t.option in options, t.option
+        if t.kind == "float":
+            with pytest.raises(SystemExit):
+                train.parse_args(["--coco", "x.json", "--out", "o", t.option, str(t.high + 1)])
 
 
 def test_large_panel_needs_a_large_image(state):

@@ -26,6 +26,15 @@ def test_soft_negative_weights_and_ignore_band_by_hand():
     w = roi_class_weights(labels, bg_prob, ignored)
     # foreground 1; background = the teacher's background score; on an ignored box 0
     assert w.tolist() == pytest.approx([1.0, 0.3, 0.7, 0.0])
+    # unsup_background scales the background RoIs only: 0.5 * (0.3, 0.7); 0 leaves the
+    # pseudo-boxes alone in the loss
+    w_half = roi_class_weights(labels, bg_prob, ignored, background=0.5)
+    assert w_half.tolist() == pytest.approx([1.0, 0.15, 0.35, 0.0])
+    assert roi_class_weights(labels, None, None, background=0.0).tolist() == [1, 0, 0, 0]
+    # (1 * ln 2 + 0.15 * ln(4/3) + 0.35 * ln 4) / (1 + 0.15 + 0.35) = 0.814335
+    assert float(weighted_focal_loss(
+        torch.tensor([[0.0, 0.0], [math.log(3), 0.0], [0.0, math.log(3)], [5.0, -5.0]]), labels, w_half, gamma=0.0
+    )) == pytest.approx(0.814335, abs=1e-5)
     # the foreground RoI keeps 1 even on an ignored box; without soft negatives bg weighs 1
     assert roi_class_weights(labels, None, torch.tensor([True, False, False, True])).tolist() == [1, 1, 1, 0]
 
@@ -336,3 +345,32 @@ def test_rmt_plus_with_soft_class_targets_end_to_end(tiny_tiles):
     assert trainer.student.roi_heads.roi_soft_targets is None  # removed after each forward
     with pytest.raises(NapariRmtError, match="soft_temperature"):
         TrainConfig.for_method("rmt+", soft_temperature=0.0)
+
+
+def test_teacher_predict_is_the_eval_forward_and_catches_its_features(tiny_tiles):
+    """The pseudo-labels come from the teacher's own eval forward (predict_images), scored
+    by class or by foreground; the features handed to soft negatives are that forward's."""
+    from napari_rmt.model.predict import image_tensor, predict_images
+
+    cfg = TrainConfig.for_method("rmt+", iterations=3, burn_in=1, warmup=1, model={"backbone": "resnet18"})
+    trainer = Trainer(tiny_tiles[:3], tiny_tiles[3:], CLASSES, cfg)
+    trainer.teacher = trainer._frozen_copy(trainer.student.state_dict())
+    views = [image_tensor(t.pixels()) for t in tiny_tiles[3:5]]
+    teacher = trainer.teacher
+    dets, view = trainer._teacher_predict(views, 0.0, keep_features=True)
+    teacher.roi_heads.score_thresh = 0.0
+    want = predict_images(teacher, views)
+    for got, ref in zip(dets, want, strict=True):
+        assert torch.equal(got["boxes"], ref["boxes"]) and torch.equal(got["scores"], ref["scores"])
+    with torch.no_grad():
+        images, _ = teacher.transform([v.clone() for v in views])
+        feats = teacher.backbone(images.tensors)
+    assert list(view["features"]) == list(feats) and view["image_sizes"] == images.image_sizes
+    assert all(torch.allclose(view["features"][k], feats[k]) for k in feats)
+    assert teacher.roi_heads.score_by == "class" and not teacher.rpn._forward_pre_hooks  # all put back
+    trainer.cfg.pseudo_score = "foreground"
+    fg, none = trainer._teacher_predict(views, 0.3)
+    with torch.no_grad():
+        ref = teacher.roi_heads.foreground_detections(feats, teacher.rpn(images, feats)[0], images.image_sizes, 0.3)
+    assert none == {} and all(torch.equal(a["scores"], b["scores"]) for a, b in zip(fg, ref, strict=True))
+    assert all(float(d["scores"].min()) > 0.3 for d in fg if len(d["scores"]))

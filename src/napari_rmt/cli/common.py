@@ -11,6 +11,7 @@ from typing import Any
 
 from ..data.errors import NapariRmtError
 from ..model.config import SIZED_FIELDS  # plain data: no torch import for --help
+from ..train.config import CLI_TUNABLES
 
 
 # ------------------------------------------------------------------ progress
@@ -83,11 +84,14 @@ def add_training_options(p: argparse.ArgumentParser) -> None:
     so ``--method rmt`` is the paper's method and ``--method rmt+`` the recommended recipe."""
     from ..model.bundled import LICENSE_NOTE
     from ..model.config import BACKBONES
-    from ..train.config import INITS, METHODS, PSEUDO_RULES, PSEUDO_SCORES, RECOMMENDED, SCHEDULES
+    from ..train.config import INITS, METHODS, RECOMMENDED, SCHEDULES
 
     p.add_argument("--method", choices=METHODS, default=None, help=f"default {RECOMMENDED}")
     p.add_argument("--iterations", type=at_least(1), default=None, help="default 2000")
-    p.add_argument("--burn-in", type=int, default=None, help="default: a quarter of the iterations")
+    p.add_argument(
+        "--burn-in", type=int, default=None,
+        help=f"default: {RECOMMENDED} {_share(RECOMMENDED)} of the run, other methods {_share('rmt')}",
+    )
     p.add_argument("--minutes", type=in_range(0, 1e7, low_open=True), default=None, help="stop after this much training time")
     p.add_argument("--backbone", choices=BACKBONES, default=None, help="default resnet18")
     p.add_argument(
@@ -111,47 +115,33 @@ def add_training_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--norm", choices=("auto", "batch", "group", "frozen"), default=None)
     p.add_argument("--focal-gamma", type=float, default=None, help="box head focal gamma (0: cross-entropy)")
     p.add_argument("--batch", type=at_least(1), default=None, help="labelled and unlabelled images per step")
-    p.add_argument("--lr", type=float, default=None)
     p.add_argument("--semi-lr", type=float, default=None, help="lr after burn-in (default: --lr)")
     p.add_argument("--lr-schedule", choices=SCHEDULES, default=None)
     p.add_argument("--warmup", type=int, default=None)
-    p.add_argument("--threshold", type=float, default=None, help="pseudo-label confidence")
-    p.add_argument("--pseudo-rule", choices=PSEUDO_RULES, default=None)
-    p.add_argument(
-        "--pseudo-score", choices=PSEUDO_SCORES, default=None,
-        help="teacher score a pseudo-box is chosen by: its class probability, or 1 - background",
-    )
-    p.add_argument("--ignore-low", type=float, default=None, help="low edge of the ignore band")
-    p.add_argument(
-        "--soft-negatives", action=argparse.BooleanOptionalAction, default=None,
-        help="weight unlabelled negatives by the teacher's background score",
-    )
-    p.add_argument(
-        "--soft-targets", action=argparse.BooleanOptionalAction, default=None,
-        help="unlabelled proposals matched to no pseudo-box learn the teacher's class distribution",
-    )
-    p.add_argument("--soft-temperature", type=float, default=None, help="of the soft targets (below 1 sharpens)")
-    p.add_argument(
-        "--unsup-objectness", type=float, default=None,
-        help="weight of the RPN objectness term on pseudo-labels (Eq. 4: 1; 0: the RPN learns from labels only)",
-    )
-    p.add_argument("--lambda-u", type=float, default=None)
-    p.add_argument("--lambda-r", type=float, default=None)
-    p.add_argument("--p-norm", type=float, default=None)
-    p.add_argument("--ema", type=float, default=None, help="EMA decay sigma (Eq. 7)")
+    for t in CLI_TUNABLES:  # the widget's advanced form offers the same, from the same table
+        if t.kind == "bool":
+            p.add_argument(t.option, action=argparse.BooleanOptionalAction, default=None, help=t.help)
+        elif t.kind == "choice":
+            p.add_argument(t.option, choices=t.choices, default=None, help=t.help)
+        else:
+            p.add_argument(t.option, type=in_range(t.low, t.high), default=None, help=t.help)
     p.add_argument("--seed", type=int, default=None, help="default 0")
     p.add_argument("--device", default="auto")
     p.add_argument("--checkpoint-every", type=at_least(0), default=0)
 
 
+def _share(method: str) -> str:
+    """A method's default burn-in as a share of the run, for the help text."""
+    from ..train.config import METHOD_DEFAULTS
+
+    fraction = METHOD_DEFAULTS.get(method, {}).get("burn_in_fraction", 0.5)
+    return f"{fraction:.0%}%"  # doubled: argparse formats help with %
+
+
 #: argparse destination -> TrainConfig field, for the options that default to the method's value.
 _OVERRIDES = {
-    "lr": "lr", "semi_lr": "semi_lr", "lr_schedule": "lr_schedule", "warmup": "warmup",
-    "threshold": "threshold", "pseudo_rule": "pseudo_rule", "pseudo_score": "pseudo_score",
-    "ignore_low": "ignore_low",
-    "soft_negatives": "soft_negatives", "soft_targets": "soft_targets",
-    "soft_temperature": "soft_temperature", "unsup_objectness": "unsup_objectness", "lambda_u": "lambda_u", "lambda_r": "lambda_r",
-    "p_norm": "p_norm", "ema": "ema_decay",
+    "semi_lr": "semi_lr", "lr_schedule": "lr_schedule", "warmup": "warmup",
+    **{t.option[2:].replace("-", "_"): t.name for t in CLI_TUNABLES},
 }
 
 

@@ -23,6 +23,10 @@ from .layers import SOURCE_NAMES, boxes_to_rectangles, class_colours, rectangles
 IMAGE_LAYER = "tile"
 ANNOTATION_LAYER = "annotations"
 PREDICTION_LAYER = "predictions"
+#: Predictions are shaded in their class colour at this opacity, annotations are outlines:
+#: light enough to see the nucleus through, enough to tell the two apart at a glance.
+PREDICTION_ALPHA = 0.22
+PREDICTION_SHADE = f"{round(255 * PREDICTION_ALPHA):02x}"  # the same, as a hex colour's alpha
 
 
 def camera_of(viewer):
@@ -75,14 +79,14 @@ class Session:
         self.image = self.viewer.add_image(
             np.zeros((first.height, first.width, 3), np.uint8), name=IMAGE_LAYER, rgb=True
         )
-        self.annotations = self._add_shapes(ANNOTATION_LAYER, dashed=False)
-        self.predictions = self._add_shapes(PREDICTION_LAYER, dashed=True)
+        self.annotations = self._add_shapes(ANNOTATION_LAYER)
+        self.predictions = self._add_shapes(PREDICTION_LAYER)
         for layer in (self.annotations, self.predictions):
             layer.events.data.connect(self._on_data)
             layer.events.features.connect(self._on_data)
         self.viewer.layers.selection.active = self.annotations
 
-    def _add_shapes(self, name: str, dashed: bool):
+    def _add_shapes(self, name: str):
         names = self.classes.names
         import pandas as pd
 
@@ -91,7 +95,7 @@ class Session:
             ndim=2,
             shape_type="rectangle",
             face_color="transparent",
-            edge_width=1.0 if dashed else 1.5,
+            edge_width=1.0 if name == PREDICTION_LAYER else 1.5,
             opacity=1.0,
             features=pd.DataFrame(
                 {
@@ -103,6 +107,8 @@ class Session:
         )
         layer.feature_defaults = {"class": self.current_class, "score": np.nan, "source": "manual"}
         layer.current_edge_color = self.classes.by_name(self.current_class).hex if names else "white"
+        if name == PREDICTION_LAYER and names:
+            layer.current_face_color = self.classes.by_name(self.current_class).hex + PREDICTION_SHADE
         return layer
 
     def _on_data(self, event=None) -> None:
@@ -135,13 +141,25 @@ class Session:
         if bad:
             return
         ids = np.array([self.classes.by_name(v).id for v in names])
-        colours = class_colours(self.classes, ids)
-        if layer.edge_color.shape != colours.shape or not np.allclose(layer.edge_color, colours):
-            self._updating = True
-            try:
-                layer.edge_color = colours
-            finally:
-                self._updating = False
+        self._paint(layer, ids)
+
+    def _paint(self, layer, class_ids: np.ndarray) -> None:
+        """Edges in the class colours; predictions also shaded with them, so that a
+        prediction never looks like an annotation (napari draws no dashed edges)."""
+        colours = class_colours(self.classes, class_ids)
+        wanted = [("edge_color", colours)]
+        if layer.name == PREDICTION_LAYER:
+            shade = colours.copy()
+            shade[:, 3] = PREDICTION_ALPHA
+            wanted.append(("face_color", shade))
+        for attr, value in wanted:
+            have = getattr(layer, attr)
+            if have.shape != value.shape or not np.allclose(have, value):
+                self._updating = True
+                try:
+                    setattr(layer, attr, value)
+                finally:
+                    self._updating = False
 
     def _set_layer_boxes(self, layer, boxes: Boxes) -> None:
         """Replace a layer's shapes in one assignment (napari builds each shape once)."""
@@ -166,7 +184,7 @@ class Session:
                     }
                 )
                 if len(boxes):
-                    layer.edge_color = class_colours(self.classes, boxes.class_ids)
+                    self._paint(layer, boxes.class_ids)
             # Each of these assignments redraws the layer's thumbnail: only when they change.
             fd = layer.feature_defaults
             if (
@@ -178,6 +196,8 @@ class Session:
             colour = self.classes.by_name(self.current_class).hex
             if str(layer.current_edge_color).lower()[:7] != colour.lower()[:7]:
                 layer.current_edge_color = colour
+                if layer.name == PREDICTION_LAYER:
+                    layer.current_face_color = colour + PREDICTION_SHADE
             self._counts[layer.name] = len(layer.data)
         finally:
             self._updating = False
@@ -270,6 +290,8 @@ class Session:
         for layer in (self.annotations, self.predictions):
             layer.feature_defaults = {"class": cls.name, "score": np.nan, "source": "manual"}
             layer.current_edge_color = cls.hex
+            if layer is self.predictions:
+                layer.current_face_color = cls.hex + PREDICTION_SHADE
             sel = sorted(layer.selected_data)
             if sel:
                 feats = layer.features.copy()

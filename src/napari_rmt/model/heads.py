@@ -80,10 +80,16 @@ class FocalRoIHeads(RoIHeads):
         #: arguments -> ``(targets (N, C), use_soft (N,))``: a probability vector per sampled
         #: RoI, used where ``use_soft`` (the RoI's hard label elsewhere).
         self.roi_soft_targets: Callable[[list[Tensor], list[Tensor], list[dict]], tuple[Tensor, Tensor]] | None = None
+        #: What an eval forward scores a box by: "class" (torchvision's one detection per
+        #: class) or "foreground" (``foreground_detections``); the teacher's pseudo-label
+        #: choice sets it (``TrainConfig.pseudo_score``), prediction keeps "class".
+        self.score_by = "class"
 
     def forward(self, features, proposals, image_shapes, targets=None):  # type: ignore[override]
         if not self.training:
             self.last_class_logits = None
+            if self.score_by == "foreground":
+                return self.foreground_detections(features, proposals, image_shapes, self.score_thresh), {}
             if sum(len(p) for p in proposals) <= self.eval_chunk:
                 return super().forward(features, proposals, image_shapes, targets)
             class_logits, box_regression = self._chunked_outputs(features, proposals, image_shapes)

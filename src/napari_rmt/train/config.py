@@ -115,6 +115,12 @@ class TrainConfig:
     #: on the cells a shy teacher missed are RPN negatives there; 0 leaves the RPN to the
     #: labelled tiles.
     unsup_objectness: float = 1.0
+    #: Weight of the background RoIs in the unlabelled classification loss (Eq. 4 has 1;
+    #: with soft negatives it multiplies the teacher's background probability). A teacher
+    #: that finds half of the cells makes the other half background RoIs there, whatever
+    #: it thinks of them; 0 learns only the pseudo-boxes' classes from the unlabelled tiles
+    #: and leaves "not a cell" to the labelled ones.
+    unsup_background: float = 1.0
     #: Ignore band: teacher boxes scoring in [ignore_low, pseudo threshold) are neither
     #: pseudo-boxes nor background; the proposals on them get no classification loss.
     ignore_low: float | None = None
@@ -160,7 +166,7 @@ class TrainConfig:
             v = getattr(self, f.name)
             if isinstance(v, float) and not math.isfinite(v):
                 bad(f"{f.name} is {v}; it must be a finite number")
-        for name in ("lambda_u", "lambda_r", "unsup_objectness", "weight_decay", "grad_clip", "warmup", "checkpoint_every", "log_every",
+        for name in ("lambda_u", "lambda_r", "unsup_objectness", "unsup_background", "weight_decay", "grad_clip", "warmup", "checkpoint_every", "log_every",
                      "validate_every"):
             if getattr(self, name) < 0:
                 bad(f"{name} {getattr(self, name)} must be >= 0")
@@ -270,6 +276,84 @@ class TrainConfig:
             # Saved before the architecture was sized per backbone: it was built as LEGACY says.
             data = {**data, "model": {**LEGACY, **model}}
         return cls(**_tuples(data))
+
+
+@dataclass(frozen=True)
+class Tunable:
+    """A training setting that the command line and the widget's advanced form both offer.
+
+    One place for its label, range and help, so the two front ends cannot drift apart;
+    its default is never written here (it is the method's, ``TrainConfig.for_method``).
+    The kind (bool, int, float, choice) follows the ``TrainConfig`` field's type.
+    """
+
+    name: str  #: the TrainConfig field
+    label: str  #: the form's row (a check box's own text for a bool)
+    help: str
+    low: float = 0.0
+    high: float = 1.0
+    step: float = 0.05
+    decimals: int = 2
+    choices: tuple[str, ...] = ()
+    #: the command-line flag, when not ``--`` + the name with dashes
+    flag: str | None = None
+    #: also set to the same value (the widget's one batch sets both batches)
+    also: tuple[str, ...] = ()
+    #: ``None`` is allowed and shown as "off" at ``low`` (the ignore band)
+    optional: bool = False
+
+    @property
+    def option(self) -> str:
+        return self.flag or "--" + self.name.replace("_", "-")
+
+    @property
+    def kind(self) -> str:
+        if self.choices:
+            return "choice"
+        kind = _FIELD_TYPES[self.name]
+        return {"bool": "bool", "int": "int"}.get(kind, "float")
+
+
+_FIELD_TYPES = {f.name: str(f.type) for f in dataclasses.fields(TrainConfig)}
+
+#: The advanced settings, in the form's order. The command line offers each as an option
+#: (``burn_in`` and ``batch`` keep their own, with method-dependent defaults).
+TUNABLES: tuple[Tunable, ...] = (
+    Tunable("burn_in", "burn-in", "steps on labelled tiles only before the teacher starts labelling",
+            high=1_000_000, step=10),
+    Tunable("threshold", "threshold", "teacher score from which a box becomes a pseudo-label (fixed rule; "
+            "the fallback of the adaptive ones)"),
+    Tunable("pseudo_rule", "pseudo rule", "fixed: one threshold; gmm: a threshold per class fitted to the "
+            "teacher's recent scores; topk: per tile the round(sum of scores) best boxes", choices=PSEUDO_RULES),
+    Tunable("pseudo_score", "scored by", "class: a box's score is its class probability; foreground: "
+            "1 - its background probability, so a cell whose class the teacher hesitates over still "
+            "becomes a pseudo-label (with its most probable class)", choices=PSEUDO_SCORES),
+    Tunable("ignore_low", "ignore from", "teacher boxes scoring between this and the threshold are "
+            "neither cells nor background for the student (off: no ignore band)", optional=True),
+    Tunable("soft_negatives", "soft negatives", "a region the teacher half-believes is a cell counts as "
+            "background only in proportion to the teacher's background score"),
+    Tunable("soft_targets", "soft class targets", "a region the teacher is unsure of teaches the student "
+            "the teacher's class probabilities for it, instead of 'background' or nothing"),
+    Tunable("soft_temperature", "soft temperature", "of the soft class targets: below 1 sharpens the "
+            "teacher's probabilities, 1 takes them as they are", low=0.05, high=10.0, step=0.1),
+    Tunable("unsup_objectness", "RPN on pseudo", "weight of the proposal network's loss on pseudo-labels "
+            "(Eq. 4: 1); 0 leaves the proposals to the labelled tiles, so cells the teacher missed are not "
+            "taught as background", high=10.0, step=0.25),
+    Tunable("unsup_background", "background on pseudo", "weight of the box head's 'not a cell' loss on "
+            "pseudo-labelled tiles (Eq. 4: 1); 0 learns only the pseudo-boxes' classes there, so cells the "
+            "teacher missed are not taught as background", high=10.0, step=0.25),
+    Tunable("lambda_u", "λu", "weight of the loss on pseudo-labelled tiles (Eq. 6)", high=100.0, step=0.5),
+    Tunable("lambda_r", "λr", "weight of the sparse regulariser that pushes class scores to be decisive "
+            "(Eq. 6)", high=100.0, step=0.5),
+    Tunable("p_norm", "p (L_reg)", "the p of the regulariser's p-norm (Eq. 5); smaller is sparser", low=0.05),
+    Tunable("ema_decay", "σ (EMA)", "how slowly the teacher follows the student (Eq. 7); closer to 1 is "
+            "slower", step=0.001, decimals=4, flag="--ema"),
+    Tunable("lr", "learning rate", "SGD learning rate after warm-up", low=0.0001, step=0.005, decimals=4),
+    Tunable("labelled_batch", "batch", "labelled (and unlabelled) tiles per step", low=1, high=64, step=1,
+            flag="--batch", also=("unlabelled_batch",)),
+)
+#: The tunables whose command-line option is generated (the others have their own).
+CLI_TUNABLES = tuple(t for t in TUNABLES if t.name not in ("burn_in", "labelled_batch"))
 
 
 def _tuples(d: dict[str, Any]) -> dict[str, Any]:

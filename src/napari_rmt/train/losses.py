@@ -15,18 +15,23 @@ def sparse_regulariser(class_logits: Tensor, p: float = 0.5) -> Tensor:
     return probs.clamp_min(1e-12).pow(p).sum(dim=-1).mean()
 
 
-def roi_class_weights(labels: Tensor, bg_prob: Tensor | None, ignored: Tensor | None) -> Tensor:
+def roi_class_weights(
+    labels: Tensor, bg_prob: Tensor | None, ignored: Tensor | None, background: float = 1.0
+) -> Tensor:
     """Classification weight of each sampled RoI of an unlabelled image (SPEC §5).
 
-    Foreground RoIs (matched to a pseudo-box) weigh 1. Background RoIs weigh the
-    teacher's background probability for the same box when ``bg_prob`` is given (Soft
-    Teacher), else 1. Background RoIs on a box of the ignore band (``ignored``) weigh 0.
-    The loss divides by the sum of the weights (``weighted_focal_loss``).
+    Foreground RoIs (matched to a pseudo-box) weigh 1. Background RoIs weigh
+    ``background`` (``TrainConfig.unsup_background``), times the teacher's background
+    probability for the same box when ``bg_prob`` is given (Soft Teacher). Background RoIs
+    on a box of the ignore band (``ignored``) weigh 0. The loss divides by the sum of the
+    weights (``weighted_focal_loss``).
     """
     weights = torch.ones(labels.shape, dtype=torch.float32, device=labels.device)
     bg = labels == 0
     if bg_prob is not None:
         weights = torch.where(bg, bg_prob.to(weights.dtype), weights)
+    if background != 1.0:
+        weights = torch.where(bg, weights * background, weights)
     if ignored is not None:
         weights = torch.where(bg & ignored, torch.zeros_like(weights), weights)
     return weights

@@ -43,6 +43,7 @@ from ..data.classes import ClassList
 from ..data.errors import NapariRmtError
 from ..data.tiles import Tile
 from ..model.detector import build_detector
+from ..model.predict import predict_images
 from .augment import StrongAugment, hflip
 from .checkpoint import (
     MODEL_FILE,
@@ -588,7 +589,7 @@ class Trainer:
             finally:
                 heads.roi_soft_targets = None
             return
-        if not cfg.soft_negatives and cfg.ignore_low is None:
+        if not cfg.soft_negatives and cfg.ignore_low is None and cfg.unsup_background == 1.0:
             yield
             return
         fg_iou = heads.proposal_matcher.high_threshold
@@ -604,7 +605,7 @@ class Trainer:
                 on_ignored = None
                 if ignore is not None and ignore.numel() and props.numel():
                     on_ignored = box_ops.box_iou(props, ignore).max(dim=1).values >= fg_iou
-                out.append(roi_class_weights(lab, bg_p, on_ignored))
+                out.append(roi_class_weights(lab, bg_p, on_ignored, cfg.unsup_background))
             return torch.cat(out)
 
         heads.roi_weighting = weighting
@@ -631,29 +632,29 @@ class Trainer:
     def _teacher_predict(
         self, views: list[Tensor], threshold: float, keep_features: bool = False
     ) -> tuple[list[dict[str, Tensor]], dict[str, Any]]:
-        """Teacher detections for pseudo-labels; boxes under ``threshold`` are dropped
-        inside the box head, before its NMS, which is where its post-processing spends.
-        With ``keep_features``, also the teacher's feature maps (for soft negatives)."""
+        """Teacher detections for pseudo-labels: the teacher's own eval forward, scored as
+        ``pseudo_score`` says, with boxes under ``threshold`` dropped inside the box head,
+        before its NMS, which is where its post-processing spends. With ``keep_features``,
+        also the feature maps the forward computed (for soft negatives and soft targets),
+        caught on their way into the RPN."""
         assert self.teacher is not None
         teacher = self.teacher
         heads = teacher.roi_heads
-        saved = heads.score_thresh
-        heads.score_thresh = threshold
+        caught: dict[str, Any] = {}
+
+        def catch(_rpn: nn.Module, args: tuple) -> None:
+            caught["features"], caught["image_sizes"] = args[1], args[0].image_sizes
+
+        saved = heads.score_thresh, heads.score_by
+        heads.score_thresh, heads.score_by = threshold, self.cfg.pseudo_score
+        hook = teacher.rpn.register_forward_pre_hook(catch) if keep_features else None
         try:
-            with torch.no_grad():
-                batch = [v.to(self.device) for v in views]
-                images, _ = teacher.transform(batch)
-                features = teacher.backbone(images.tensors)
-                proposals, _ = teacher.rpn(images, features)
-                if self.cfg.pseudo_score == "foreground":
-                    dets = heads.foreground_detections(features, proposals, images.image_sizes, threshold)
-                else:
-                    dets, _ = heads(features, proposals, images.image_sizes)
-            out = [{k: v.cpu() for k, v in d.items()} for d in dets]
-            view = {"features": features, "image_sizes": images.image_sizes} if keep_features else {}
-            return out, view
+            dets = predict_images(teacher, views, batch_size=max(1, len(views)), device=self.device)
         finally:
-            heads.score_thresh = saved
+            heads.score_thresh, heads.score_by = saved
+            if hook is not None:
+                hook.remove()
+        return dets, caught
 
     def _make_stac_pseudo_labels(self) -> list[tuple[Tensor, Tensor]]:
         assert self.teacher is not None

@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from napari.utils.notifications import show_info
 from qtpy.QtWidgets import QDoubleSpinBox, QFileDialog, QSpinBox, QWidget
 
 from ..state import AppState
@@ -28,9 +27,15 @@ def dspin(lo: float, hi: float, value: float, step: float, decimals: int = 2) ->
 
 
 def ask_save(parent: QWidget, state: AppState, title: str, filt: str, write: Callable[[str], Path]) -> None:
-    """Ask where to write, write there (errors to the status line), say where it went."""
+    """Ask where to write, then ``write_and_say`` there."""
     if state.session is None:
         return
     f, _ = QFileDialog.getSaveFileName(parent, title, filter=filt)
     if f:
-        state.guarded(lambda: show_info(f"wrote {write(f)}"))
+        write_and_say(state, write, f)
+
+
+def write_and_say(state: AppState, write: Callable[[str], Path], path: str) -> None:
+    """Write, and say where it went in the status line (a toast would cover the tile's
+    caption); an error goes there too."""
+    state.guarded(lambda: state.say(f"wrote {write(path)}"))

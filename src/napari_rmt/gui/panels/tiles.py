@@ -282,7 +282,7 @@ class ClassesPanel(QWidget):
         # The colours of the classes, in words: what the boxes on the canvas mean.
         self.legend = QLabel("")
         self.legend.setWordWrap(True)
-        self.legend.setToolTip("annotations: thicker edges; predictions: thinner edges")
+        self.legend.setToolTip("annotations: outlines; predictions: shaded, with thinner edges")
         layout.addWidget(self.legend)
         state.opened.connect(self._on_opened)
         state.session_rebuilt.connect(self._on_rebuilt)
@@ -335,6 +335,7 @@ class ClassesPanel(QWidget):
         self.class_combo.blockSignals(False)
         self.legend.setText(
             " ".join(f'<span style="color:{c.hex}">■</span>&nbsp;{c.name}' for c in self.state.project.tileset.classes)
+            + "<br>□&nbsp;annotation (outline) &nbsp; ▣&nbsp;prediction (shaded)"
         )
 
     def _bind_keys(self) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 from napari.utils.notifications import show_info
 from qtpy.QtCore import Qt
 from qtpy.QtWidgets import (
-    QCheckBox,
     QComboBox,
     QFormLayout,
     QGroupBox,
@@ -20,6 +19,7 @@ from ...data.project import MODEL, TRAINING
 from ...model.bundled import LICENSE_NOTE
 from ..state import AppState
 from .common import dspin, spin
+from .tunables import TunableForm
 
 
 class LossPlot(QWidget):
@@ -103,12 +103,12 @@ class TrainPanel(QGroupBox):
         # Choices come from the core (torch is imported at widget open anyway, for warm
         # imports); the recommended method first.
         from ...model.config import BACKBONES, ModelConfig
-        from ...train.config import METHODS, PSEUDO_RULES, PSEUDO_SCORES, RECOMMENDED
+        from ...train.config import METHODS, RECOMMENDED
 
         self.method_combo.addItems([RECOMMENDED, *(m for m in METHODS if m != RECOMMENDED)])
         self.method_combo.setToolTip(
-            "rmt+: the recommended recipe (RMT with soft negatives, an ignore band and adaptive "
-            "thresholds); rmt: the paper's method; ubt, stac: the paper's baselines; supervised: "
+            "rmt+: the recommended recipe (RMT with soft negatives and an ignore band for an unsure "
+            "teacher; docs/tuning.md); rmt: the paper's method; ubt, stac: the paper's baselines; supervised: "
             "labelled tiles only"
         )
         form.addRow("method", self.method_combo)
@@ -136,58 +136,10 @@ class TrainPanel(QGroupBox):
         self.advanced.setChecked(False)
         # The settings show only while "advanced" is ticked: a disabled form squeezed into
         # the dock's height was unreadable (seen in the screenshots).
-        self.advanced_body = QWidget()
-        adv = QFormLayout(self.advanced_body)
-        adv.setContentsMargins(0, 0, 0, 0)
-        QVBoxLayout(self.advanced).addWidget(self.advanced_body)
-        self.advanced_body.setVisible(False)
-        self.advanced.toggled.connect(self.advanced_body.setVisible)
-        self.burn_spin = spin(0, 1_000_000, 200)
-        self.thr_spin = dspin(0, 1, 0.7, 0.05)
-        self.lu_spin = dspin(0, 100, 4.0, 0.5)
-        self.lr_spin = dspin(0, 100, 1.0, 0.5)
-        self.p_spin = dspin(0.05, 1, 0.5, 0.05)
-        self.ema_spin = dspin(0, 1, 0.996, 0.001, decimals=4)
-        self.lrate_spin = dspin(0.0001, 1, 0.02, 0.005, decimals=4)
-        self.batch_spin = spin(1, 64, 2)
-        self.rule_combo = QComboBox()
-        self.rule_combo.addItems(PSEUDO_RULES)
-        self.score_combo = QComboBox()
-        self.score_combo.addItems(PSEUDO_SCORES)
-        self.ignore_spin = dspin(0, 1, 0.0, 0.05)
-        self.ignore_spin.setSpecialValueText("off")
-        self.soft_check = QCheckBox("soft negatives")
-        self.soft_targets_check = QCheckBox("soft class targets")
-        self.soft_temp_spin = dspin(0.05, 10, 1.0, 0.1)
-        self.unsup_rpn_spin = dspin(0, 10, 1.0, 0.25)
-        for label, w, tip in (
-            ("burn-in", self.burn_spin, "steps on labelled tiles only before the teacher starts labelling"),
-            ("threshold", self.thr_spin, "teacher score from which a box becomes a pseudo-label (fixed rule; "
-             "the fallback of the adaptive one)"),
-            ("pseudo rule", self.rule_combo, "fixed: one threshold; gmm: a threshold per class fitted to the "
-             "teacher's recent scores; topk: per tile the round(sum of scores) best boxes"),
-            ("scored by", self.score_combo, "class: a box's score is its class probability; foreground: "
-             "1 - its background probability, so a cell whose class the teacher hesitates over still "
-             "becomes a pseudo-label (with its most probable class)"),
-            ("ignore from", self.ignore_spin, "teacher boxes scoring between this and the threshold are "
-             "neither cells nor background for the student"),
-            ("", self.soft_check, "a region the teacher half-believes is a cell counts as background only "
-             "in proportion to the teacher's background score"),
-            ("", self.soft_targets_check, "a region the teacher is unsure of teaches the student the teacher's "
-             "class probabilities for it, instead of 'background' or nothing"),
-            ("soft temperature", self.soft_temp_spin, "of the soft class targets: below 1 sharpens the teacher's "
-             "probabilities, 1 takes them as they are"),
-            ("RPN on pseudo", self.unsup_rpn_spin, "weight of the proposal network's loss on pseudo-labels (Eq. 4: 1); "
-             "0 leaves the proposals to the labelled tiles, so cells the teacher missed are not taught as background"),
-            ("λu", self.lu_spin, "weight of the loss on pseudo-labelled tiles (Eq. 6)"),
-            ("λr", self.lr_spin, "weight of the sparse regulariser that pushes class scores to be decisive (Eq. 6)"),
-            ("p (L_reg)", self.p_spin, "the p of the regulariser's p-norm (Eq. 5); smaller is sparser"),
-            ("σ (EMA)", self.ema_spin, "how slowly the teacher follows the student (Eq. 7); closer to 1 is slower"),
-            ("learning rate", self.lrate_spin, "SGD learning rate after warm-up"),
-            ("batch", self.batch_spin, "labelled (and unlabelled) tiles per step"),
-        ):
-            w.setToolTip(tip)
-            adv.addRow(label, w)
+        self.form = TunableForm()
+        QVBoxLayout(self.advanced).addWidget(self.form)
+        self.form.setVisible(False)
+        self.advanced.toggled.connect(self.form.setVisible)
         self.method_combo.currentTextChanged.connect(self._show_method_defaults)
         self._show_method_defaults(self.method_combo.currentText())
         form.addRow(self.advanced)
@@ -209,22 +161,7 @@ class TrainPanel(QGroupBox):
         """The advanced form shows the chosen method's own defaults (one source: the config)."""
         from ...train.config import TrainConfig
 
-        cfg = TrainConfig.for_method(method, iterations=self.iter_spin.value())
-        self.burn_spin.setValue(cfg.burn_in)
-        self.thr_spin.setValue(cfg.threshold)
-        self.rule_combo.setCurrentText(cfg.pseudo_rule)
-        self.score_combo.setCurrentText(cfg.pseudo_score)
-        self.ignore_spin.setValue(cfg.ignore_low or 0.0)
-        self.soft_check.setChecked(cfg.soft_negatives)
-        self.soft_targets_check.setChecked(cfg.soft_targets)
-        self.soft_temp_spin.setValue(cfg.soft_temperature)
-        self.unsup_rpn_spin.setValue(cfg.unsup_objectness)
-        self.lu_spin.setValue(cfg.lambda_u)
-        self.lr_spin.setValue(cfg.lambda_r)
-        self.p_spin.setValue(cfg.p_norm)
-        self.ema_spin.setValue(cfg.ema_decay)
-        self.lrate_spin.setValue(cfg.lr)
-        self.batch_spin.setValue(cfg.labelled_batch)
+        self.form.show_config(TrainConfig.for_method(method, iterations=self.iter_spin.value()))
 
     def training_config(self):
         """The method's defaults, with the advanced settings laid over them when ticked."""
@@ -243,24 +180,7 @@ class TrainPanel(QGroupBox):
         if self.minutes_spin.value() > 0:
             values["time_budget_s"] = 60.0 * self.minutes_spin.value()
         if self.advanced.isChecked():
-            values.update(
-                burn_in=self.burn_spin.value(),
-                threshold=self.thr_spin.value(),
-                pseudo_rule=self.rule_combo.currentText(),
-                pseudo_score=self.score_combo.currentText(),
-                ignore_low=self.ignore_spin.value() or None,
-                soft_negatives=self.soft_check.isChecked(),
-                soft_targets=self.soft_targets_check.isChecked(),
-                soft_temperature=self.soft_temp_spin.value(),
-                unsup_objectness=self.unsup_rpn_spin.value(),
-                lambda_u=self.lu_spin.value(),
-                lambda_r=self.lr_spin.value(),
-                p_norm=self.p_spin.value(),
-                ema_decay=self.ema_spin.value(),
-                lr=self.lrate_spin.value(),
-                labelled_batch=self.batch_spin.value(),
-                unlabelled_batch=self.batch_spin.value(),
-            )
+            values.update(self.form.values())
         elif self.state.model_state is not None:
             # warm start: the teacher is already trained; else the method's own rule
             values["burn_in"] = burn_in_for(iterations, warm_start=True)
