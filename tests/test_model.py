@@ -104,6 +104,29 @@ def test_strong_augmentation_is_photometric():
     assert not torch.equal(out, img)
 
 
+def test_stain_view_by_hand():
+    """Colour deconvolution and back: unit scales give the image back; doubling only the
+    haematoxylin doubles its optical density, a pure-haematoxylin pixel stays on its line."""
+    from napari_rmt.train.augment import STAIN_VECTORS, StainAugment, stain_jitter, strong_view
+
+    img = torch.rand(3, 8, 8) * 0.9 + 0.05
+    assert torch.allclose(stain_jitter(img, torch.ones(3), torch.zeros(3)), img, atol=1e-5)
+    # a pixel with H concentration 0.5 and nothing else: OD = 0.5 * h, rgb = exp(-OD)
+    h = STAIN_VECTORS[0]
+    pixel = torch.exp(-0.5 * h)[:, None, None]
+    doubled = stain_jitter(pixel, torch.tensor([2.0, 1.0, 1.0]), torch.zeros(3))
+    assert torch.allclose(doubled[:, 0, 0], torch.exp(-1.0 * h), atol=1e-5)
+    # shifting eosin adds its vector's OD to every pixel
+    shifted = stain_jitter(pixel, torch.ones(3), torch.tensor([0.0, 0.1, 0.0]))
+    assert torch.allclose(-torch.log(shifted[:, 0, 0]), 0.5 * h + 0.1 * STAIN_VECTORS[1], atol=1e-5)
+    g = torch.Generator().manual_seed(0)
+    out = StainAugment(g)(img)
+    assert out.shape == img.shape and out.min() >= 0 and out.max() <= 1 and not torch.equal(out, img)
+    # no erasing: every pixel stays near its original colour (a random-noise patch would not)
+    assert float((out - img).abs().amax()) < 0.5
+    assert isinstance(strong_view("stain", g), StainAugment) and isinstance(strong_view("unbiased"), StrongAugment)
+
+
 def test_box_head_in_chunks_gives_the_same_outputs():
     """Large windows run the box head over proposals in chunks; its outputs must not change.
 

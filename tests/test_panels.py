@@ -119,6 +119,16 @@ def test_review_panel_cut_and_accept(state):
     session.set_class(session.classes.names[2])
     assert session.predictions.face_color[0][3] == pytest.approx(PREDICTION_ALPHA)
     assert session.predictions.face_color[0][:3] == pytest.approx(session.predictions.edge_color[0][:3])
+    # the box under the pointer, with its score, in the review panel
+    said = session.describe_box(session.predictions, (0, None))
+    assert said == f"prediction: {session.classes.names[2]}, score 0.20"
+    assert session.describe_box(session.predictions, (None, None)) == ""
+    assert session.describe_box(session.annotations, 1).startswith("annotation: ")
+    from types import SimpleNamespace
+
+    for callback in session.predictions.mouse_move_callbacks:  # as napari calls it on a move
+        callback(session.predictions, SimpleNamespace(position=(80.0, 80.0)))
+    assert panel.hover_label.text() == said
 
 
 def test_status_panel_shows_messages_and_progress(state):

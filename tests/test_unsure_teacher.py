@@ -374,3 +374,18 @@ def test_teacher_predict_is_the_eval_forward_and_catches_its_features(tiny_tiles
         ref = teacher.roi_heads.foreground_detections(feats, teacher.rpn(images, feats)[0], images.image_sizes, 0.3)
     assert none == {} and all(torch.equal(a["scores"], b["scores"]) for a, b in zip(fg, ref, strict=True))
     assert all(float(d["scores"].min()) > 0.3 for d in fg if len(d["scores"]))
+
+
+def test_rmt_plus_with_the_stain_view_end_to_end(tiny_tiles):
+    cfg = TrainConfig.for_method(
+        "rmt+", iterations=3, burn_in=1, warmup=1, labelled_batch=2, unlabelled_batch=2,
+        strong_view="stain", model={"backbone": "resnet18"},
+    )
+    trainer = Trainer(tiny_tiles[:3], tiny_tiles[3:], CLASSES, cfg)
+    from napari_rmt.train.augment import StainAugment
+
+    assert isinstance(trainer.strong, StainAugment)
+    semi = [e for e in trainer.run() if isinstance(e, IterationEvent) and e.phase == "semi-supervised"]
+    assert len(semi) == 2 and all(math.isfinite(v) for e in semi for v in e.losses.values())
+    with pytest.raises(NapariRmtError, match="strong_view"):
+        TrainConfig.for_method("rmt+", strong_view="erase-everything")

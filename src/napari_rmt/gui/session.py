@@ -38,8 +38,16 @@ def camera_of(viewer):
 class Session:
     """Binds a ``Project`` to a napari viewer."""
 
-    def __init__(self, viewer, project: Project, on_change: Callable[[], None] | None = None) -> None:
+    def __init__(
+        self,
+        viewer,
+        project: Project,
+        on_change: Callable[[], None] | None = None,
+        on_hover: Callable[[str], None] | None = None,
+    ) -> None:
         self.viewer = viewer
+        self.on_hover = on_hover
+        self._hover_text = ""
         self.project = project
         self.index = 0
         self.current_class = self.classes.names[0] if len(self.classes) else ""
@@ -84,6 +92,7 @@ class Session:
         for layer in (self.annotations, self.predictions):
             layer.events.data.connect(self._on_data)
             layer.events.features.connect(self._on_data)
+            layer.mouse_move_callbacks.append(self._on_mouse_move)
         self.viewer.layers.selection.active = self.annotations
 
     def _add_shapes(self, name: str):
@@ -110,6 +119,24 @@ class Session:
         if name == PREDICTION_LAYER and names:
             layer.current_face_color = self.classes.by_name(self.current_class).hex + PREDICTION_SHADE
         return layer
+
+    def _on_mouse_move(self, layer, event) -> None:
+        """Say which box is under the pointer, with its score: napari's status bar shows a
+        Shapes layer's index, not its features."""
+        text = self.describe_box(layer, layer.get_value(event.position, world=True))
+        if text != self._hover_text and self.on_hover is not None:
+            self._hover_text = text
+            self.on_hover(text)
+
+    def describe_box(self, layer, value) -> str:
+        """"prediction: tumor, score 0.87" for ``value`` = (shape index, vertex) of ``layer``."""
+        index = value[0] if isinstance(value, tuple) else value
+        if index is None or not 0 <= int(index) < len(layer.features):
+            return ""
+        row = layer.features.iloc[int(index)]
+        kind = "prediction" if layer.name == PREDICTION_LAYER else "annotation"
+        score = float(row["score"])
+        return f"{kind}: {row['class']}" + (f", score {score:.2f}" if score == score else "")
 
     def _on_data(self, event=None) -> None:
         if self._updating:

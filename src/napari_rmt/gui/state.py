@@ -38,6 +38,8 @@ class AppState(QObject):
     message = Signal(str, bool)
     #: A job's progress: (done, total).
     progress = Signal(int, int)
+    #: the box under the pointer on the active boxes layer, in words ("" when none)
+    hovered = Signal(str)
 
     def __init__(self, viewer, projects_root: Path, parent=None) -> None:
         super().__init__(parent)
@@ -91,7 +93,7 @@ class AppState(QObject):
         folder = folder or self.projects_root / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
         self.project = Project(tileset, folder)
         self.model_state = None
-        self.session = Session(self.viewer, self.project, on_change=self.changed)
+        self.session = Session(self.viewer, self.project, on_change=self.changed, on_hover=self.hovered.emit)
         self._attach_whole(tileset)
         self.opened.emit()
         self.busy_changed.emit()
@@ -103,7 +105,7 @@ class AppState(QObject):
         index = self.session.index
         if pull:
             self.session.pull()
-        self.session = Session(self.viewer, self.project, on_change=self.changed)
+        self.session = Session(self.viewer, self.project, on_change=self.changed, on_hover=self.hovered.emit)
         self.session.show_tile(index)
         self.session_rebuilt.emit()
 

@@ -16,6 +16,7 @@ RECOMMENDED = "rmt+"
 PSEUDO_RULES = ("fixed", "gmm", "topk")
 PSEUDO_SCORES = ("class", "foreground")
 SCHEDULES = ("constant", "cosine")
+STRONG_VIEWS = ("unbiased", "stain")
 #: Where a training starts: random init, or the bundled nucleus model.
 INITS = ("none", "nucleus")
 
@@ -121,6 +122,10 @@ class TrainConfig:
     #: it thinks of them; 0 learns only the pseudo-boxes' classes from the unlabelled tiles
     #: and leaves "not a cell" to the labelled ones.
     unsup_background: float = 1.0
+    #: The student's strong view of an unlabelled tile (``train/augment.py``): "unbiased"
+    #: (Unbiased Teacher's, the paper's: colour jitter, blur, random erasing) or "stain"
+    #: (H&E stain amounts, brightness, slight blur; nothing erased).
+    strong_view: str = "unbiased"
     #: Ignore band: teacher boxes scoring in [ignore_low, pseudo threshold) are neither
     #: pseudo-boxes nor background; the proposals on them get no classification loss.
     ignore_low: float | None = None
@@ -204,6 +209,8 @@ class TrainConfig:
             bad(f"soft_temperature {self.soft_temperature} must be in [0.05, 10]")
         if self.pseudo_score not in PSEUDO_SCORES:
             bad(f"pseudo_score {self.pseudo_score!r} is not one of {PSEUDO_SCORES}")
+        if self.strong_view not in STRONG_VIEWS:
+            bad(f"strong_view {self.strong_view!r} is not one of {STRONG_VIEWS}")
         if self.lr_schedule not in SCHEDULES:
             bad(f"lr_schedule {self.lr_schedule!r} is not one of {SCHEDULES}")
         if self.gmm_buffer < 10 or self.gmm_min_scores < 2:
@@ -342,6 +349,9 @@ TUNABLES: tuple[Tunable, ...] = (
     Tunable("unsup_background", "background on pseudo", "weight of the box head's 'not a cell' loss on "
             "pseudo-labelled tiles (Eq. 4: 1); 0 learns only the pseudo-boxes' classes there, so cells the "
             "teacher missed are not taught as background", high=10.0, step=0.25),
+    Tunable("strong_view", "student's view", "how the student's copy of an unlabelled tile is altered: "
+            "unbiased: colour jitter, blur and erased patches (Unbiased Teacher, the paper's); stain: the "
+            "amount of each H&E stain, brightness, slight blur, nothing erased", choices=STRONG_VIEWS),
     Tunable("lambda_u", "λu", "weight of the loss on pseudo-labelled tiles (Eq. 6)", high=100.0, step=0.5),
     Tunable("lambda_r", "λr", "weight of the sparse regulariser that pushes class scores to be decisive "
             "(Eq. 6)", high=100.0, step=0.5),

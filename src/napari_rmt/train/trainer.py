@@ -44,7 +44,7 @@ from ..data.errors import NapariRmtError
 from ..data.tiles import Tile
 from ..model.detector import build_detector
 from ..model.predict import predict_images
-from .augment import StrongAugment, hflip
+from .augment import hflip, strong_view
 from .checkpoint import (
     MODEL_FILE,
     TRAINING_FILE,
@@ -217,7 +217,7 @@ class Trainer:
             if self.cfg.uses_mixing
             else PatchBank()
         )
-        self.strong = StrongAugment()
+        self.strong = strong_view(self.cfg.strong_view, self._local_gen)
         self._lab_cycle = _Cycler(len(self._labelled), self.gen)
         self._unl_cycle = _Cycler(max(1, len(self._unlabelled)), self.gen)
         self._stac_targets: list[tuple[Tensor, Tensor]] | None = None

@@ -27,6 +27,10 @@ class ReviewPanel(QGroupBox):
         row.addWidget(self.score_label)
         row.addWidget(self.score_slider, 1)
         rl.addLayout(row)
+        self.hover_label = QLabel("")
+        self.hover_label.setToolTip("the box under the pointer (on the selected boxes layer)")
+        rl.addWidget(self.hover_label)
+        state.hovered.connect(self.hover_label.setText)
         row = QHBoxLayout()
         self.accept_tile_btn = QPushButton("Accept tile")
         self.accept_tile_btn.setToolTip(
