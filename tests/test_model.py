@@ -189,3 +189,38 @@ def test_local_rpn_keeps_the_tile_density_of_proposals_on_a_large_input():
     cells = ((p[:, :2] + p[:, 2:]) / 2 // 64).long()
     per_cell = torch.unique(cells[:, 1] * 8 + cells[:, 0], return_counts=True)[1]
     assert per_cell.max() == 19 and len(p) > 4 * 300  # 300 per 256 px tile = 19 per 64 px cell
+
+
+def test_channels_last_is_only_a_memory_order():
+    """The default keeps 4-D weights channels-last; the same weights in the other layout
+    give the same losses, gradients and detections (to float rounding), and a state saved
+    from one loads into the other."""
+    cl = build_detector(3, ModelConfig(backbone="resnet18", focal_gamma=0.0))
+    assert cl.backbone.body.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    assert not cl.backbone.body.conv1.weight.is_contiguous()
+    plain = build_detector(3, ModelConfig(backbone="resnet18", focal_gamma=0.0, channels_last=False))
+    assert plain.backbone.body.conv1.weight.is_contiguous()
+    plain.load_state_dict(cl.state_dict())
+    g = torch.Generator().manual_seed(0)
+    images = [torch.rand(3, 96, 96, generator=g) for _ in range(2)]
+    targets = [{"boxes": torch.tensor([[10.0, 10.0, 30.0, 34.0], [50.0, 40.0, 70.0, 60.0]]),
+                "labels": torch.tensor([1, 2])} for _ in range(2)]
+    losses = []
+    for model in (cl, plain):
+        model.train()
+        torch.manual_seed(0)  # the same RoI / anchor samples
+        out = model(images, targets)
+        sum(out.values()).backward()
+        losses.append(out)
+    for k in losses[0]:
+        assert float(losses[0][k].detach()) == pytest.approx(float(losses[1][k].detach()), rel=1e-4, abs=1e-6), k
+    g1, g2 = cl.backbone.body.conv1.weight.grad, plain.backbone.body.conv1.weight.grad
+    assert torch.allclose(g1, g2, rtol=1e-3, atol=1e-6)
+    cl.eval()
+    plain.eval()
+    plain.roi_heads.score_thresh = cl.roi_heads.score_thresh = 0.0
+    with torch.no_grad():
+        a, b = cl(images), plain(images)
+    for x, y in zip(a, b, strict=True):
+        assert len(x["boxes"]) == len(y["boxes"]) > 0
+        assert torch.allclose(x["scores"], y["scores"], atol=1e-4)

@@ -129,6 +129,11 @@ def test_review_panel_cut_and_accept(state):
     for callback in session.predictions.mouse_move_callbacks:  # as napari calls it on a move
         callback(session.predictions, SimpleNamespace(position=(80.0, 80.0)))
     assert panel.hover_label.text() == said
+    for callback in session.predictions.mouse_move_callbacks:  # off every box: the hint again
+        callback(session.predictions, SimpleNamespace(position=(200.0, 5.0)))
+    from napari_rmt.gui.panels.review import HOVER_HINT
+
+    assert panel.hover_label.text() == HOVER_HINT
 
 
 def test_status_panel_shows_messages_and_progress(state):

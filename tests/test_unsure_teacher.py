@@ -35,6 +35,10 @@ def test_soft_negative_weights_and_ignore_band_by_hand():
     assert float(weighted_focal_loss(
         torch.tensor([[0.0, 0.0], [math.log(3), 0.0], [0.0, math.log(3)], [5.0, -5.0]]), labels, w_half, gamma=0.0
     )) == pytest.approx(0.814335, abs=1e-5)
+    # a foreground RoI that fits its pseudo-box too loosely (unsup_min_iou) weighs 0; the
+    # background ones are not touched by it
+    loose = torch.tensor([True, True, False, False])
+    assert roi_class_weights(labels, bg_prob, ignored, loose=loose).tolist() == pytest.approx([0.0, 0.3, 0.7, 0.0])
     # the foreground RoI keeps 1 even on an ignored box; without soft negatives bg weighs 1
     assert roi_class_weights(labels, None, torch.tensor([True, False, False, True])).tolist() == [1, 1, 1, 0]
 
@@ -389,3 +393,26 @@ def test_rmt_plus_with_the_stain_view_end_to_end(tiny_tiles):
     assert len(semi) == 2 and all(math.isfinite(v) for e in semi for v in e.losses.values())
     with pytest.raises(NapariRmtError, match="strong_view"):
         TrainConfig.for_method("rmt+", strong_view="erase-everything")
+
+
+def test_loose_rois_of_a_pseudo_box_get_no_class_loss(tiny_tiles):
+    """unsup_min_iou 0.7: the weighting the student's unlabelled forward gets gives 0 to
+    the positives under IoU 0.7 with their pseudo-box and 1 to those over it."""
+    cfg = TrainConfig.for_method("rmt+", iterations=3, burn_in=1, warmup=1, unsup_min_iou=0.7,
+                                 soft_negatives=False, ignore_low=None, model={"backbone": "resnet18"})
+    trainer = Trainer(tiny_tiles[:3], tiny_tiles[3:], CLASSES, cfg)
+    pseudo = torch.tensor([[10.0, 10.0, 30.0, 30.0]])
+    # IoU with the pseudo-box: 1, 361/439 = 0.82 (1 px off), 320/480 = 0.67 (4 px off), 0
+    props = torch.tensor([[10.0, 10.0, 30.0, 30.0], [11.0, 11.0, 31.0, 31.0], [14.0, 10.0, 34.0, 30.0],
+                          [60.0, 60.0, 80.0, 80.0]])
+    from torchvision.ops import box_iou
+
+    iou = box_iou(props, pseudo)[:, 0]
+    assert iou[1] > 0.7 and 0.5 < iou[2] < 0.7
+    labels = torch.tensor([1, 1, 1, 0])
+    with trainer._roi_weighting({}):
+        w = trainer.student.roi_heads.roi_weighting([props], [labels], [{"boxes": pseudo, "labels": torch.tensor([1])}])
+    assert w.tolist() == [1.0, 1.0, 0.0, 1.0]
+    assert trainer.student.roi_heads.roi_weighting is None
+    with pytest.raises(NapariRmtError, match="unsup_min_iou"):
+        TrainConfig.for_method("rmt+", unsup_min_iou=0.3)

@@ -48,6 +48,11 @@ class ModelConfig:
     resnet_stages: int | None = None
     #: Width of the box head's two fully connected layers.
     box_head_dim: int | None = None
+    #: Keep 4-D weights (and so the convolutions' activations) channels-last: the same
+    #: arithmetic in another memory order, 1.11-1.15x faster per training step on these
+    #: CPUs (docs/benchmarks.md, issue 14). Not part of the architecture: a checkpoint
+    #: loads into either layout.
+    channels_last: bool = True
 
     def norm_kind(self) -> str:
         """``norm`` with "auto" decided: trainable BatchNorm from random init, frozen on weights."""

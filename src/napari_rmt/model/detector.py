@@ -160,6 +160,10 @@ def build_detector(num_classes: int, cfg: ModelConfig | None = None) -> FasterRC
     model.transform = NativeSizeTransform(
         min_size=t.min_size, max_size=t.max_size, image_mean=t.image_mean, image_std=t.image_std
     )
+    if cfg.channels_last:
+        # 4-D weights only; the convolutions then hand channels-last activations on from
+        # the ordinary input batch, and load_state_dict copies into this layout.
+        model = model.to(memory_format=torch.channels_last)
     return model
 
 

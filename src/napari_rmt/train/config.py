@@ -122,6 +122,11 @@ class TrainConfig:
     #: it thinks of them; 0 learns only the pseudo-boxes' classes from the unlabelled tiles
     #: and leaves "not a cell" to the labelled ones.
     unsup_background: float = 1.0
+    #: A student RoI is a positive of its pseudo-box only from this IoU on (the labelled
+    #: tiles' 0.5 when equal); RoIs between 0.5 and this get no class loss. A pseudo-box
+    #: sits a few pixels off its nucleus, and a RoI at 0.5 of it may sit under 0.5 of the
+    #: nucleus: scoring it high teaches the student to prefer loose boxes.
+    unsup_min_iou: float = 0.5
     #: The student's strong view of an unlabelled tile (``train/augment.py``): "unbiased"
     #: (Unbiased Teacher's, the paper's: colour jitter, blur, random erasing) or "stain"
     #: (H&E stain amounts, brightness, slight blur; nothing erased).
@@ -209,6 +214,8 @@ class TrainConfig:
             bad(f"soft_temperature {self.soft_temperature} must be in [0.05, 10]")
         if self.pseudo_score not in PSEUDO_SCORES:
             bad(f"pseudo_score {self.pseudo_score!r} is not one of {PSEUDO_SCORES}")
+        if not 0.5 <= self.unsup_min_iou <= 1.0:
+            bad(f"unsup_min_iou {self.unsup_min_iou} must be in [0.5, 1] (0.5: as on labelled tiles)")
         if self.strong_view not in STRONG_VIEWS:
             bad(f"strong_view {self.strong_view!r} is not one of {STRONG_VIEWS}")
         if self.lr_schedule not in SCHEDULES:
@@ -349,6 +356,9 @@ TUNABLES: tuple[Tunable, ...] = (
     Tunable("unsup_background", "background on pseudo", "weight of the box head's 'not a cell' loss on "
             "pseudo-labelled tiles (Eq. 4: 1); 0 learns only the pseudo-boxes' classes there, so cells the "
             "teacher missed are not taught as background", high=10.0, step=0.25),
+    Tunable("unsup_min_iou", "pseudo-box IoU", "a student's box counts as a pseudo-box's cell only from "
+            "this overlap with it on (0.5: as on labelled tiles); looser boxes get no class loss, so the "
+            "student does not learn to score loose boxes high", low=0.5, step=0.05),
     Tunable("strong_view", "student's view", "how the student's copy of an unlabelled tile is altered: "
             "unbiased: colour jitter, blur and erased patches (Unbiased Teacher, the paper's); stain: the "
             "amount of each H&E stain, brightness, slight blur, nothing erased", choices=STRONG_VIEWS),

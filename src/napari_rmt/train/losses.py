@@ -16,15 +16,20 @@ def sparse_regulariser(class_logits: Tensor, p: float = 0.5) -> Tensor:
 
 
 def roi_class_weights(
-    labels: Tensor, bg_prob: Tensor | None, ignored: Tensor | None, background: float = 1.0
+    labels: Tensor,
+    bg_prob: Tensor | None,
+    ignored: Tensor | None,
+    background: float = 1.0,
+    loose: Tensor | None = None,
 ) -> Tensor:
     """Classification weight of each sampled RoI of an unlabelled image (SPEC §5).
 
     Foreground RoIs (matched to a pseudo-box) weigh 1. Background RoIs weigh
     ``background`` (``TrainConfig.unsup_background``), times the teacher's background
     probability for the same box when ``bg_prob`` is given (Soft Teacher). Background RoIs
-    on a box of the ignore band (``ignored``) weigh 0. The loss divides by the sum of the
-    weights (``weighted_focal_loss``).
+    on a box of the ignore band (``ignored``) weigh 0, and so do foreground RoIs that fit
+    their pseudo-box too loosely (``loose``, ``TrainConfig.unsup_min_iou``). The loss divides
+    by the sum of the weights (``weighted_focal_loss``).
     """
     weights = torch.ones(labels.shape, dtype=torch.float32, device=labels.device)
     bg = labels == 0
@@ -34,6 +39,8 @@ def roi_class_weights(
         weights = torch.where(bg, weights * background, weights)
     if ignored is not None:
         weights = torch.where(bg & ignored, torch.zeros_like(weights), weights)
+    if loose is not None:
+        weights = torch.where(~bg & loose, torch.zeros_like(weights), weights)
     return weights
 
 

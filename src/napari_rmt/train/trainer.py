@@ -589,7 +589,12 @@ class Trainer:
             finally:
                 heads.roi_soft_targets = None
             return
-        if not cfg.soft_negatives and cfg.ignore_low is None and cfg.unsup_background == 1.0:
+        if (
+            not cfg.soft_negatives
+            and cfg.ignore_low is None
+            and cfg.unsup_background == 1.0
+            and cfg.unsup_min_iou == 0.5
+        ):
             yield
             return
         fg_iou = heads.proposal_matcher.high_threshold
@@ -602,10 +607,12 @@ class Trainer:
             out = []
             for props, lab, target, bg_p in zip(proposals, labels, targets, bg_probs, strict=True):
                 ignore = target.get("ignore_boxes")
-                on_ignored = None
+                on_ignored = loose = None
                 if ignore is not None and ignore.numel() and props.numel():
                     on_ignored = box_ops.box_iou(props, ignore).max(dim=1).values >= fg_iou
-                out.append(roi_class_weights(lab, bg_p, on_ignored, cfg.unsup_background))
+                if cfg.unsup_min_iou > fg_iou and target["boxes"].numel() and props.numel():
+                    loose = box_ops.box_iou(props, target["boxes"]).max(dim=1).values < cfg.unsup_min_iou
+                out.append(roi_class_weights(lab, bg_p, on_ignored, cfg.unsup_background, loose))
             return torch.cat(out)
 
         heads.roi_weighting = weighting

@@ -10,6 +10,8 @@ from ...data.errors import NapariRmtError
 from ...model.bundled import LICENSE_NOTE
 from ..state import AppState
 
+HOVER_HINT = "point at a box for its class and score"
+
 
 class ReviewPanel(QGroupBox):
     def __init__(self, state: AppState, current_class, parent=None) -> None:
@@ -27,10 +29,10 @@ class ReviewPanel(QGroupBox):
         row.addWidget(self.score_label)
         row.addWidget(self.score_slider, 1)
         rl.addLayout(row)
-        self.hover_label = QLabel("")
+        self.hover_label = QLabel(HOVER_HINT)
         self.hover_label.setToolTip("the box under the pointer (on the selected boxes layer)")
         rl.addWidget(self.hover_label)
-        state.hovered.connect(self.hover_label.setText)
+        state.hovered.connect(lambda text: self.hover_label.setText(text or HOVER_HINT))
         row = QHBoxLayout()
         self.accept_tile_btn = QPushButton("Accept tile")
         self.accept_tile_btn.setToolTip(
