@@ -166,13 +166,15 @@ def main() -> None:
     ap.add_argument("--set", nargs="*", default=[], help="branch: config overrides KEY=VALUE (json values)")
     ap.add_argument("--tag", default="", help="run names end with it; a branch starts from supervised<tag>")
     ap.add_argument("--variant", default="", help="branch: a suffix naming this branch's --set overrides")
+    ap.add_argument("--only", default="s*/*", help="plot: the runs to draw, a glob under --out")
+    ap.add_argument("--plot-name", default="semi-pseudo-labels.png", help="plot: the file in docs/images/")
     ap.add_argument("--init", choices=["none", "nucleus"], default="none", help="random init or the bundled model")
     ap.add_argument("--arch", choices=sorted(ARCH), default="sized", help="the detector's size (issue 14)")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.mode == "plot":
-        plot(out)
+        plot(out, args.only, args.plot_name)
         return
     if args.mode == "table":
         print(table(out))
@@ -236,14 +238,15 @@ def table(out: Path) -> str:
     return "\n".join(rows)
 
 
-def plot(out: Path) -> None:
-    """Pseudo-boxes per unlabelled tile and their recall over each semi-supervised run."""
+def plot(out: Path, only: str = "s*/*", name: str = "semi-pseudo-labels.png") -> None:
+    """Pseudo-boxes per unlabelled tile and their recall over each semi-supervised run
+    (the runs under ``out`` that match ``only``, e.g. ``s1/*_nuc*``)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    runs = sorted(p for p in out.glob("s*/*/pseudo.jsonl") if p.stat().st_size)
+    runs = sorted(p for p in out.glob(f"{only}/pseudo.jsonl") if p.stat().st_size)
     truth = []
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     for p in runs:
@@ -275,7 +278,7 @@ def plot(out: Path) -> None:
     axes[2].set_ylim(0, 1)
     axes[0].legend(fontsize=7)
     fig.tight_layout()
-    dest = Path(__file__).resolve().parents[1] / "docs" / "images" / "semi-pseudo-labels.png"
+    dest = Path(__file__).resolve().parents[1] / "docs" / "images" / name
     fig.savefig(dest, dpi=90)
     print(dest)
 

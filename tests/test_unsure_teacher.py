@@ -416,3 +416,53 @@ def test_loose_rois_of_a_pseudo_box_get_no_class_loss(tiny_tiles):
     assert trainer.student.roi_heads.roi_weighting is None
     with pytest.raises(NapariRmtError, match="unsup_min_iou"):
         TrainConfig.for_method("rmt+", unsup_min_iou=0.3)
+
+
+def test_teacher_views_merge_by_hand():
+    """Two looks at a tile: a cell both see keeps the mean of its scores, one only the
+    first sees at 0.6 drops to 0.3; the duplicate of the shared cell goes in the NMS."""
+    from napari_rmt.train.pseudo import flip_boxes, merge_views
+
+    a = {"boxes": torch.tensor([[10.0, 10.0, 30.0, 30.0], [50.0, 50.0, 70.0, 70.0]]),
+         "labels": torch.tensor([1, 2]), "scores": torch.tensor([0.9, 0.6])}
+    b = {"boxes": torch.tensor([[11.0, 10.0, 31.0, 30.0]]), "labels": torch.tensor([1]),
+         "scores": torch.tensor([0.7])}
+    m = merge_views([a, b])
+    order = torch.argsort(m["boxes"][:, 0])
+    assert m["boxes"][order].tolist() == [[10.0, 10.0, 30.0, 30.0], [50.0, 50.0, 70.0, 70.0]]
+    assert m["scores"][order].tolist() == pytest.approx([0.8, 0.3])
+    assert m["labels"][order].tolist() == [1, 2]
+    assert merge_views([a])["scores"].tolist() == pytest.approx([0.9, 0.6])
+    # a box found in a flipped view, mapped back: flip twice is the identity
+    box = torch.tensor([[10.0, 20.0, 30.0, 60.0]])
+    assert flip_boxes(box, 100, 80, True, False).tolist() == [[70.0, 20.0, 90.0, 60.0]]
+    box = torch.tensor([[10.0, 10.0, 30.0, 30.0]])
+    assert flip_boxes(box, 100, 80, False, True).tolist() == [[10.0, 50.0, 30.0, 70.0]]
+    both = flip_boxes(box, 100, 80, True, True)
+    assert both.tolist() == [[70.0, 50.0, 90.0, 70.0]]
+    assert flip_boxes(both, 100, 80, True, True).tolist() == box.tolist()
+
+
+def test_teacher_with_four_views_end_to_end(tiny_tiles):
+    """teacher_views 4: four teacher forwards per unlabelled batch, their boxes merged."""
+    cfg = TrainConfig.for_method("rmt+", iterations=3, burn_in=1, warmup=1, teacher_views=4,
+                                 threshold=0.0, model={"backbone": "resnet18"})
+    trainer = Trainer(tiny_tiles[:3], tiny_tiles[3:], CLASSES, cfg)
+    calls = []
+    import napari_rmt.train.trainer as tm
+
+    original = tm.predict_images
+
+    def counting(model, images, *args, **kwargs):
+        calls.append(len(images))
+        return original(model, images, *args, **kwargs)
+
+    tm.predict_images = counting
+    try:
+        semi = [e for e in trainer.run() if isinstance(e, IterationEvent) and e.phase == "semi-supervised"]
+    finally:
+        tm.predict_images = original
+    assert len(semi) == 2 and all(math.isfinite(v) for e in semi for v in e.losses.values())
+    assert calls == [2] * 8  # two steps x four looks at the batch of two
+    with pytest.raises(NapariRmtError, match="teacher_views"):
+        TrainConfig.for_method("rmt+", teacher_views=3)

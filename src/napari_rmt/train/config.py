@@ -122,6 +122,11 @@ class TrainConfig:
     #: it thinks of them; 0 learns only the pseudo-boxes' classes from the unlabelled tiles
     #: and leaves "not a cell" to the labelled ones.
     unsup_background: float = 1.0
+    #: How many ways the teacher looks at an unlabelled tile before it labels it: 1 (the
+    #: weak view), 2 (and its horizontal flip) or 4 (and both vertical flips); each box's
+    #: score is the mean over the views (``pseudo.merge_views``). Costs a teacher forward
+    #: per view, no backward.
+    teacher_views: int = 1
     #: A student RoI is a positive of its pseudo-box only from this IoU on (the labelled
     #: tiles' 0.5 when equal); RoIs between 0.5 and this get no class loss. A pseudo-box
     #: sits a few pixels off its nucleus, and a RoI at 0.5 of it may sit under 0.5 of the
@@ -214,6 +219,8 @@ class TrainConfig:
             bad(f"soft_temperature {self.soft_temperature} must be in [0.05, 10]")
         if self.pseudo_score not in PSEUDO_SCORES:
             bad(f"pseudo_score {self.pseudo_score!r} is not one of {PSEUDO_SCORES}")
+        if self.teacher_views not in (1, 2, 4):
+            bad(f"teacher_views {self.teacher_views} must be 1, 2 or 4 (the view and its flips)")
         if not 0.5 <= self.unsup_min_iou <= 1.0:
             bad(f"unsup_min_iou {self.unsup_min_iou} must be in [0.5, 1] (0.5: as on labelled tiles)")
         if self.strong_view not in STRONG_VIEWS:
@@ -356,6 +363,9 @@ TUNABLES: tuple[Tunable, ...] = (
     Tunable("unsup_background", "background on pseudo", "weight of the box head's 'not a cell' loss on "
             "pseudo-labelled tiles (Eq. 4: 1); 0 learns only the pseudo-boxes' classes there, so cells the "
             "teacher missed are not taught as background", high=10.0, step=0.25),
+    Tunable("teacher_views", "teacher's looks", "how many ways the teacher looks at a tile before it "
+            "labels it: 1, 2 (and flipped left-right) or 4 (and upside down); a box's score is the mean "
+            "over the looks", low=1, high=4, step=1),
     Tunable("unsup_min_iou", "pseudo-box IoU", "a student's box counts as a pseudo-box's cell only from "
             "this overlap with it on (0.5: as on labelled tiles); looser boxes get no class loss, so the "
             "student does not learn to score loose boxes high", low=0.5, step=0.05),

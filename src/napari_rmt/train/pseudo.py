@@ -113,3 +113,44 @@ def select_pseudo(
         keep = scores >= cut
     ignored = boxes[:0] if ignore_low is None else boxes[~keep & (scores >= ignore_low)]
     return boxes[keep], labels[keep], scores[keep], ignored
+
+
+#: The teacher's extra looks at a tile (``TrainConfig.teacher_views``): flips, which the
+#: weak view's geometry allows to undo exactly; nuclei have no up or left.
+VIEW_FLIPS: tuple[tuple[bool, bool], ...] = ((False, False), (True, False), (False, True), (True, True))
+
+
+def flip_boxes(boxes: Tensor, width: int, height: int, horizontal: bool, vertical: bool) -> Tensor:
+    """Boxes of a flipped image in the unflipped one's coordinates (a flip is its own inverse)."""
+    out = boxes.clone()
+    if horizontal:
+        out[:, 0], out[:, 2] = width - boxes[:, 2], width - boxes[:, 0]
+    if vertical:
+        out[:, 1], out[:, 3] = height - boxes[:, 3], height - boxes[:, 1]
+    return out
+
+
+def merge_views(views: list[dict[str, Tensor]], iou: float = 0.5) -> dict[str, Tensor]:
+    """One tile's teacher detections from several views (already in one frame) as one set.
+
+    A box's score becomes the mean over the views of the best-overlapping box's score in
+    each (IoU >= ``iou``, any class; 0 in a view that has none, its own score in its own
+    view); then class-agnostic NMS at ``iou`` keeps the best of each cluster. A cell that
+    every view sees keeps its score, one that a single view of two sees at 0.6 drops to
+    0.3: the pseudo-labels then hold what the teacher sees however the tile is turned.
+    """
+    from torchvision.ops import box_iou, nms
+
+    boxes = torch.cat([v["boxes"] for v in views])
+    labels = torch.cat([v["labels"] for v in views])
+    if len(views) == 1 or boxes.numel() == 0:
+        return {"boxes": boxes, "labels": labels, "scores": torch.cat([v["scores"] for v in views])}
+    total = torch.zeros(len(boxes), dtype=views[0]["scores"].dtype)
+    for v in views:
+        if len(v["boxes"]):
+            overlap = box_iou(boxes, v["boxes"])
+            best, j = overlap.max(dim=1)
+            total += torch.where(best >= iou, v["scores"][j], torch.zeros_like(best))
+    scores = total / len(views)
+    keep = nms(boxes, scores, iou)
+    return {"boxes": boxes[keep], "labels": labels[keep], "scores": scores[keep]}

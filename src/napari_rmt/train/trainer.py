@@ -71,7 +71,7 @@ from .losses import (
     unsupervised_loss,
 )
 from .mixing import PatchBank, mix_pseudo_boxes
-from .pseudo import ScoreBuffer, select_pseudo
+from .pseudo import VIEW_FLIPS, ScoreBuffer, flip_boxes, merge_views, select_pseudo
 
 
 class TrainingError(NapariRmtError):
@@ -657,6 +657,18 @@ class Trainer:
         hook = teacher.rpn.register_forward_pre_hook(catch) if keep_features else None
         try:
             dets = predict_images(teacher, views, batch_size=max(1, len(views)), device=self.device)
+            if hook is not None:
+                hook.remove()
+                hook = None
+            if self.cfg.teacher_views > 1:
+                looks = [[d] for d in dets]
+                for flip in VIEW_FLIPS[1 : self.cfg.teacher_views]:
+                    turned = [_flipped(v, *flip) for v in views]
+                    for look, v, d in zip(
+                        looks, views, predict_images(teacher, turned, max(1, len(views)), self.device), strict=True
+                    ):
+                        look.append({**d, "boxes": flip_boxes(d["boxes"], v.shape[-1], v.shape[-2], *flip)})
+                dets = [merge_views(look) for look in looks]
         finally:
             heads.score_thresh, heads.score_by = saved
             if hook is not None:
@@ -871,3 +883,8 @@ class Trainer:
                     rng["unlabelled_pos"],
                 )
         return trainer
+
+
+def _flipped(image: Tensor, horizontal: bool, vertical: bool) -> Tensor:
+    dims = [d for d, on in ((-1, horizontal), (-2, vertical)) if on]
+    return image.flip(dims) if dims else image
