@@ -55,6 +55,18 @@ def rectangles_to_boxes(data: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndar
     return xyxy, planes
 
 
+def describe_shape(features, value, kind: str) -> str:
+    """One shape's row of a boxes layer's feature table in words: "prediction: tumor,
+    score 0.87". ``value`` is what ``layer.get_value`` gives (shape index, vertex), or an
+    index; "" when it names no shape."""
+    index = value[0] if isinstance(value, tuple) else value
+    if index is None or not 0 <= int(index) < len(features):
+        return ""
+    row = features.iloc[int(index)]
+    score = float(row["score"])
+    return f"{kind}: {row['class']}" + (f", score {score:.2f}" if score == score else "")
+
+
 def class_colours(classes: ClassList, class_ids: np.ndarray) -> np.ndarray:
     """Explicit RGBA per box; napari's colour cycles sort by value, so we never use them."""
     table = {c.id: c.rgba for c in classes}

@@ -18,7 +18,7 @@ from ..data.errors import ImageReadError, NapariRmtError
 from ..data.project import Project
 from ..data.suggest import rank_unlabelled
 from ..data.tiles import Tile, TileStatus
-from .layers import SOURCE_NAMES, boxes_to_rectangles, class_colours, rectangles_to_boxes
+from .layers import SOURCE_NAMES, boxes_to_rectangles, class_colours, describe_shape, rectangles_to_boxes
 
 IMAGE_LAYER = "tile"
 ANNOTATION_LAYER = "annotations"
@@ -130,13 +130,8 @@ class Session:
 
     def describe_box(self, layer, value) -> str:
         """"prediction: tumor, score 0.87" for ``value`` = (shape index, vertex) of ``layer``."""
-        index = value[0] if isinstance(value, tuple) else value
-        if index is None or not 0 <= int(index) < len(layer.features):
-            return ""
-        row = layer.features.iloc[int(index)]
         kind = "prediction" if layer.name == PREDICTION_LAYER else "annotation"
-        score = float(row["score"])
-        return f"{kind}: {row['class']}" + (f", score {score:.2f}" if score == score else "")
+        return describe_shape(layer.features, value, kind)
 
     def _on_data(self, event=None) -> None:
         if self._updating:
