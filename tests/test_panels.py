@@ -129,6 +129,15 @@ def test_review_panel_cut_and_accept(state):
     for callback in session.predictions.mouse_move_callbacks:  # as napari calls it on a move
         callback(session.predictions, SimpleNamespace(position=(80.0, 80.0)))
     assert panel.hover_label.text() == said
+    # edges keep their screen width when zooming: image-pixel widths shrink as zoom grows
+    from napari_rmt.gui.session import EDGE_PX, camera_of
+
+    camera_of(state.viewer).zoom = 8.0
+    assert session.annotations.edge_width[0] == pytest.approx(EDGE_PX["annotations"] / 8.0)
+    assert session.predictions.current_edge_width == pytest.approx(EDGE_PX["predictions"] / 8.0)
+    session.show_tile(0)  # a tile's new shapes get the same width, not napari's 1
+    assert all(w == pytest.approx(EDGE_PX["annotations"] / 8.0) for w in session.annotations.edge_width)
+    session.show_tile(empty)
     for callback in session.predictions.mouse_move_callbacks:  # off every box: the hint again
         callback(session.predictions, SimpleNamespace(position=(200.0, 5.0)))
     from napari_rmt.gui.panels.review import HOVER_HINT

@@ -27,6 +27,9 @@ PREDICTION_LAYER = "predictions"
 #: light enough to see the nucleus through, enough to tell the two apart at a glance.
 PREDICTION_ALPHA = 0.22
 PREDICTION_SHADE = f"{round(255 * PREDICTION_ALPHA):02x}"  # the same, as a hex colour's alpha
+#: Edge widths in screen pixels, kept at any zoom: napari's widths are image pixels, and a
+#: fixed image width grows over 10 px nuclei when zoomed in.
+EDGE_PX = {ANNOTATION_LAYER: 2.0, PREDICTION_LAYER: 1.25}
 
 
 def camera_of(viewer):
@@ -47,6 +50,7 @@ class Session:
     ) -> None:
         self.viewer = viewer
         self.on_hover = on_hover
+        self._edge: dict[str, float] = {}
         self._hover_text = ""
         self.project = project
         self.index = 0
@@ -104,7 +108,7 @@ class Session:
             ndim=2,
             shape_type="rectangle",
             face_color="transparent",
-            edge_width=1.0 if name == PREDICTION_LAYER else 1.5,
+            edge_width=self._edge.setdefault(name, self._edge_for(name)),
             opacity=1.0,
             features=pd.DataFrame(
                 {
@@ -119,6 +123,26 @@ class Session:
         if name == PREDICTION_LAYER and names:
             layer.current_face_color = self.classes.by_name(self.current_class).hex + PREDICTION_SHADE
         return layer
+
+    def _edge_for(self, name: str) -> float:
+        return EDGE_PX[name] / max(float(camera_of(self.viewer).zoom), 1e-6)
+
+    def fit_edges(self) -> None:
+        """Edges back to their screen width after a zoom (only when it moved by 10 %: each
+        change redraws every shape)."""
+        for layer in (self.annotations, self.predictions):
+            width = self._edge_for(layer.name)
+            if abs(self._edge.get(layer.name, 0.0) - width) > 0.1 * width:
+                self._edge[layer.name] = width
+                self._apply_edge(layer)
+
+    def _apply_edge(self, layer) -> None:
+        width = self._edge.get(layer.name)
+        if width is None:
+            return
+        layer.current_edge_width = width
+        if len(layer.data):
+            layer.edge_width = width
 
     def _on_mouse_move(self, layer, event) -> None:
         """Say which box is under the pointer, with its score: napari's status bar shows a
@@ -207,6 +231,7 @@ class Session:
                 )
                 if len(boxes):
                     self._paint(layer, boxes.class_ids)
+                self._apply_edge(layer)  # napari gives new shapes width 1
             # Each of these assignments redraws the layer's thumbnail: only when they change.
             fd = layer.feature_defaults
             if (

@@ -18,7 +18,7 @@ from qtpy.QtCore import QObject, QTimer, Signal
 from ..data.errors import NapariRmtError
 from ..data.project import Project
 from ..data.tiles import TileSet
-from .session import Session
+from .session import Session, camera_of
 
 
 class AppState(QObject):
@@ -56,6 +56,11 @@ class AppState(QObject):
         self._autosave.setSingleShot(True)
         self._autosave.setInterval(1000)
         self._autosave.timeout.connect(self.save_project)
+        camera_of(viewer).events.zoom.connect(self._on_zoom)
+
+    def _on_zoom(self, _event=None) -> None:
+        if self.session is not None:
+            self.session.fit_edges()
 
     # ------------------------------------------------------------------ messages
     @property
