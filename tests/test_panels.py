@@ -106,7 +106,7 @@ def test_review_panel_cut_and_accept(state):
     assert panel.accept_tile() == 2 and len(state.project.tileset[empty].boxes) == 2
     assert len(state.project.tileset[empty].predictions) == 1  # the hidden one stays a prediction
     # a prediction is shaded in its class colour, an annotation is an outline only
-    from napari_rmt.gui.session import PREDICTION_ALPHA
+    from napari_rmt.gui.layers import PREDICTION_ALPHA
 
     session = state.session
     panel.score_slider.setValue(10)  # show the 0.2 one again
@@ -120,17 +120,19 @@ def test_review_panel_cut_and_accept(state):
     assert session.predictions.face_color[0][3] == pytest.approx(PREDICTION_ALPHA)
     assert session.predictions.face_color[0][:3] == pytest.approx(session.predictions.edge_color[0][:3])
     # the box under the pointer, with its score, in the review panel
-    said = session.describe_box(session.predictions, (0, None))
+    from napari_rmt.gui.layers import describe_shape
+
+    said = describe_shape(session.predictions, (0, None))
     assert said == f"prediction: {session.classes.names[2]}, score 0.20"
-    assert session.describe_box(session.predictions, (None, None)) == ""
-    assert session.describe_box(session.annotations, 1).startswith("annotation: ")
+    assert describe_shape(session.predictions, (None, None)) == ""
+    assert describe_shape(session.annotations, 1).startswith("annotation: ")
     from types import SimpleNamespace
 
     for callback in session.predictions.mouse_move_callbacks:  # as napari calls it on a move
         callback(session.predictions, SimpleNamespace(position=(80.0, 80.0)))
     assert panel.hover_label.text() == said
     # edges keep their screen width when zooming: image-pixel widths shrink as zoom grows
-    from napari_rmt.gui.session import EDGE_PX, camera_of
+    from napari_rmt.gui.layers import EDGE_PX, camera_of
 
     camera_of(state.viewer).zoom = 8.0
     assert session.annotations.edge_width[0] == pytest.approx(EDGE_PX["annotations"] / 8.0)

@@ -18,24 +18,20 @@ from ..data.errors import ImageReadError, NapariRmtError
 from ..data.project import Project
 from ..data.suggest import rank_unlabelled
 from ..data.tiles import Tile, TileStatus
-from .layers import SOURCE_NAMES, boxes_to_rectangles, class_colours, describe_shape, rectangles_to_boxes
-
-IMAGE_LAYER = "tile"
-ANNOTATION_LAYER = "annotations"
-PREDICTION_LAYER = "predictions"
-#: Predictions are shaded in their class colour at this opacity, annotations are outlines:
-#: light enough to see the nucleus through, enough to tell the two apart at a glance.
-PREDICTION_ALPHA = 0.22
-PREDICTION_SHADE = f"{round(255 * PREDICTION_ALPHA):02x}"  # the same, as a hex colour's alpha
-#: Edge widths in screen pixels, kept at any zoom: napari's widths are image pixels, and a
-#: fixed image width grows over 10 px nuclei when zoomed in.
-EDGE_PX = {ANNOTATION_LAYER: 2.0, PREDICTION_LAYER: 1.25}
-
-
-def camera_of(viewer):
-    """napari 0.9 moved the camera to ``viewer.scene``; older versions have ``viewer.camera``."""
-    scene = getattr(viewer, "scene", None)
-    return scene.camera if scene is not None and hasattr(scene, "camera") else viewer.camera
+from .layers import (
+    ANNOTATION_LAYER,
+    EDGE_PX,
+    IMAGE_LAYER,
+    PREDICTION_LAYER,
+    PREDICTION_SHADE,
+    SOURCE_NAMES,
+    boxes_to_rectangles,
+    camera_of,
+    class_colours,
+    describe_shape,
+    paint_boxes,
+    rectangles_to_boxes,
+)
 
 
 class Session:
@@ -147,15 +143,10 @@ class Session:
     def _on_mouse_move(self, layer, event) -> None:
         """Say which box is under the pointer, with its score: napari's status bar shows a
         Shapes layer's index, not its features."""
-        text = self.describe_box(layer, layer.get_value(event.position, world=True))
+        text = describe_shape(layer, layer.get_value(event.position, world=True))
         if text != self._hover_text and self.on_hover is not None:
             self._hover_text = text
             self.on_hover(text)
-
-    def describe_box(self, layer, value) -> str:
-        """"prediction: tumor, score 0.87" for ``value`` = (shape index, vertex) of ``layer``."""
-        kind = "prediction" if layer.name == PREDICTION_LAYER else "annotation"
-        return describe_shape(layer.features, value, kind)
 
     def _on_data(self, event=None) -> None:
         if self._updating:
@@ -190,22 +181,11 @@ class Session:
         self._paint(layer, ids)
 
     def _paint(self, layer, class_ids: np.ndarray) -> None:
-        """Edges in the class colours; predictions also shaded with them, so that a
-        prediction never looks like an annotation (napari draws no dashed edges)."""
-        colours = class_colours(self.classes, class_ids)
-        wanted = [("edge_color", colours)]
-        if layer.name == PREDICTION_LAYER:
-            shade = colours.copy()
-            shade[:, 3] = PREDICTION_ALPHA
-            wanted.append(("face_color", shade))
-        for attr, value in wanted:
-            have = getattr(layer, attr)
-            if have.shape != value.shape or not np.allclose(have, value):
-                self._updating = True
-                try:
-                    setattr(layer, attr, value)
-                finally:
-                    self._updating = False
+        self._updating = True
+        try:
+            paint_boxes(layer, class_colours(self.classes, class_ids), shaded=layer.name == PREDICTION_LAYER)
+        finally:
+            self._updating = False
 
     def _set_layer_boxes(self, layer, boxes: Boxes) -> None:
         """Replace a layer's shapes in one assignment (napari builds each shape once)."""
