@@ -120,7 +120,8 @@ class TrainConfig:
     #: with soft negatives it multiplies the teacher's background probability). A teacher
     #: that finds half of the cells makes the other half background RoIs there, whatever
     #: it thinks of them; 0 learns only the pseudo-boxes' classes from the unlabelled tiles
-    #: and leaves "not a cell" to the labelled ones.
+    #: and leaves "not a cell" to the labelled ones. (With ``soft_targets`` the teacher's
+    #: distribution is every unmatched RoI's target at weight 1, and this is not used.)
     unsup_background: float = 1.0
     #: How many ways the teacher looks at an unlabelled tile before it labels it: 1 (the
     #: weak view), 2 (and its horizontal flip) or 4 (and both vertical flips); each box's
@@ -130,7 +131,8 @@ class TrainConfig:
     #: A student RoI is a positive of its pseudo-box only from this IoU on (the labelled
     #: tiles' 0.5 when equal); RoIs between 0.5 and this get no class loss. A pseudo-box
     #: sits a few pixels off its nucleus, and a RoI at 0.5 of it may sit under 0.5 of the
-    #: nucleus: scoring it high teaches the student to prefer loose boxes.
+    #: nucleus: scoring it high teaches the student to prefer loose boxes. (Not used with
+    #: ``soft_targets``, like ``unsup_background``.)
     unsup_min_iou: float = 0.5
     #: The student's strong view of an unlabelled tile (``train/augment.py``): "unbiased"
     #: (Unbiased Teacher's, the paper's: colour jitter, blur, random erasing) or "stain"
