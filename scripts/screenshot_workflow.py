@@ -96,6 +96,8 @@ def main() -> None:
         **extra,
     )
     w.tabs.setCurrentIndex(1)  # where the Train button is
+    w.training.iter_spin.setValue(args.iterations)  # the form shows the run it starts
+    w.training.minutes_spin.setValue(0)
     w.train(config=cfg)
     while w.worker is not None and w.progress.value() < max(2, args.iterations * 2 // 3):
         pump(0.2)
