@@ -421,7 +421,8 @@ def test_loose_rois_of_a_pseudo_box_get_no_class_loss(tiny_tiles):
 def test_teacher_views_merge_by_hand():
     """Two looks at a tile: a cell both see keeps the mean of its scores, one only the
     first sees at 0.6 drops to 0.3; the duplicate of the shared cell goes in the NMS."""
-    from napari_rmt.train.pseudo import flip_boxes, merge_views
+    from napari_rmt.train.augment import flip_boxes
+    from napari_rmt.train.pseudo import merge_views
 
     a = {"boxes": torch.tensor([[10.0, 10.0, 30.0, 30.0], [50.0, 50.0, 70.0, 70.0]]),
          "labels": torch.tensor([1, 2]), "scores": torch.tensor([0.9, 0.6])}

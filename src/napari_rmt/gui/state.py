@@ -18,7 +18,8 @@ from qtpy.QtCore import QObject, QTimer, Signal
 from ..data.errors import NapariRmtError
 from ..data.project import Project
 from ..data.tiles import TileSet
-from .session import Session, camera_of
+from .layers import camera_of
+from .session import Session
 
 
 class AppState(QObject):
@@ -57,6 +58,9 @@ class AppState(QObject):
         self._autosave.setInterval(1000)
         self._autosave.timeout.connect(self.save_project)
         camera_of(viewer).events.zoom.connect(self._on_zoom)
+
+    def _new_session(self) -> Session:
+        return Session(self.viewer, self.project, on_change=self.changed, on_hover=self.hovered.emit)
 
     def _on_zoom(self, _event=None) -> None:
         if self.session is not None:
@@ -98,7 +102,7 @@ class AppState(QObject):
         folder = folder or self.projects_root / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
         self.project = Project(tileset, folder)
         self.model_state = None
-        self.session = Session(self.viewer, self.project, on_change=self.changed, on_hover=self.hovered.emit)
+        self.session = self._new_session()
         self._attach_whole(tileset)
         self.opened.emit()
         self.busy_changed.emit()
@@ -110,7 +114,7 @@ class AppState(QObject):
         index = self.session.index
         if pull:
             self.session.pull()
-        self.session = Session(self.viewer, self.project, on_change=self.changed, on_hover=self.hovered.emit)
+        self.session = self._new_session()
         self.session.show_tile(index)
         self.session_rebuilt.emit()
 

@@ -17,8 +17,7 @@ from ..data.boxes import Boxes
 from ..data.classes import ClassList
 from ..data.large import LargeImage
 from ..data.tiles import Tile, TileStatus
-from .layers import boxes_to_rectangles, class_colours
-from .session import camera_of
+from .layers import boxes_to_rectangles, camera_of, class_colours
 
 OVERVIEW_LAYER = "whole image"
 GRID_LAYER = "tile grid"

@@ -167,11 +167,7 @@ class FocalRoIHeads(RoIHeads):
             empty = proposals[0].new_zeros((0, 4)) if proposals else torch.zeros(0, 4)
             return [{"boxes": empty, "labels": empty.new_zeros(0, dtype=torch.int64),
                      "scores": empty.new_zeros(0)} for _ in proposals]
-        if sum(counts) <= self.eval_chunk:
-            pooled = self.box_roi_pool(features, proposals, image_shapes)
-            logits, deltas = self.box_predictor(self.box_head(pooled))
-        else:
-            logits, deltas = self._chunked_outputs(features, proposals, image_shapes)
+        logits, deltas = self._chunked_outputs(features, proposals, image_shapes)  # one chunk when few
         probs = F.softmax(logits, -1)
         boxes_all = self.box_coder.decode(deltas, proposals)
         out = []

@@ -1,6 +1,7 @@
 """Weak and strong augmentation (paper Sec. 2.3, after Unbiased Teacher).
 
-Weak: random horizontal flip, boxes flipped with it; the teacher sees this view.
+Weak: random horizontal flip, boxes flipped with it (the trainer draws the flips, alike on
+every rank); the teacher sees this view.
 Strong: photometric only, so the student's view keeps the weak view's geometry and the
 pseudo-boxes stay valid without any mapping. Two kinds (``TrainConfig.strong_view``):
 "unbiased" is Unbiased Teacher's (colour jitter, Gaussian blur, random erasing), made for
@@ -16,19 +17,31 @@ import torch
 from torch import Tensor
 from torchvision.transforms import v2
 
+#: The flips of a tile (horizontal, vertical): the weak view is one of the first two, the
+#: teacher's extra looks (``TrainConfig.teacher_views``) take them in this order; nuclei
+#: have no up or left, and a flip is undone exactly.
+VIEW_FLIPS: tuple[tuple[bool, bool], ...] = ((False, False), (True, False), (False, True), (True, True))
+
+
+def flip_image(image: Tensor, horizontal: bool, vertical: bool) -> Tensor:
+    dims = [d for d, on in ((-1, horizontal), (-2, vertical)) if on]
+    return image.flip(dims) if dims else image
+
+
+def flip_boxes(boxes: Tensor, width: int, height: int, horizontal: bool, vertical: bool) -> Tensor:
+    """Boxes of an image flipped as said, in the flipped image's coordinates (a flip is its
+    own inverse, so the same call maps them back)."""
+    out = boxes.clone()
+    if horizontal:
+        out[:, 0], out[:, 2] = width - boxes[:, 2], width - boxes[:, 0]
+    if vertical:
+        out[:, 1], out[:, 3] = height - boxes[:, 3], height - boxes[:, 1]
+    return out
+
 
 def hflip(image: Tensor, boxes: Tensor) -> tuple[Tensor, Tensor]:
-    w = image.shape[-1]
-    flipped = boxes.clone()
-    flipped[:, 0] = w - boxes[:, 2]
-    flipped[:, 2] = w - boxes[:, 0]
-    return image.flip(-1), flipped
-
-
-def weak(image: Tensor, boxes: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
-    if torch.rand((), generator=generator) < 0.5:
-        return hflip(image, boxes)
-    return image, boxes
+    """The weak view's flip of a labelled tile and its boxes."""
+    return image.flip(-1), flip_boxes(boxes, image.shape[-1], image.shape[-2], True, False)
 
 
 #: Stain vectors of haematoxylin, eosin and DAB in optical density (rows), after Ruifrok

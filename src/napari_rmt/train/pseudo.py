@@ -115,21 +115,6 @@ def select_pseudo(
     return boxes[keep], labels[keep], scores[keep], ignored
 
 
-#: The teacher's extra looks at a tile (``TrainConfig.teacher_views``): flips, which the
-#: weak view's geometry allows to undo exactly; nuclei have no up or left.
-VIEW_FLIPS: tuple[tuple[bool, bool], ...] = ((False, False), (True, False), (False, True), (True, True))
-
-
-def flip_boxes(boxes: Tensor, width: int, height: int, horizontal: bool, vertical: bool) -> Tensor:
-    """Boxes of a flipped image in the unflipped one's coordinates (a flip is its own inverse)."""
-    out = boxes.clone()
-    if horizontal:
-        out[:, 0], out[:, 2] = width - boxes[:, 2], width - boxes[:, 0]
-    if vertical:
-        out[:, 1], out[:, 3] = height - boxes[:, 3], height - boxes[:, 1]
-    return out
-
-
 def merge_views(views: list[dict[str, Tensor]], iou: float = 0.5) -> dict[str, Tensor]:
     """One tile's teacher detections from several views (already in one frame) as one set.
 

@@ -44,7 +44,7 @@ from ..data.errors import NapariRmtError
 from ..data.tiles import Tile
 from ..model.detector import build_detector
 from ..model.predict import predict_images
-from .augment import hflip, strong_view
+from .augment import VIEW_FLIPS, flip_boxes, flip_image, hflip, strong_view
 from .checkpoint import (
     MODEL_FILE,
     TRAINING_FILE,
@@ -71,7 +71,7 @@ from .losses import (
     unsupervised_loss,
 )
 from .mixing import PatchBank, mix_pseudo_boxes
-from .pseudo import VIEW_FLIPS, ScoreBuffer, flip_boxes, merge_views, select_pseudo
+from .pseudo import ScoreBuffer, merge_views, select_pseudo
 
 
 class TrainingError(NapariRmtError):
@@ -663,7 +663,7 @@ class Trainer:
             if self.cfg.teacher_views > 1:
                 looks = [[d] for d in dets]
                 for flip in VIEW_FLIPS[1 : self.cfg.teacher_views]:
-                    turned = [_flipped(v, *flip) for v in views]
+                    turned = [flip_image(v, *flip) for v in views]
                     for look, v, d in zip(
                         looks, views, predict_images(teacher, turned, max(1, len(views)), self.device), strict=True
                     ):
@@ -883,8 +883,3 @@ class Trainer:
                     rng["unlabelled_pos"],
                 )
         return trainer
-
-
-def _flipped(image: Tensor, horizontal: bool, vertical: bool) -> Tensor:
-    dims = [d for d, on in ((-1, horizontal), (-2, vertical)) if on]
-    return image.flip(dims) if dims else image

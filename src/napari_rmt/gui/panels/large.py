@@ -10,7 +10,7 @@ from qtpy.QtWidgets import QFileDialog, QGroupBox, QHBoxLayout, QLabel, QPushBut
 
 from ...data.errors import NapariRmtError
 from ...data.tiles import TileSet
-from ..session import camera_of
+from ..layers import camera_of
 from ..state import AppState
 from .common import ask_save, spin
 
