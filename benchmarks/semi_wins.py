@@ -153,7 +153,7 @@ ARCH = {
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("mode", choices=["supervised", "branch", "yardstick", "plot", "table"])
+    ap.add_argument("mode", choices=["supervised", "branch", "yardstick", "plot", "table", "score"])
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--minutes", type=float, default=20)
     ap.add_argument("--out", required=True)
@@ -170,6 +170,7 @@ def main() -> None:
     ap.add_argument("--plot-name", default="semi-pseudo-labels.png", help="plot: the file in docs/images/")
     ap.add_argument("--init", choices=["none", "nucleus"], default="none", help="random init or the bundled model")
     ap.add_argument("--arch", choices=sorted(ARCH), default="sized", help="the detector's size (issue 14)")
+    ap.add_argument("--states", nargs="*", default=[], help="score: saved states (state_50.pt ...) to score")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -182,6 +183,13 @@ def main() -> None:
     torch.set_num_threads(2)
     ts, lab, unl, test = split(args.seed)
     print(f"seed {args.seed}: {len(lab)} labelled, {len(unl)} unlabelled, {len(test)} test", flush=True)
+    if args.mode == "score":  # a saved state as it is (the network a branch starts from)
+        from napari_rmt.train.checkpoint import load_model
+
+        for path in args.states:
+            f1 = evaluate(load_model(path)[0], test, ts.classes)
+            print(path, json.dumps({"any": f1["any"], "mean_class_f1": f1["mean_class_f1"]}), flush=True)
+        return
     if args.mode == "yardstick":
         sp = out / "split.json"
         sp.write_text(json.dumps({"labelled": [t.id for t in lab], "test": [t.id for t in test]}))
