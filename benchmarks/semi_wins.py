@@ -145,9 +145,14 @@ def base_config(args, method: str) -> TrainConfig:
 
 
 #: "sized": the default since issue 14; "full": the default before it (the paper's FPN on ResNet-18).
+#: The other three are "sized" with one of its three size changes undone, contiguous weights
+#: as the "sized" and "full" runs of docs/benchmarks.md were (before channels-last).
 ARCH = {
     "sized": {},
     "full": {"fpn_channels": 256, "resnet_stages": 4, "box_head_dim": 1024, "anchor_sizes": (8, 16, 32, 64, 128)},
+    "stage4": {"resnet_stages": 4, "channels_last": False},
+    "fpn256": {"fpn_channels": 256, "channels_last": False},
+    "head1024": {"box_head_dim": 1024, "channels_last": False},
 }
 
 
