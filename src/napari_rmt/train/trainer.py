@@ -589,15 +589,16 @@ class Trainer:
             finally:
                 heads.roi_soft_targets = None
             return
+        fg_iou = heads.proposal_matcher.high_threshold
+        # Nothing to weight: every RoI would weigh 1 in roi_class_weights below.
         if (
             not cfg.soft_negatives
             and cfg.ignore_low is None
             and cfg.unsup_background == 1.0
-            and cfg.unsup_min_iou == 0.5
+            and cfg.unsup_min_iou <= fg_iou
         ):
             yield
             return
-        fg_iou = heads.proposal_matcher.high_threshold
 
         def weighting(proposals: list[Tensor], labels: list[Tensor], targets: list[dict]) -> Tensor:
             bg_probs: list[Tensor | None] = [None] * len(proposals)
