@@ -41,31 +41,27 @@ def background_on(model, image: torch.Tensor, boxes: torch.Tensor) -> torch.Tens
     """The model's background probability for RoIs exactly on ``boxes``."""
     images_t, _ = model.transform([image])
     features = model.backbone(images_t.tensors)
-    heads = model.roi_heads
-    pooled = heads.box_roi_pool(features, [boxes], images_t.image_sizes)
-    logits, _ = heads.box_predictor(heads.box_head(pooled))
-    return torch.softmax(logits, -1)[:, 0]
+    return model.roi_heads.class_probabilities(features, [boxes], images_t.image_sizes)[:, 0]
 
 
 def best_score(truth: torch.Tensor, det: dict[str, torch.Tensor]) -> torch.Tensor:
     """Per true box, the best score of a detection at IoU >= 0.5 of it (0: none)."""
-    if not len(det["boxes"]):
+    if not len(det["boxes"]) or not len(truth):
         return torch.zeros(len(truth))
     iou = box_ops.box_iou(truth, det["boxes"])
     return torch.where(iou >= 0.5, det["scores"][None, :], torch.zeros_like(iou)).max(dim=1).values
 
 
-def picture(path: str, tiles, dets, threshold: float) -> None:
+def picture(path: str, tiles, dets, best: list[torch.Tensor], threshold: float) -> None:
+    """Eight of the tiles, each cell coloured by ``best`` (its best teacher box's score)."""
     from PIL import Image, ImageDraw
 
     step = max(1, len(tiles) // 8)
     panels = []
-    for tile, det in list(zip(tiles, dets, strict=True))[::step][:8]:
-        truth = torch.as_tensor(tile.boxes.xyxy, dtype=torch.float32)
-        s = best_score(truth, det)
+    for tile, det, s in list(zip(tiles, dets, best, strict=True))[::step][:8]:
         im = Image.fromarray(tile.pixels()[..., :3]).resize((512, 512), Image.NEAREST)
         draw = ImageDraw.Draw(im)
-        for b, sc in zip(truth.numpy() * 2, s.numpy(), strict=True):
+        for b, sc in zip(tile.boxes.xyxy * 2, s.numpy(), strict=True):
             colour = (0, 200, 0) if sc >= threshold else (255, 0, 0) if sc < 0.05 else (255, 200, 0)
             draw.rectangle(list(b), outline=colour, width=2)
         for b, sc in zip(det["boxes"].numpy() * 2, det["scores"].numpy(), strict=True):
@@ -102,11 +98,10 @@ def main() -> None:
     best, bg, nuc = [], [], []
     for tile, im, det, nd in zip(tiles, images, dets, nuc_dets, strict=True):
         truth = torch.as_tensor(tile.boxes.xyxy, dtype=torch.float32)
-        if not len(truth):
-            continue
         best.append(best_score(truth, det))
         nuc.append(best_score(truth, nd))
-        bg.append(background_on(model, im, truth))
+        if len(truth):
+            bg.append(background_on(model, im, truth))
     best_t, bg_t, nuc_t = torch.cat(best).numpy(), torch.cat(bg).numpy(), torch.cat(nuc).numpy()
     n = len(best_t)
     print(f"{len(tiles)} {'labelled' if args.labelled else 'unlabelled'} tiles, {n} true cells, "
@@ -128,7 +123,7 @@ def main() -> None:
         print(f"| {name} | {sel.mean():.3f} | {b.mean():.3f} | {np.median(b):.3f} | "
               f"{(b ** 4).mean():.3f} | {(b ** 8).mean():.3f} | {(nuc_t[sel] >= NUCLEUS_CUT).mean():.3f} |")
     if args.picture:
-        picture(args.picture, tiles, dets, args.threshold)
+        picture(args.picture, tiles, dets, best, args.threshold)
 
 
 if __name__ == "__main__":

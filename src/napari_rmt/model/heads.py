@@ -127,6 +127,14 @@ class FocalRoIHeads(RoIHeads):
         }
         return [], losses
 
+    def class_probabilities(self, features, boxes: list[Tensor], image_shapes) -> Tensor:
+        """The class distribution (background first) for each of the given boxes of each
+        image, concatenated: what the head thinks of a box it did not propose itself (a
+        teacher's view of the student's RoIs, or of a true cell's box)."""
+        pooled = self.box_roi_pool(features, boxes, image_shapes)
+        logits, _ = self.box_predictor(self.box_head(pooled))
+        return F.softmax(logits, dim=-1)
+
     def _chunked_outputs(self, features, proposals, image_shapes) -> tuple[Tensor, Tensor]:
         """Box-head outputs for all proposals, in their order, ``eval_chunk`` at a time.
 

@@ -631,11 +631,8 @@ class Trainer:
         """The teacher's class distribution (background first) for each proposal box, from
         its features of the weak views (the strong views share their geometry)."""
         assert self.teacher is not None
-        heads = self.teacher.roi_heads
         props = [p.detach() for p in proposals]
-        pooled = heads.box_roi_pool(view["features"], props, view["image_sizes"])
-        logits, _ = heads.box_predictor(heads.box_head(pooled))
-        return torch.softmax(logits, dim=-1)
+        return self.teacher.roi_heads.class_probabilities(view["features"], props, view["image_sizes"])
 
     def _teacher_predict(
         self, views: list[Tensor], threshold: float, keep_features: bool = False
