@@ -221,6 +221,7 @@ def main() -> None:
         cfg.validate()
         trainer = Trainer.resume(state, lab, unl, config=cfg)
         wall = drive(trainer, run, unl)
+    trainer.save(run / "state_100.pt")  # the final networks, for scoring at other cuts
     res = result(trainer, run.name, test, ts.classes, wall)
     (run / "result.json").write_text(json.dumps(res, indent=1))
     print(json.dumps({k: v for k, v in res.items() if k != "config"}, indent=1))

@@ -56,6 +56,12 @@ def test_soft_negative_weights_and_ignore_band_by_hand():
     # equal weights: the plain mean (the supervised loss)
     ones = torch.ones(4)
     assert float(weighted_focal_loss(logits, labels, ones, 1.5)) == pytest.approx(float(focal_loss(logits, labels, 1.5)))
+    # split normalisation (SPEC §5, Soft Teacher's paper): the foreground RoIs' mean plus
+    # the background RoIs' weighted mean: ln 2 / 1 + (0.3 ln(4/3) + 0.7 ln 4 + 0) / 1.0 = 1.749858
+    assert float(weighted_focal_loss(logits, labels, w, gamma=0.0, split=True)) == pytest.approx(1.749858, abs=1e-5)
+    # with no foreground RoI it is the background's weighted mean alone, as joint
+    assert float(weighted_focal_loss(logits[1:], labels[1:], w[1:], gamma=0.0, split=True)) == pytest.approx(
+        float(weighted_focal_loss(logits[1:], labels[1:], w[1:], gamma=0.0)))
 
 
 def test_gmm_threshold_lands_between_the_modes():
@@ -467,3 +473,24 @@ def test_teacher_with_four_views_end_to_end(tiny_tiles):
     assert calls == [2] * 8  # two steps x four looks at the batch of two
     with pytest.raises(NapariRmtError, match="teacher_views"):
         TrainConfig.for_method("rmt+", teacher_views=3)
+
+
+def test_split_normalisation_is_set_for_the_unlabelled_forward_only(tiny_tiles):
+    """unsup_normalise "split": the student's box head averages foreground and background
+    apart during the unlabelled forward (even with nothing else to weight), and joint
+    again after; an unknown choice is refused by name; a tiny run trains with it."""
+    cfg = TrainConfig.for_method("rmt+", iterations=3, burn_in=1, warmup=1, unsup_normalise="split",
+                                 soft_negatives=False, ignore_low=None, model={"backbone": "resnet18"})
+    trainer = Trainer(tiny_tiles[:3], tiny_tiles[3:], CLASSES, cfg)
+    heads = trainer.student.roi_heads
+    with trainer._roi_weighting({}):
+        assert heads.split_normalise
+        w = heads.roi_weighting([torch.tensor([[0.0, 0.0, 9.0, 9.0]])], [torch.tensor([0])],
+                                [{"boxes": torch.zeros((0, 4)), "labels": torch.zeros(0, dtype=torch.int64)}])
+        assert w.tolist() == [1.0]
+    assert not heads.split_normalise and heads.roi_weighting is None
+    events = [e for e in trainer.run() if isinstance(e, IterationEvent)]
+    assert [e.phase for e in events][-1] == "semi-supervised"
+    assert all(math.isfinite(e.losses["total"]) for e in events)
+    with pytest.raises(NapariRmtError, match="unsup_normalise"):
+        TrainConfig.for_method("rmt+", unsup_normalise="halves")

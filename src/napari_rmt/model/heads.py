@@ -27,8 +27,31 @@ def focal_loss(logits: Tensor, labels: Tensor, gamma: float = 1.5) -> Tensor:
     return ((1.0 - p_t) ** gamma * ce).mean()
 
 
-def weighted_focal_loss(logits: Tensor, labels: Tensor, weights: Tensor, gamma: float = 1.5) -> Tensor:
-    """``sum_n w_n * focal_n / sum_n w_n``: with all weights equal it is ``focal_loss``.
+def weighted_mean(losses: Tensor, weights: Tensor, labels: Tensor, split: bool = False) -> Tensor:
+    """The per-RoI ``losses`` averaged under ``weights``.
+
+    Joint (``split`` False): ``sum_n w_n l_n / sum_n w_n``, one average over all RoIs, as
+    Soft Teacher's released code does. Split: the foreground RoIs' weighted average plus
+    the background RoIs' weighted average, as Soft Teacher's paper writes it (and SPEC
+    §5): however few pseudo-boxes a tile has, its cells weigh as much as its background,
+    so a shy teacher's many negatives cannot drown its few positives.
+    """
+    if not split:
+        total = weights.sum()
+        return (losses * weights).sum() / total if float(total) > 0 else losses.sum() * 0.0
+    out = losses.sum() * 0.0
+    for part in (labels > 0, labels == 0):
+        w = weights[part]
+        if float(w.sum()) > 0:
+            out = out + (losses[part] * w).sum() / w.sum()
+    return out
+
+
+def weighted_focal_loss(
+    logits: Tensor, labels: Tensor, weights: Tensor, gamma: float = 1.5, split: bool = False
+) -> Tensor:
+    """``focal_n`` averaged under the weights (``weighted_mean``): with all weights equal
+    and ``split`` off it is ``focal_loss``.
 
     Soft Teacher's normalisation: the loss is an average under the weights, so that
     down-weighting doubtful negatives does not shrink the loss as a whole.
@@ -37,19 +60,22 @@ def weighted_focal_loss(logits: Tensor, labels: Tensor, weights: Tensor, gamma: 
         return logits.sum() * 0.0
     ce = F.cross_entropy(logits, labels, reduction="none")
     p_t = torch.exp(-ce)
-    return ((1.0 - p_t) ** gamma * ce * weights).sum() / weights.sum()
+    return weighted_mean((1.0 - p_t) ** gamma * ce, weights, labels, split)
 
 
-def soft_target_loss(logits: Tensor, labels: Tensor, soft: Tensor, use_soft: Tensor, weights: Tensor) -> Tensor:
-    """``sum_n w_n * ce_n / sum_n w_n`` where ``ce_n`` is cross-entropy against ``soft[n]`` (a
-    probability vector) where ``use_soft[n]``, else against the hard label ``labels[n]``."""
+def soft_target_loss(
+    logits: Tensor, labels: Tensor, soft: Tensor, use_soft: Tensor, weights: Tensor, split: bool = False
+) -> Tensor:
+    """``ce_n`` averaged under the weights (``weighted_mean``), where ``ce_n`` is
+    cross-entropy against ``soft[n]`` (a probability vector) where ``use_soft[n]``, else
+    against the hard label ``labels[n]``."""
     if logits.numel() == 0 or float(weights.sum()) <= 0:
         return logits.sum() * 0.0
     log_p = F.log_softmax(logits, dim=-1)
     hard = F.one_hot(labels, logits.shape[-1]).to(log_p.dtype)
     target = torch.where(use_soft[:, None], soft.to(log_p.dtype), hard)
     ce = -(target * log_p).sum(dim=-1)
-    return (ce * weights).sum() / weights.sum()
+    return weighted_mean(ce, weights, labels, split)
 
 
 def box_regression_loss(box_regression: Tensor, labels: Tensor, regression_targets: Tensor) -> Tensor:
@@ -84,6 +110,9 @@ class FocalRoIHeads(RoIHeads):
         #: class) or "foreground" (``foreground_detections``); the teacher's pseudo-label
         #: choice sets it (``TrainConfig.pseudo_score``), prediction keeps "class".
         self.score_by = "class"
+        #: Set by the trainer for an unlabelled forward: average the classification loss
+        #: over foreground and background RoIs apart (``weighted_mean``).
+        self.split_normalise = False
 
     def forward(self, features, proposals, image_shapes, targets=None):  # type: ignore[override]
         if not self.training:
@@ -115,10 +144,10 @@ class FocalRoIHeads(RoIHeads):
                 if self.roi_weighting is not None
                 else torch.ones_like(labels_t, dtype=class_logits.dtype)
             )
-            cls_loss = soft_target_loss(class_logits, labels_t, soft, use_soft, weights)
+            cls_loss = soft_target_loss(class_logits, labels_t, soft, use_soft, weights, self.split_normalise)
         elif self.roi_weighting is not None:
             weights = self.roi_weighting(proposals, labels, targets)
-            cls_loss = weighted_focal_loss(class_logits, labels_t, weights, self.gamma)
+            cls_loss = weighted_focal_loss(class_logits, labels_t, weights, self.gamma, self.split_normalise)
         else:
             cls_loss = focal_loss(class_logits, labels_t, self.gamma)
         losses = {

@@ -17,6 +17,7 @@ PSEUDO_RULES = ("fixed", "gmm", "topk")
 PSEUDO_SCORES = ("class", "foreground")
 SCHEDULES = ("constant", "cosine")
 STRONG_VIEWS = ("unbiased", "stain")
+UNSUP_NORMALISE = ("joint", "split")
 #: Where a training starts: random init, or the bundled nucleus model.
 INITS = ("none", "nucleus")
 
@@ -123,6 +124,13 @@ class TrainConfig:
     #: and leaves "not a cell" to the labelled ones. (With ``soft_targets`` the teacher's
     #: distribution is every unmatched RoI's target at weight 1, and this is not used.)
     unsup_background: float = 1.0
+    #: How the unlabelled classification loss averages its RoIs' weighted losses
+    #: (``model.heads.weighted_mean``): "joint", one average over all of them (Soft
+    #: Teacher's code), or "split", the pseudo-boxes' RoIs and the background RoIs each
+    #: averaged apart and added (Soft Teacher's paper, SPEC §5). A teacher that labels a
+    #: few cells of a tile leaves many background RoIs and few foreground ones; joint, the
+    #: background then outweighs the cells and the student learns to be shy.
+    unsup_normalise: str = "joint"
     #: How many ways the teacher looks at an unlabelled tile before it labels it: 1 (the
     #: weak view), 2 (and its horizontal flip) or 4 (and both vertical flips); each box's
     #: score is the mean over the views (``pseudo.merge_views``). Costs a teacher forward
@@ -225,6 +233,8 @@ class TrainConfig:
             bad(f"teacher_views {self.teacher_views} must be 1, 2 or 4 (the view and its flips)")
         if not 0.5 <= self.unsup_min_iou <= 1.0:
             bad(f"unsup_min_iou {self.unsup_min_iou} must be in [0.5, 1] (0.5: as on labelled tiles)")
+        if self.unsup_normalise not in UNSUP_NORMALISE:
+            bad(f"unsup_normalise {self.unsup_normalise!r} is not one of {UNSUP_NORMALISE}")
         if self.strong_view not in STRONG_VIEWS:
             bad(f"strong_view {self.strong_view!r} is not one of {STRONG_VIEWS}")
         if self.lr_schedule not in SCHEDULES:
@@ -365,6 +375,9 @@ TUNABLES: tuple[Tunable, ...] = (
     Tunable("unsup_background", "background on pseudo", "weight of the box head's 'not a cell' loss on "
             "pseudo-labelled tiles (Eq. 4: 1); 0 learns only the pseudo-boxes' classes there, so cells the "
             "teacher missed are not taught as background", high=10.0, step=0.25),
+    Tunable("unsup_normalise", "averaged", "how the box head's loss on pseudo-labelled tiles is averaged: "
+            "joint: over all regions at once; split: the pseudo-boxes' regions and the background regions each "
+            "apart, so a few pseudo-boxes weigh as much as the many background regions", choices=UNSUP_NORMALISE),
     Tunable("teacher_views", "teacher's looks", "how many ways the teacher looks at a tile before it "
             "labels it: 1, 2 (and flipped left-right) or 4 (and upside down); a box's score is the mean "
             "over the looks", low=1, high=4, step=1),

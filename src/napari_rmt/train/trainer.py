@@ -568,11 +568,24 @@ class Trainer:
     def _roi_weighting(self, teacher_view: dict[str, Any]) -> Iterator[None]:
         """During the student's unlabelled forward, weight its sampled RoIs' classification
         loss by the teacher's background probability (soft negatives) and drop the RoIs on
-        ignored boxes (ignore band); a no-op when neither is on.
+        ignored boxes (ignore band); a no-op when neither is on. ``unsup_normalise``
+        "split" averages the foreground and the background RoIs apart.
 
         With soft class targets instead, every RoI matched to no pseudo-box (those on
         ignored boxes too) learns the teacher's class distribution for its box, weight 1.
         """
+        cfg = self.cfg
+        heads = self.student.roi_heads
+        heads.split_normalise = cfg.unsup_normalise == "split"
+        try:
+            with self._roi_weighting_parts(teacher_view):
+                yield
+        finally:
+            heads.split_normalise = False
+
+    @contextlib.contextmanager
+    def _roi_weighting_parts(self, teacher_view: dict[str, Any]) -> Iterator[None]:
+        """The soft targets or the per-RoI weights of ``_roi_weighting``."""
         cfg = self.cfg
         heads = self.student.roi_heads
         if cfg.soft_targets:
@@ -596,6 +609,7 @@ class Trainer:
             and cfg.ignore_low is None
             and cfg.unsup_background == 1.0
             and cfg.unsup_min_iou <= fg_iou
+            and cfg.unsup_normalise == "joint"
         ):
             yield
             return
