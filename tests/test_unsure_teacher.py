@@ -494,3 +494,67 @@ def test_split_normalisation_is_set_for_the_unlabelled_forward_only(tiny_tiles):
     assert all(math.isfinite(e.losses["total"]) for e in events)
     with pytest.raises(NapariRmtError, match="unsup_normalise"):
         TrainConfig.for_method("rmt+", unsup_normalise="halves")
+
+
+def test_stain_prior_by_hand():
+    """Haematoxylin by colour deconvolution, Otsu's cut, the share of a box that is
+    stained, and which background regions count as "may be a missed cell"."""
+    from napari_rmt.train.augment import STAIN_VECTORS
+    from napari_rmt.train.stain_prior import (
+        box_cover,
+        haematoxylin,
+        otsu_threshold,
+        stain_integral,
+        stain_unknown,
+    )
+
+    # a pixel of 0.8 units of haematoxylin alone, one of 0.8 eosin alone, one of both
+    od = torch.stack([0.8 * STAIN_VECTORS[0], 0.8 * STAIN_VECTORS[1], 0.4 * (STAIN_VECTORS[0] + STAIN_VECTORS[1])])
+    pixels = torch.exp(-od).T.reshape(3, 1, 3)
+    assert haematoxylin(pixels)[0].tolist() == pytest.approx([0.8, 0.0, 0.4], abs=1e-4)
+    # two modes, about 0.1 and 0.9: the cut separates them (the 100 high values above it)
+    values = torch.cat([torch.full((300,), 0.1), torch.full((100,), 0.9)]) + torch.linspace(0, 0.05, 400)
+    cut = otsu_threshold(values)
+    assert int((values > cut).sum()) == 100
+    # a 64 x 64 pale pink tile with one dark purple nucleus of 10 x 10 px at (20, 30)
+    tile = torch.exp(-0.2 * STAIN_VECTORS[1])[:, None, None].expand(3, 64, 64).clone()
+    tile[:, 30:40, 20:30] = torch.exp(-(1.0 * STAIN_VECTORS[0] + 0.2 * STAIN_VECTORS[1]))[:, None, None]
+    integral = stain_integral(tile)
+    boxes = torch.tensor([[20.0, 30.0, 30.0, 40.0], [15.0, 30.0, 35.0, 40.0], [40.0, 0.0, 60.0, 20.0],
+                          [19.5, 29.5, 30.2, 40.2]])
+    # on the nucleus 1; half on it 0.5; away 0; a fractional box is rounded outwards to
+    # pixels 19-30 x 29-40: 100 of 144
+    assert box_cover(integral, boxes).tolist() == pytest.approx([1.0, 0.5, 0.0, 100 / 144])
+    # stained enough and away from every pseudo-box: may be a missed cell; next to a
+    # pseudo-box (IoU 50 / 250 = 0.2 >= 0.1) it stays a negative (a near miss of that cell)
+    assert stain_unknown(integral, boxes, torch.zeros((0, 4)), 0.5).tolist() == [True, True, False, True]
+    pseudo = torch.tensor([[10.0, 30.0, 20.0, 40.0]])
+    assert stain_unknown(integral, boxes, pseudo, 0.5).tolist() == [True, False, False, True]
+
+
+def test_stain_prior_in_the_unlabelled_forward(tiny_tiles):
+    """unsup_stain_ignore: during the student's unlabelled forward a stained background RoI
+    weighs 0 and a stained background anchor is left out (label -1); the hooks are gone
+    after it; a tiny run trains with it."""
+    from napari_rmt.train.augment import STAIN_VECTORS
+    from napari_rmt.train.stain_prior import stain_integral
+
+    cfg = TrainConfig.for_method("rmt+", iterations=3, burn_in=1, warmup=1, unsup_stain_ignore=0.5,
+                                 soft_negatives=False, ignore_low=None, model={"backbone": "resnet18"})
+    trainer = Trainer(tiny_tiles[:3], tiny_tiles[3:], CLASSES, cfg)
+    tile = torch.exp(-0.2 * STAIN_VECTORS[1])[:, None, None].expand(3, 64, 64).clone()
+    tile[:, 30:40, 20:30] = torch.exp(-(1.0 * STAIN_VECTORS[0] + 0.2 * STAIN_VECTORS[1]))[:, None, None]
+    target = {"boxes": torch.zeros((0, 4)), "labels": torch.zeros(0, dtype=torch.int64),
+              "stain_integral": stain_integral(tile)}
+    props = torch.tensor([[20.0, 30.0, 30.0, 40.0], [40.0, 0.0, 60.0, 20.0]])
+    rpn, heads = trainer.student.rpn, trainer.student.roi_heads
+    with trainer._roi_weighting({}):
+        assert heads.roi_weighting([props], [torch.tensor([0, 0])], [target]).tolist() == [0.0, 1.0]
+        labels, _ = rpn.assign_targets_to_anchors([props], [target])
+        assert labels[0].tolist() == [-1.0, 0.0]
+    assert rpn.anchor_unknown is None and heads.roi_weighting is None
+    assert rpn.assign_targets_to_anchors([props], [target])[0][0].tolist() == [0.0, 0.0]
+    events = [e for e in trainer.run() if isinstance(e, IterationEvent)]
+    assert events[-1].phase == "semi-supervised" and all(math.isfinite(e.losses["total"]) for e in events)
+    with pytest.raises(NapariRmtError, match="unsup_stain_ignore"):
+        TrainConfig.for_method("rmt+", unsup_stain_ignore=1.5)

@@ -18,6 +18,8 @@ the area, like the count it replaces.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 from torchvision.models.detection.rpn import RegionProposalNetwork
@@ -51,6 +53,10 @@ class LocalRPN(RegionProposalNetwork):
 
     cell = 64
     per_cell: int | None = None
+    #: Set by the trainer for an unlabelled forward: ``(anchors, target) -> bool`` per
+    #: anchor, the anchors that would be background but may be a cell the teacher missed
+    #: (``TrainConfig.unsup_stain_ignore``); they are left out like those on ignored boxes.
+    anchor_unknown: Callable[[Tensor, dict], Tensor] | None = None
 
     @classmethod
     def from_rpn(cls, rpn: RegionProposalNetwork) -> LocalRPN:
@@ -74,10 +80,13 @@ class LocalRPN(RegionProposalNetwork):
 
         A target may carry ``ignore_boxes`` (the teacher's doubtful detections, SPEC §5):
         an anchor that would be background but overlaps one of them by at least the
-        background IoU threshold is neither positive nor negative (label -1).
+        background IoU threshold is neither positive nor negative (label -1); so is one
+        that ``anchor_unknown`` names.
         """
         labels, matched = super().assign_targets_to_anchors(anchors, targets)
         for lab, anchors_i, target in zip(labels, anchors, targets, strict=True):
+            if self.anchor_unknown is not None:
+                lab[(lab == 0) & self.anchor_unknown(anchors_i, target)] = -1.0
             ignore = target.get("ignore_boxes")
             if ignore is None or ignore.numel() == 0:
                 continue

@@ -72,6 +72,7 @@ from .losses import (
 )
 from .mixing import PatchBank, mix_pseudo_boxes
 from .pseudo import ScoreBuffer, merge_views, select_pseudo
+from .stain_prior import stain_integral, stain_unknown
 
 
 class TrainingError(NapariRmtError):
@@ -552,6 +553,9 @@ class Trainer:
             target = {"boxes": boxes.to(self.device), "labels": labels.to(self.device)}
             if cfg.ignore_low is not None:
                 target["ignore_boxes"] = ignored.to(self.device)
+            if cfg.unsup_stain_ignore is not None:
+                # the weak view's geometry is the strong view's; its colours are the tile's own
+                target["stain_integral"] = stain_integral(view).to(self.device)
             targets.append(target)
         info = {
             "pseudo_per_image": per_image,
@@ -569,19 +573,28 @@ class Trainer:
         """During the student's unlabelled forward, weight its sampled RoIs' classification
         loss by the teacher's background probability (soft negatives) and drop the RoIs on
         ignored boxes (ignore band); a no-op when neither is on. ``unsup_normalise``
-        "split" averages the foreground and the background RoIs apart.
+        "split" averages the foreground and the background RoIs apart. With the stain
+        prior, background RoIs and RPN anchors that may be missed cells get no loss.
 
         With soft class targets instead, every RoI matched to no pseudo-box (those on
         ignored boxes too) learns the teacher's class distribution for its box, weight 1.
         """
         cfg = self.cfg
         heads = self.student.roi_heads
+        rpn = self.student.rpn
         heads.split_normalise = cfg.unsup_normalise == "split"
+        if cfg.unsup_stain_ignore is not None:
+
+            def anchor_unknown(anchors: Tensor, target: dict) -> Tensor:
+                return stain_unknown(target["stain_integral"], anchors, target["boxes"], cfg.unsup_stain_ignore)
+
+            rpn.anchor_unknown = anchor_unknown
         try:
             with self._roi_weighting_parts(teacher_view):
                 yield
         finally:
             heads.split_normalise = False
+            rpn.anchor_unknown = None
 
     @contextlib.contextmanager
     def _roi_weighting_parts(self, teacher_view: dict[str, Any]) -> Iterator[None]:
@@ -610,6 +623,7 @@ class Trainer:
             and cfg.unsup_background == 1.0
             and cfg.unsup_min_iou <= fg_iou
             and cfg.unsup_normalise == "joint"
+            and cfg.unsup_stain_ignore is None
         ):
             yield
             return
@@ -625,6 +639,9 @@ class Trainer:
                 on_ignored = loose = None
                 if ignore is not None and ignore.numel() and props.numel():
                     on_ignored = box_ops.box_iou(props, ignore).max(dim=1).values >= fg_iou
+                if "stain_integral" in target:
+                    unknown = stain_unknown(target["stain_integral"], props, target["boxes"], cfg.unsup_stain_ignore)
+                    on_ignored = unknown if on_ignored is None else on_ignored | unknown
                 if cfg.unsup_min_iou > fg_iou and target["boxes"].numel() and props.numel():
                     loose = box_ops.box_iou(props, target["boxes"]).max(dim=1).values < cfg.unsup_min_iou
                 out.append(roi_class_weights(lab, bg_p, on_ignored, cfg.unsup_background, loose))
