@@ -558,3 +558,8 @@ def test_stain_prior_in_the_unlabelled_forward(tiny_tiles):
     assert events[-1].phase == "semi-supervised" and all(math.isfinite(e.losses["total"]) for e in events)
     with pytest.raises(NapariRmtError, match="unsup_stain_ignore"):
         TrainConfig.for_method("rmt+", unsup_stain_ignore=1.5)
+    # 0 is off, as None (the command line's way to turn off a recipe's default)
+    off = Trainer(tiny_tiles[:3], tiny_tiles[3:], CLASSES, TrainConfig.for_method(
+        "rmt+", iterations=3, burn_in=1, unsup_stain_ignore=0.0, model={"backbone": "resnet18"}))
+    with off._roi_weighting({}):
+        assert off.student.rpn.anchor_unknown is None

@@ -29,6 +29,7 @@ METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
     "rmt+": {
         "soft_negatives": True,
         "ignore_low": 0.2,
+        "unsup_stain_ignore": 0.3,
         "pseudo_rule": "fixed",
         "threshold": 0.5,
         "lambda_u": 1.0,
@@ -127,7 +128,8 @@ class TrainConfig:
     #: Stain prior for the cells a shy teacher missed (``train/stain_prior.py``): on a
     #: pseudo-labelled tile, a region that would be background (a box-head RoI or an RPN
     #: anchor) but is at least this share haematoxylin-stained, and not next to a
-    #: pseudo-box, gets no loss instead of "not a cell". None: off.
+    #: pseudo-box, gets no loss instead of "not a cell". None or 0: off (images that are
+    #: not H&E have no haematoxylin channel to read).
     unsup_stain_ignore: float | None = None
     #: How the unlabelled classification loss averages its RoIs' weighted losses
     #: (``model.heads.weighted_mean``): "joint", one average over all of them (Soft
@@ -238,8 +240,8 @@ class TrainConfig:
             bad(f"teacher_views {self.teacher_views} must be 1, 2 or 4 (the view and its flips)")
         if not 0.5 <= self.unsup_min_iou <= 1.0:
             bad(f"unsup_min_iou {self.unsup_min_iou} must be in [0.5, 1] (0.5: as on labelled tiles)")
-        if self.unsup_stain_ignore is not None and not 0.0 < self.unsup_stain_ignore <= 1.0:
-            bad(f"unsup_stain_ignore {self.unsup_stain_ignore} must be in (0, 1] (or None: off)")
+        if self.unsup_stain_ignore is not None and not 0.0 <= self.unsup_stain_ignore <= 1.0:
+            bad(f"unsup_stain_ignore {self.unsup_stain_ignore} must be in [0, 1] (0 or None: off)")
         if self.unsup_normalise not in UNSUP_NORMALISE:
             bad(f"unsup_normalise {self.unsup_normalise!r} is not one of {UNSUP_NORMALISE}")
         if self.strong_view not in STRONG_VIEWS:
@@ -384,7 +386,7 @@ TUNABLES: tuple[Tunable, ...] = (
             "teacher missed are not taught as background", high=10.0, step=0.25),
     Tunable("unsup_stain_ignore", "stain prior", "on pseudo-labelled tiles, a region that is at least this "
             "share haematoxylin-stained and not next to a pseudo-box is not taught as background: it may be a "
-            "cell the teacher missed (off: every unmatched region is background)", optional=True),
+            "cell the teacher missed (off / 0: every unmatched region is background; for H&E only)", optional=True),
     Tunable("unsup_normalise", "averaged", "how the box head's loss on pseudo-labelled tiles is averaged: "
             "joint: over all regions at once; split: the pseudo-boxes' regions and the background regions each "
             "apart, so a few pseudo-boxes weigh as much as the many background regions", choices=UNSUP_NORMALISE),

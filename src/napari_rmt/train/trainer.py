@@ -553,7 +553,7 @@ class Trainer:
             target = {"boxes": boxes.to(self.device), "labels": labels.to(self.device)}
             if cfg.ignore_low is not None:
                 target["ignore_boxes"] = ignored.to(self.device)
-            if cfg.unsup_stain_ignore is not None:
+            if cfg.unsup_stain_ignore:
                 # the weak view's geometry is the strong view's; its colours are the tile's own
                 target["stain_integral"] = stain_integral(view).to(self.device)
             targets.append(target)
@@ -583,7 +583,7 @@ class Trainer:
         heads = self.student.roi_heads
         rpn = self.student.rpn
         heads.split_normalise = cfg.unsup_normalise == "split"
-        if cfg.unsup_stain_ignore is not None:
+        if cfg.unsup_stain_ignore:
 
             def anchor_unknown(anchors: Tensor, target: dict) -> Tensor:
                 return stain_unknown(target["stain_integral"], anchors, target["boxes"], cfg.unsup_stain_ignore)
@@ -623,7 +623,7 @@ class Trainer:
             and cfg.unsup_background == 1.0
             and cfg.unsup_min_iou <= fg_iou
             and cfg.unsup_normalise == "joint"
-            and cfg.unsup_stain_ignore is None
+            and not cfg.unsup_stain_ignore
         ):
             yield
             return
