@@ -147,7 +147,7 @@ def test_rmt_plus_end_to_end(tiny_tiles):
     assert len(calls) == 3 and all(n > 0 and ((p >= 0) & (p <= 1)).all() for n, p in calls)
     assert all(math.isfinite(v) for e in semi for v in e.losses.values())
     assert sum(len(b) for b in trainer.scores.buffers) > 0
-    assert trainer.teacher is not None and trainer.predict_with == "student"  # the recipe's choice
+    assert trainer.teacher is not None and trainer.predict_with == "student"  # the recipe's, from random init
 
 
 def test_time_budget_ends_the_run_and_cosine_schedule(tiny_tiles):
@@ -251,7 +251,7 @@ def test_eta_counts_the_dearer_semi_supervised_steps_during_burn_in(tiny_tiles):
 
 def test_method_defaults_set_burn_in_and_the_predicting_network(tiny_tiles):
     cfg = TrainConfig.for_method("rmt+", iterations=100)
-    assert cfg.burn_in == 75 and cfg.predict_with == "student"  # the recipe: 3/4, then the student
+    assert cfg.burn_in == 75 and cfg.predict_with == "auto"  # the recipe: 3/4, then by the init
     assert TrainConfig.for_method("rmt", iterations=100).burn_in == 50  # the others: half
     assert TrainConfig.for_method("rmt", iterations=100, burn_in=7).burn_in == 7  # given: kept
     assert TrainConfig.for_method("ubt", time_budget_s=60.0).burn_in_fraction == 0.5
@@ -260,8 +260,11 @@ def test_method_defaults_set_burn_in_and_the_predicting_network(tiny_tiles):
     cfg = TrainConfig.for_method("rmt+", iterations=3, burn_in=1, warmup=1, labelled_batch=2, model={"backbone": "resnet18"})
     trainer = Trainer(tiny_tiles[:3], tiny_tiles[3:], CLASSES, cfg)
     list(trainer.run())
+    # auto: from random init the student predicts, from the nucleus model the teacher
     assert trainer.teacher is not None and trainer.predict_with == "student" and trainer.model is trainer.student
-    cfg.predict_with = "teacher"
+    cfg.init = "nucleus"
+    assert trainer.predict_with == "teacher" and trainer.model is trainer.teacher
+    cfg.init, cfg.predict_with = "none", "teacher"
     assert trainer.model is trainer.teacher
 
 

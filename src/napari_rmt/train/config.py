@@ -37,7 +37,7 @@ METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
         "lr_schedule": "cosine",
         "labelled_batch": 4,
         "burn_in_fraction": 0.75,
-        "predict_with": "student",
+        "predict_with": "auto",
         "model": {"focal_gamma": 0.0},
     },
 }
@@ -173,10 +173,12 @@ class TrainConfig:
     #: With a time budget: burn-in ends at this fraction of it, if sooner than ``burn_in``;
     #: without one, the default burn-in is this fraction of the iterations (``burn_in_for``).
     burn_in_fraction: float | None = None
-    #: Which network predicts once there is a teacher: "teacher" (the paper) or "student".
-    #: With a cosine schedule the last steps run at a small rate, so the final student is
-    #: already settled, while an EMA teacher still carries weights from many steps before
-    #: (measured, docs/benchmarks.md).
+    #: Which network predicts once there is a teacher: "teacher" (the paper), "student",
+    #: or "auto": the teacher when the run starts from the bundled nucleus model, else the
+    #: student. From random init with a cosine schedule the last steps run at a small rate,
+    #: so the final student is settled while the EMA teacher still carries weights from
+    #: many steps before; from the nucleus model the weights move less and the teacher's
+    #: average was the better model in 16 of 22 runs (measured, docs/benchmarks.md).
     predict_with: str = "teacher"
     #: Where the student starts: "none" (random init, or ``model.weights``), or "nucleus":
     #: the bundled nucleus model (``model/bundled.py``) with a fresh classifier.
@@ -261,8 +263,8 @@ class TrainConfig:
         if self.init == "nucleus" and self.model.weights is not None:
             bad("init 'nucleus' starts the backbone from the bundled model; it cannot also start "
                 f"from weights {self.model.weights!r} (use init 'none' with those weights)")
-        if self.predict_with not in ("teacher", "student"):
-            bad(f"predict_with {self.predict_with!r} is not 'teacher' or 'student'")
+        if self.predict_with not in ("teacher", "student", "auto"):
+            bad(f"predict_with {self.predict_with!r} is not 'teacher', 'student' or 'auto'")
 
     @property
     def uses_unlabelled(self) -> bool:

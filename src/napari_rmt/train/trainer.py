@@ -246,8 +246,11 @@ class Trainer:
     @property
     def predict_with(self) -> str:
         """Which network predicts: for mean-teacher methods once a teacher exists, the one
-        the config names (the teacher by default); the student otherwise."""
+        the config names (the teacher by default; "auto": the teacher from the nucleus
+        init, else the student); the student otherwise."""
         if self.cfg.uses_teacher and self.teacher is not None:
+            if self.cfg.predict_with == "auto":
+                return "teacher" if self.cfg.init == "nucleus" else "student"
             return self.cfg.predict_with
         return "student"
 
