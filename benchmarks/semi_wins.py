@@ -38,7 +38,7 @@ import torch
 
 from napari_rmt.data import read_coco
 from napari_rmt.data.split import pick_labelled, split_by_group
-from napari_rmt.evaluate.metrics import f1_scores, iou_matrix
+from napari_rmt.evaluate.metrics import coco_map, f1_scores, iou_matrix
 from napari_rmt.model.predict import predict_tiles
 from napari_rmt.train import FinishedEvent, IterationEvent, PhaseEvent, TrainConfig, Trainer
 
@@ -136,6 +136,18 @@ def result(trainer: Trainer, name: str, test, classes, wall: float) -> dict:
     return res
 
 
+def at_cuts(model, tiles, classes, cuts) -> dict:
+    """Any-class F1 at each score cut (is a model worse, or only shyer?) and COCO mAP."""
+    preds = predict_tiles(model, tiles, classes, score_threshold=0.05, store=False)
+    pairs = [(t.boxes, p) for t, p in zip(tiles, preds, strict=True)]
+    out: dict = {}
+    for cut in cuts:
+        f = f1_scores(pairs, classes.ids, score_threshold=cut)["any"]
+        out[f"any@{cut}"] = round(100 * f.f1, 1)
+    out.update({k: round(v, 3) for k, v in coco_map(pairs, classes.ids).items() if v is not None})
+    return out
+
+
 def base_config(args, method: str) -> TrainConfig:
     return TrainConfig.for_method(
         method, iterations=1_000_000, burn_in=0, seed=args.seed, time_budget_s=args.minutes * 60,
@@ -176,6 +188,8 @@ def main() -> None:
     ap.add_argument("--init", choices=["none", "nucleus"], default="none", help="random init or the bundled model")
     ap.add_argument("--arch", choices=sorted(ARCH), default="sized", help="the detector's size (issue 14)")
     ap.add_argument("--states", nargs="*", default=[], help="score: saved states (state_50.pt ...) to score")
+    ap.add_argument("--cuts", nargs="*", type=float, default=[],
+                    help="score: any-class F1 at each of these score cuts, and COCO mAP (threshold-free)")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -192,6 +206,9 @@ def main() -> None:
         from napari_rmt.train.checkpoint import load_model
 
         for path in args.states:
+            if args.cuts:
+                print(path, json.dumps(at_cuts(load_model(path)[0], test, ts.classes, args.cuts)), flush=True)
+                continue
             f1 = evaluate(load_model(path)[0], test, ts.classes)
             print(path, json.dumps({"any": f1["any"], "mean_class_f1": f1["mean_class_f1"]}), flush=True)
         return

@@ -126,7 +126,8 @@ def test_rmt_plus_end_to_end(tiny_tiles):
     )
     d = TrainConfig.for_method("rmt+")  # the recipe's defaults (docs/tuning.md)
     assert d.soft_negatives and d.ignore_low == 0.2 and d.pseudo_rule == "fixed" and d.threshold == 0.5
-    assert d.lambda_u == 1.0 and d.lr_schedule == "cosine" and d.model.focal_gamma == 0.0
+    assert d.lambda_u == 0.5 and d.lr_schedule == "cosine" and d.model.focal_gamma == 0.0
+    assert d.unsup_stain_ignore == 0.3 and d.predict_with == "auto" and d.unsup_normalise == "joint"
     assert cfg.uses_mixing and cfg.uses_reg and cfg.pseudo_rule == "gmm" and cfg.soft_negatives
     trainer = Trainer(tiny_tiles[:3], tiny_tiles[3:], CLASSES, cfg)
     calls = []

@@ -32,7 +32,7 @@ METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
         "unsup_stain_ignore": 0.3,
         "pseudo_rule": "fixed",
         "threshold": 0.5,
-        "lambda_u": 1.0,
+        "lambda_u": 0.5,
         "ema_decay": 0.99,
         "lr_schedule": "cosine",
         "labelled_batch": 4,
