@@ -250,7 +250,7 @@ def test_eta_counts_the_dearer_semi_supervised_steps_during_burn_in(tiny_tiles):
     assert trainer._eta(deque([2.0]), deque([3.0] * 5)) == pytest.approx(4 * 3.0)
 
 
-def test_method_defaults_set_burn_in_and_the_predicting_network(tiny_tiles):
+def test_method_defaults_set_burn_in_and_the_predicting_network(tiny_tiles, tmp_path):
     cfg = TrainConfig.for_method("rmt+", iterations=100)
     assert cfg.burn_in == 75 and cfg.predict_with == "auto"  # the recipe: 3/4, then by the init
     assert TrainConfig.for_method("rmt", iterations=100).burn_in == 50  # the others: half
@@ -261,10 +261,14 @@ def test_method_defaults_set_burn_in_and_the_predicting_network(tiny_tiles):
     cfg = TrainConfig.for_method("rmt+", iterations=3, burn_in=1, warmup=1, labelled_batch=2, model={"backbone": "resnet18"})
     trainer = Trainer(tiny_tiles[:3], tiny_tiles[3:], CLASSES, cfg)
     list(trainer.run())
-    # auto: from random init the student predicts, from the nucleus model the teacher
+    # auto: from random init the student predicts, from the nucleus model the teacher once
+    # it has had the EMA's memory of updates (1 / (1 - 0.99) = 100), the student before
     assert trainer.teacher is not None and trainer.predict_with == "student" and trainer.model is trainer.student
     cfg.init = "nucleus"
+    assert trainer.ema_steps == 2 and trainer.predict_with == "student"
+    trainer.ema_steps = 100
     assert trainer.predict_with == "teacher" and trainer.model is trainer.teacher
+    assert Trainer.resume(trainer.save(tmp_path / "t.pt"), tiny_tiles[:3], tiny_tiles[3:]).ema_steps == 100
     cfg.init, cfg.predict_with = "none", "teacher"
     assert trainer.model is trainer.teacher
 

@@ -192,6 +192,8 @@ class Trainer:
         self.iteration = 0
         #: Training seconds so far, over every run() of this trainer and the runs it resumes.
         self.elapsed_s = 0.0
+        #: EMA updates the teacher has had (Eq. 7 steps), for ``predict_with`` "auto".
+        self.ema_steps = 0
         self.scores = ScoreBuffer(len(classes), self.cfg.gmm_buffer, self.cfg.threshold, self.cfg.gmm_min_scores)
         #: The last step's pseudo-labels: (unlabelled index, flipped, boxes, labels) per
         #: image, for benchmarks that score them against hidden truth.
@@ -247,10 +249,14 @@ class Trainer:
     def predict_with(self) -> str:
         """Which network predicts: for mean-teacher methods once a teacher exists, the one
         the config names (the teacher by default; "auto": the teacher from the nucleus
-        init, else the student); the student otherwise."""
+        init once it has had the EMA's memory of updates, else the student); the student
+        otherwise."""
         if self.cfg.uses_teacher and self.teacher is not None:
             if self.cfg.predict_with == "auto":
-                return "teacher" if self.cfg.init == "nucleus" else "student"
+                # the EMA's memory is about 1 / (1 - sigma) steps: a teacher that has had
+                # fewer is still mostly the burn-in's network (a one-minute demo)
+                settled = self.ema_steps >= 1.0 / max(1e-6, 1.0 - self.cfg.ema_decay)
+                return "teacher" if self.cfg.init == "nucleus" and settled else "student"
             return self.cfg.predict_with
         return "student"
 
@@ -461,6 +467,7 @@ class Trainer:
         sync_buffers(self.student, self.world)
         if self.teacher is not None and cfg.uses_teacher:
             ema_update(self.teacher, self.student, cfg.ema_decay)
+            self.ema_steps += 1
         return {"phase": phase, "losses": values, "lr": lr, **info}
 
     def _restore_buffers(self, saved: dict[str, Tensor]) -> None:
@@ -775,6 +782,7 @@ class Trainer:
             "classes": self.classes.to_json(),
             "iteration": self.iteration,
             "elapsed_s": float(self.elapsed_s),
+            "ema_steps": self.ema_steps,
             "world_size": self.world.size,
             "score_buffers": [list(b) for b in self.scores.buffers],
             "predict_with": self.predict_with,
@@ -893,6 +901,10 @@ class Trainer:
             trainer.optimizer.load_state_dict(ckpt["optimizer"])
         trainer.iteration = int(ckpt.get("iteration", 0))
         trainer.elapsed_s = float(ckpt.get("elapsed_s", 0.0))
+        if "ema_steps" in ckpt:
+            trainer.ema_steps = int(ckpt["ema_steps"])
+        elif ckpt.get("teacher") is not None:  # saved before the count existed
+            trainer.ema_steps = max(0, trainer.iteration - int((ckpt.get("config") or {}).get("burn_in", 0)))
         for buf, values in zip(trainer.scores.buffers, ckpt.get("score_buffers") or [], strict=False):
             buf.extend(float(v) for v in values)
         rng = ckpt.get("rng")
