@@ -129,7 +129,8 @@ class TrainConfig:
     #: pseudo-labelled tile, a region that would be background (a box-head RoI or an RPN
     #: anchor) but is at least this share haematoxylin-stained, and not next to a
     #: pseudo-box, gets no loss instead of "not a cell". None or 0: off (images that are
-    #: not H&E have no haematoxylin channel to read).
+    #: not H&E have no haematoxylin channel to read). With ``soft_targets`` only the RPN's
+    #: anchors: the box head's unmatched RoIs learn the teacher's distribution instead.
     unsup_stain_ignore: float | None = None
     #: How the unlabelled classification loss averages its RoIs' weighted losses
     #: (``model.heads.weighted_mean``): "joint", one average over all of them (Soft
@@ -174,7 +175,8 @@ class TrainConfig:
     #: without one, the default burn-in is this fraction of the iterations (``burn_in_for``).
     burn_in_fraction: float | None = None
     #: Which network predicts once there is a teacher: "teacher" (the paper), "student",
-    #: or "auto": the teacher when the run starts from the bundled nucleus model, else the
+    #: or "auto": the teacher when the run starts from the bundled nucleus model and the
+    #: teacher has had 1 / (1 - ema_decay) EMA updates (the average's memory), else the
     #: student. From random init with a cosine schedule the last steps run at a small rate,
     #: so the final student is settled while the EMA teacher still carries weights from
     #: many steps before; from the nucleus model the weights move less and the teacher's
