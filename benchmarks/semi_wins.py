@@ -1,7 +1,7 @@
 """Does semi-supervised training beat supervised in the same CPU minutes? (issue 11)
 
 CoNSeP split 7:1:2 by ``source_tile`` (seeded), 10 % of the training source tiles
-labelled, the rest unlabelled; ResNet-18-FPN from random init at native 256 px; one
+labelled (``--fraction``), the rest unlabelled; ResNet-18-FPN from random init at native 256 px; one
 wall-clock budget for every run. Scored by the paper's protocol: score > 0.5, NMS 0.5,
 one-to-one matching at IoU >= 0.5, F1 per class and any class.
 
@@ -172,6 +172,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("mode", choices=["supervised", "branch", "yardstick", "plot", "table", "score"])
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--fraction", type=float, default=0.1,
+                    help="the share of training source tiles labelled (the protocol: 0.1; name other runs by --tag)")
     ap.add_argument("--minutes", type=float, default=20)
     ap.add_argument("--out", required=True)
     ap.add_argument("--method", default="rmt+")
@@ -200,8 +202,8 @@ def main() -> None:
         print(table(out))
         return
     torch.set_num_threads(2)
-    ts, lab, unl, test = split(args.seed)
-    print(f"seed {args.seed}: {len(lab)} labelled, {len(unl)} unlabelled, {len(test)} test", flush=True)
+    ts, lab, unl, test = split(args.seed, args.fraction)
+    print(f"seed {args.seed}, fraction {args.fraction}: {len(lab)} labelled, {len(unl)} unlabelled, {len(test)} test", flush=True)
     if args.mode == "score":  # a saved state as it is (the network a branch starts from)
         from napari_rmt.train.checkpoint import load_model
 
@@ -216,7 +218,7 @@ def main() -> None:
         sp = out / "split.json"
         sp.write_text(json.dumps({"labelled": [t.id for t in lab], "test": [t.id for t in test]}))
         res = out / "yardstick.json"
-        subprocess.run([sys.executable, str(YARDSTICK), str(DATA), "source_tile", "0.1", str(args.minutes),
+        subprocess.run([sys.executable, str(YARDSTICK), str(DATA), "source_tile", str(args.fraction), str(args.minutes),
                         str(res), "--split", str(sp)], check=True)
         return
     if args.mode == "supervised":
