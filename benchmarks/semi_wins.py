@@ -1,8 +1,8 @@
 """Does semi-supervised training beat supervised in the same CPU minutes? (issue 11)
 
 CoNSeP split 7:1:2 by ``source_tile`` (seeded), 10 % of the training source tiles
-labelled (``--fraction``), the rest unlabelled; ResNet-18-FPN from random init at native 256 px; one
-wall-clock budget for every run. Scored by the paper's protocol: score > 0.5, NMS 0.5,
+labelled (``--fraction``), the rest unlabelled; ResNet-18-FPN from random init at native
+256 px; one wall-clock budget for every run. Scored by the paper's protocol: score > 0.5, NMS 0.5,
 one-to-one matching at IoU >= 0.5, F1 per class and any class.
 
 Three commands, run one after another on an idle machine (never two at once: the
@@ -215,9 +215,10 @@ def main() -> None:
             print(path, json.dumps({"any": f1["any"], "mean_class_f1": f1["mean_class_f1"]}), flush=True)
         return
     if args.mode == "yardstick":
-        sp = out / "split.json"
+        # named by --tag, so that a run at another --fraction keeps the protocol's files
+        sp = out / f"split{args.tag}.json"
         sp.write_text(json.dumps({"labelled": [t.id for t in lab], "test": [t.id for t in test]}))
-        res = out / "yardstick.json"
+        res = out / f"yardstick{args.tag}.json"
         subprocess.run([sys.executable, str(YARDSTICK), str(DATA), "source_tile", str(args.fraction), str(args.minutes),
                         str(res), "--split", str(sp)], check=True)
         return
@@ -251,13 +252,13 @@ def table(out: Path) -> str:
     classes = ["miscellaneous", "inflammatory", "epithelial", "spindle"]
     rows = ["| seed | run | steps | model | " + " | ".join(classes) + " | mean per class | any class |",
             "|---" * (len(classes) + 6) + "|"]
-    for res_path in sorted(out.glob("s*/*/result.json")) + sorted(out.glob("s*/yardstick.json")):
+    for res_path in sorted(out.glob("s*/*/result.json")) + sorted(out.glob("s*/yardstick*.json")):
         r = json.loads(res_path.read_text())
         seed = res_path.parts[-3] if res_path.name == "result.json" else res_path.parts[-2]
-        if res_path.name == "yardstick.json":
+        if res_path.name != "result.json":
             f = r["f1"]
             per = [f.get(c, 0.0) for c in classes]
-            rows.append(f"| {seed} | yardstick | {r['iterations']} | plain | " + " | ".join(f"{v:.1f}" for v in per)
+            rows.append(f"| {seed} | {res_path.stem} | {r['iterations']} | plain | " + " | ".join(f"{v:.1f}" for v in per)
                         + f" | {np.mean(per):.1f} | **{r['f1_class_agnostic']:.1f}** |")
             continue
         for which in ("f1", "student_f1", "teacher_f1"):
