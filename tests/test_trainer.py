@@ -1,5 +1,6 @@
 """The engine end to end on tiny images: every method, what must change changes."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -283,3 +284,43 @@ def test_semi_lr_applies_after_burn_in_only(tiny_tiles, method):
     assert lrs == pytest.approx(expected)
     with pytest.raises(Exception, match="semi_lr"):
         tiny_config(method, semi_lr=0.0)
+
+
+def test_turn_moves_boxes_with_their_pixels():
+    from napari_rmt.train.augment import turn
+
+    image = torch.zeros(3, 10, 20)  # H 10, W 20
+    image[:, 1:3, 4:9] = 1.0
+    box = torch.tensor([[4.0, 1.0, 9.0, 3.0]])
+    # worked by hand: a vertical flip maps y to 10 - y, a transpose swaps x and y
+    expected = {(True, False): [4, 7, 9, 9], (False, True): [1, 4, 3, 9], (True, True): [7, 4, 9, 9]}
+    for (vertical, transpose), want in expected.items():
+        out, boxes = turn(image, box, vertical, transpose)
+        assert boxes.tolist() == [[float(v) for v in want]]
+        x0, y0, x1, y1 = want
+        assert out[:, y0:y1, x0:x1].sum() == out.sum() == image.sum()
+    out, boxes = turn(image, box, False, False)
+    assert torch.equal(out, image) and torch.equal(boxes, box)
+
+
+@pytest.mark.parametrize(("view", "symmetries"), [("flip", 2), ("dihedral", 8)])
+def test_labelled_view_draws_its_symmetries_and_boxes_stay_on_their_cells(view, symmetries):
+    from napari_rmt.data import Boxes, Tile, TileStatus
+
+    img = np.full((32, 32, 3), 230, dtype=np.uint8)
+    img[3:9, 5:19] = 40  # one off-centre, oblong cell: each symmetry puts it elsewhere
+    tile = Tile(id=1, name="one", width=32, height=32, loader=lambda: img, status=TileStatus.LABELLED,
+                boxes=Boxes([[5, 3, 19, 9]], [1]))
+    cfg = tiny_config("supervised", labelled_view=view, labelled_batch=2)
+    trainer = Trainer([tile], [], CLASSES, cfg)
+    seen = set()
+    for _ in range(30):
+        images, targets = trainer._labelled_batch()
+        for im, t in zip(images, targets, strict=True):
+            x0, y0, x1, y1 = (int(v) for v in t["boxes"][0].tolist())
+            dark = im[0] < 0.5
+            assert dark[y0:y1, x0:x1].all() and dark.sum() == (x1 - x0) * (y1 - y0)
+            seen.add((x0, y0, x1, y1))
+    assert len(seen) == symmetries
+    with pytest.raises(Exception, match="labelled_view"):
+        tiny_config("supervised", labelled_view="rotate-45").validate()

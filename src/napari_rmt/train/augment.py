@@ -44,6 +44,17 @@ def hflip(image: Tensor, boxes: Tensor) -> tuple[Tensor, Tensor]:
     return image.flip(-1), flip_boxes(boxes, image.shape[-1], image.shape[-2], True, False)
 
 
+def turn(image: Tensor, boxes: Tensor, vertical: bool, transpose: bool) -> tuple[Tensor, Tensor]:
+    """A vertical flip and / or a transpose of a tile and its boxes. After the weak view's
+    horizontal flip these reach all eight symmetries of a square (a quarter turn is a
+    transpose and a flip), the ``dihedral`` labelled view."""
+    if vertical:
+        image, boxes = image.flip(-2), flip_boxes(boxes, image.shape[-1], image.shape[-2], False, True)
+    if transpose:
+        image, boxes = image.transpose(-1, -2), boxes[:, [1, 0, 3, 2]]
+    return image, boxes
+
+
 #: Stain vectors of haematoxylin, eosin and DAB in optical density (rows), after Ruifrok
 #: and Johnston (2001), "Quantification of histochemical staining by color deconvolution".
 STAIN_VECTORS = torch.tensor([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]])

@@ -17,6 +17,7 @@ PSEUDO_RULES = ("fixed", "gmm", "topk")
 PSEUDO_SCORES = ("class", "foreground")
 SCHEDULES = ("constant", "cosine")
 STRONG_VIEWS = ("unbiased", "stain")
+LABELLED_VIEWS = ("flip", "dihedral")
 UNSUP_NORMALISE = ("joint", "split")
 #: Where a training starts: random init, or the bundled nucleus model.
 INITS = ("none", "nucleus")
@@ -154,6 +155,11 @@ class TrainConfig:
     #: (Unbiased Teacher's, the paper's: colour jitter, blur, random erasing) or "stain"
     #: (H&E stain amounts, brightness, slight blur; nothing erased).
     strong_view: str = "unbiased"
+    #: How a labelled tile is varied (every method, every phase): "flip", a random
+    #: left-right flip (the paper's weak view); "dihedral", any of the square's eight
+    #: symmetries (flips and quarter turns). A nucleus has no up, left or orientation on
+    #: the slide, so each symmetry is another true example of the same cells at no cost.
+    labelled_view: str = "flip"
     #: Ignore band: teacher boxes scoring in [ignore_low, pseudo threshold) are neither
     #: pseudo-boxes nor background; the proposals on them get no classification loss.
     ignore_low: float | None = None
@@ -250,6 +256,8 @@ class TrainConfig:
             bad(f"unsup_normalise {self.unsup_normalise!r} is not one of {UNSUP_NORMALISE}")
         if self.strong_view not in STRONG_VIEWS:
             bad(f"strong_view {self.strong_view!r} is not one of {STRONG_VIEWS}")
+        if self.labelled_view not in LABELLED_VIEWS:
+            bad(f"labelled_view {self.labelled_view!r} is not one of {LABELLED_VIEWS}")
         if self.lr_schedule not in SCHEDULES:
             bad(f"lr_schedule {self.lr_schedule!r} is not one of {SCHEDULES}")
         if self.gmm_buffer < 10 or self.gmm_min_scores < 2:
@@ -403,6 +411,8 @@ TUNABLES: tuple[Tunable, ...] = (
     Tunable("strong_view", "student's view", "how the student's copy of an unlabelled tile is altered: "
             "unbiased: colour jitter, blur and erased patches (Unbiased Teacher, the paper's); stain: the "
             "amount of each H&E stain, brightness, slight blur, nothing erased", choices=STRONG_VIEWS),
+    Tunable("labelled_view", "labelled view", "how an annotated tile is varied: flip: left-right (the "
+            "paper's); dihedral: any flip or quarter turn (nuclei have no up or left)", choices=LABELLED_VIEWS),
     Tunable("lambda_u", "λu", "weight of the loss on pseudo-labelled tiles (Eq. 6)", high=100.0, step=0.5),
     Tunable("lambda_r", "λr", "weight of the sparse regulariser that pushes class scores to be decisive "
             "(Eq. 6)", high=100.0, step=0.5),

@@ -44,7 +44,7 @@ from ..data.errors import NapariRmtError
 from ..data.tiles import Tile
 from ..model.detector import build_detector
 from ..model.predict import predict_images
-from .augment import VIEW_FLIPS, flip_boxes, flip_image, hflip, strong_view
+from .augment import VIEW_FLIPS, flip_boxes, flip_image, hflip, strong_view, turn
 from .checkpoint import (
     MODEL_FILE,
     TRAINING_FILE,
@@ -505,13 +505,29 @@ class Trainer:
         lo = self.world.rank * batch
         return list(zip(idx, flips, strict=True))[lo : lo + batch]
 
+    def _own_turns(self, batch: int) -> list[tuple[bool, bool]]:
+        """This rank's (vertical flip, transpose) share of the global labelled batch, drawn
+        alike on every rank after the flips; none unless the labelled view is dihedral, so
+        that "flip" runs draw exactly what they always drew."""
+        if self.cfg.labelled_view != "dihedral":
+            return [(False, False)] * batch
+        draws = [
+            (bool(torch.rand((), generator=self.gen) < 0.5), bool(torch.rand((), generator=self.gen) < 0.5))
+            for _ in range(batch * self.world.size)
+        ]
+        lo = self.world.rank * batch
+        return draws[lo : lo + batch]
+
     def _labelled_batch(self) -> tuple[list[Tensor], list[dict[str, Tensor]]]:
         images, targets = [], []
-        for i, flip in self._own_share(self._lab_cycle, self.cfg.labelled_batch):
+        share = self._own_share(self._lab_cycle, self.cfg.labelled_batch)
+        turns = self._own_turns(self.cfg.labelled_batch)
+        for (i, flip), (vertical, transpose) in zip(share, turns, strict=True):
             im, boxes, labels = self._labelled[i]
             im = im.float().div(255)
             if flip:
                 im, boxes = hflip(im, boxes)
+            im, boxes = turn(im, boxes, vertical, transpose)
             images.append(im.to(self.device))
             targets.append({"boxes": boxes.to(self.device), "labels": labels.to(self.device)})
         return images, targets
