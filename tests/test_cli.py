@@ -56,6 +56,13 @@ def test_train_then_predict_on_a_tiny_coco(tmp_path, capsys):
     assert main(["predict", "--model", str(run / "model.pt"), "--coco", str(coco), "--out", str(pred)]) == 0
     gt = COCO(str(coco))
     dt = gt.loadRes(str(pred))  # image ids are the COCO file's
+    # the model's own scoring is 1 - p(background); by class, each box's score is at most that
+    by_class = tmp_path / "pred_class.json"
+    args = ["predict", "--model", str(run / "model.pt"), "--coco", str(coco), "--box-score", "class"]
+    assert main([*args, "--out", str(by_class)]) == 0
+    fg, cl = json.loads(pred.read_text()), json.loads(by_class.read_text())
+    assert fg and cl and fg != cl
+    assert max(d["score"] for d in fg) >= max(d["score"] for d in cl)
     assert set(dt.getImgIds()) <= set(gt.getImgIds())
     images = sorted((tmp_path / "data" / "images").glob("*.png"))
     pred2 = tmp_path / "pred2.json"

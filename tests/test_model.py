@@ -229,3 +229,58 @@ def test_channels_last_is_only_a_memory_order():
     for x, y in zip(a, b, strict=True):
         assert len(x["boxes"]) == len(y["boxes"]) > 0
         assert torch.allclose(x["scores"], y["scores"], atol=1e-4)
+
+
+def test_rpn_positive_iou_is_a_setting_and_is_checked():
+    from napari_rmt.data.errors import NapariRmtError
+
+    model = build_detector(2, ModelConfig(backbone="resnet18", rpn_fg_iou=0.5))
+    assert model.rpn.proposal_matcher.high_threshold == 0.5
+    assert model.rpn.proposal_matcher.low_threshold == 0.3  # background stays torchvision's
+    assert model.rpn.proposal_matcher.allow_low_quality_matches
+    # on a 12 px box an octave grid has no anchor at 0.7, some at 0.5: more positives
+    anchors = torch.tensor([[0.0, 0.0, 16.0, 16.0], [2.0, 2.0, 14.0, 14.0], [40.0, 40.0, 56.0, 56.0]])
+    truth = torch.tensor([[2.0, 2.0, 14.0, 14.0]])
+    from torchvision.ops import box_iou
+
+    quality = box_iou(truth, anchors)
+    assert (model.rpn.proposal_matcher(quality) >= 0).sum() == 2
+    default = build_detector(2, ModelConfig(backbone="resnet18")).rpn.proposal_matcher
+    assert default.high_threshold == 0.7 and (default(quality) >= 0).sum() == 1
+    with pytest.raises(NapariRmtError, match="rpn_fg_iou"):
+        build_detector(2, ModelConfig(backbone="resnet18", rpn_fg_iou=0.2))
+
+
+def test_box_score_foreground_is_what_an_eval_forward_and_a_checkpoint_give(tmp_path, tiny_tiles):
+    """The same network scored two ways: by class (torchvision's) or by 1 - p(background)
+    with the most probable class; the setting travels in the checkpoint's model config."""
+    from napari_rmt.data import ClassList
+    from napari_rmt.data.errors import NapariRmtError
+    from napari_rmt.train import TrainConfig, Trainer
+    from napari_rmt.train.checkpoint import load_model
+
+    torch.manual_seed(0)
+    by_fg = build_detector(3, ModelConfig(backbone="resnet18", box_score="foreground", box_score_thresh=0.0)).eval()
+    by_class = build_detector(3, ModelConfig(backbone="resnet18", box_score_thresh=0.0)).eval()
+    by_class.load_state_dict(by_fg.state_dict())
+    image = torch.rand(3, 64, 64)
+    with torch.no_grad():
+        (fg,) = by_fg([image])
+        (cls,) = by_class([image])
+        images, _ = by_fg.transform([image])
+        feats = by_fg.backbone(images.tensors)
+        props = by_fg.rpn(images, feats)[0]
+        probs = by_fg.roi_heads.class_probabilities(feats, props, images.image_sizes)
+    # at most one detection per proposal, scored by 1 - p(background): the best is the
+    # proposals' best foreground probability, never below the best class probability
+    assert len(fg["scores"]) <= len(props[0])
+    assert float(fg["scores"].max()) == pytest.approx(float((1 - probs[:, 0]).max()), abs=1e-5)
+    assert float(fg["scores"].max()) >= float(cls["scores"].max())
+    cfg = TrainConfig.for_method("supervised", iterations=1, warmup=1, labelled_batch=2,
+                                 model={"backbone": "resnet18", "box_score": "foreground"})
+    trainer = Trainer(tiny_tiles[:2], [], ClassList.default(), cfg)
+    list(trainer.run())
+    trainer.save(tmp_path / "m.pt")
+    assert load_model(tmp_path / "m.pt")[0].roi_heads.score_by == "foreground"
+    with pytest.raises(NapariRmtError, match="box_score"):
+        build_detector(2, ModelConfig(backbone="resnet18", box_score="objectness"))

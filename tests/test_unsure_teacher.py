@@ -377,7 +377,10 @@ def test_teacher_predict_is_the_eval_forward_and_catches_its_features(tiny_tiles
     teacher = trainer.teacher
     dets, view = trainer._teacher_predict(views, 0.0, keep_features=True)
     teacher.roi_heads.score_thresh = 0.0
+    own = teacher.roi_heads.score_by  # the model's own scoring, for prediction
+    teacher.roi_heads.score_by = "class"  # what pseudo_score "class" asks of the forward
     want = predict_images(teacher, views)
+    teacher.roi_heads.score_by = own
     for got, ref in zip(dets, want, strict=True):
         assert torch.equal(got["boxes"], ref["boxes"]) and torch.equal(got["scores"], ref["scores"])
     with torch.no_grad():
@@ -385,7 +388,7 @@ def test_teacher_predict_is_the_eval_forward_and_catches_its_features(tiny_tiles
         feats = teacher.backbone(images.tensors)
     assert list(view["features"]) == list(feats) and view["image_sizes"] == images.image_sizes
     assert all(torch.allclose(view["features"][k], feats[k]) for k in feats)
-    assert teacher.roi_heads.score_by == "class" and not teacher.rpn._forward_pre_hooks  # all put back
+    assert teacher.roi_heads.score_by == own == "foreground" and not teacher.rpn._forward_pre_hooks  # put back
     trainer.cfg.pseudo_score = "foreground"
     fg, none = trainer._teacher_predict(views, 0.3)
     with torch.no_grad():

@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 from ..data.errors import NapariRmtError
+from ..model.config import BOX_SCORES
 from .common import ProgressBar, at_least, in_range, load_dataset
 
 
@@ -22,6 +23,11 @@ def add_parser(sub) -> None:
     pred.add_argument("paths", nargs="*", help="image files (when no --coco)")
     pred.add_argument("--out", required=True, help="COCO results json")
     pred.add_argument("--score-threshold", type=in_range(0, 1), default=0.05)
+    pred.add_argument(
+        "--box-score", choices=BOX_SCORES, default=None,
+        help="what a box's score is: foreground (1 - p(background), its most probable class) or class "
+        "(its class's probability); default: the model's own",
+    )
     pred.add_argument("--nms", type=in_range(0, 1, low_open=True), default=0.5, help="class-agnostic NMS IoU")
     pred.add_argument("--batch-size", type=at_least(1), default=4)
     pred.add_argument("--device", default="auto")
@@ -91,6 +97,10 @@ def run(args: argparse.Namespace) -> int:
     from ..train.checkpoint import model_from_checkpoint, model_payload, read_checkpoint
 
     ckpt = read_checkpoint(args.model)
+    if args.box_score:  # in the config, so that Dask workers rebuild the model with it too
+        config = dict(ckpt["config"])
+        config["model"] = {**dict(config.get("model") or {}), "box_score": args.box_score}
+        ckpt = {**ckpt, "config": config}
     model, classes, _ = model_from_checkpoint(ckpt)
     device = resolve_device(args.device)
     model.to(device)

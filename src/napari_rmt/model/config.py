@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 BACKBONES = ("resnet50", "resnet18", "mobilenet_v3_large")
+BOX_SCORES = ("class", "foreground")
 
 #: Architecture fields whose ``None`` means "what suits this backbone" (``ModelConfig.resolved``):
 #: ResNet-18 is sized for nuclei, ResNet-50 is the paper's full FPN.
@@ -40,6 +41,19 @@ class ModelConfig:
     detections_per_img: int = 300
     box_score_thresh: float = 0.05
     box_nms_thresh: float = 0.5
+    #: IoU from which an anchor is a positive of a true box for the RPN (torchvision: 0.7).
+    #: An anchor grid an octave apart seldom reaches 0.7 on a 10-16 px nucleus: such a cell
+    #: then has only its best anchor as a positive (the low-quality match), whatever its IoU.
+    rpn_fg_iou: float = 0.7
+    #: What a predicted box's score is: "foreground", 1 - p(background) with the most
+    #: probable class as its label (one detection per proposal), or "class", its class's
+    #: probability (torchvision's one detection per class). A nucleus the head is sure is
+    #: a cell but splits between two classes (0.4 / 0.35) passes a 0.5 cut only as
+    #: "foreground": on CoNSeP it raised any-class F1 at 0.5 by 0.7-1.2 points for every
+    #: model trained on 10 % of the tiles and by 4-7 for one trained on all, mean per-class
+    #: F1 level (docs/benchmarks.md). Not part of the architecture: a checkpoint of either
+    #: kind predicts either way (``napari-rmt predict --box-score``).
+    box_score: str = "foreground"
     #: FPN (and RPN head) width. Nuclei are simple shapes: 128 channels lose no F1 against
     #: 256 and cost a quarter of the FPN's FLOPs (docs/benchmarks.md, issue 14).
     fpn_channels: int | None = None

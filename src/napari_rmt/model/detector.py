@@ -36,7 +36,7 @@ from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from torchvision.ops.misc import Conv2dNormActivation, FrozenBatchNorm2d
 
 from ..data.errors import NapariRmtError
-from .config import BACKBONES, ModelConfig
+from .config import BACKBONES, BOX_SCORES, ModelConfig
 from .heads import FocalRoIHeads
 from .proposals import LocalRPN
 
@@ -80,6 +80,10 @@ def build_detector(num_classes: int, cfg: ModelConfig | None = None) -> FasterRC
         raise NapariRmtError(f"backbone {cfg.backbone!r} is not one of {BACKBONES}")
     if num_classes < 1:
         raise NapariRmtError("a detector needs at least one cell class")
+    if cfg.box_score not in BOX_SCORES:
+        raise NapariRmtError(f"box_score {cfg.box_score!r} is not one of {BOX_SCORES}")
+    if not 0.3 < cfg.rpn_fg_iou <= 1.0:
+        raise NapariRmtError(f"rpn_fg_iou {cfg.rpn_fg_iou} must be in (0.3, 1]: above the RPN's background IoU 0.3")
     api_weights = _imagenet_enum(cfg.backbone) if cfg.weights == "imagenet" else None
     norm_layer = _norm_layer(cfg)
     # With GroupNorm the FPN and the RPN head are normalised too (He et al., "Rethinking
@@ -138,6 +142,7 @@ def build_detector(num_classes: int, cfg: ModelConfig | None = None) -> FasterRC
         box_batch_size_per_image=128 if light else 512,
         box_score_thresh=cfg.box_score_thresh,
         box_nms_thresh=cfg.box_nms_thresh,
+        rpn_fg_iou_thresh=cfg.rpn_fg_iou,
         box_detections_per_img=cfg.detections_per_img,
     )
     old = model.roi_heads
@@ -155,6 +160,7 @@ def build_detector(num_classes: int, cfg: ModelConfig | None = None) -> FasterRC
         detections_per_img=old.detections_per_img,
         gamma=cfg.focal_gamma,
     )
+    model.roi_heads.score_by = cfg.box_score
     model.rpn = LocalRPN.from_rpn(model.rpn)
     t = model.transform
     model.transform = NativeSizeTransform(
