@@ -142,8 +142,11 @@ def at_cuts(model, tiles, classes, cuts) -> dict:
     pairs = [(t.boxes, p) for t, p in zip(tiles, preds, strict=True)]
     out: dict = {}
     for cut in cuts:
-        f = f1_scores(pairs, classes.ids, score_threshold=cut)["any"]
-        out[f"any@{cut}"] = round(100 * f.f1, 1)
+        f = f1_scores(pairs, classes.ids, score_threshold=cut)
+        out[f"any@{cut}"] = round(100 * f["any"].f1, 1)
+        out[f"P/R@{cut}"] = [round(100 * f["any"].precision, 1), round(100 * f["any"].recall, 1)]
+        present = [v.f1 for k, v in f.items() if k != "any" and v.n_gt > 0]
+        out[f"class@{cut}"] = round(100 * float(np.mean(present)), 1)
     out.update({k: round(v, 3) for k, v in coco_map(pairs, classes.ids).items() if v is not None})
     return out
 
@@ -182,7 +185,8 @@ def main() -> None:
     ap.add_argument("--norm", default="auto")
     ap.add_argument("--schedule", default="cosine")
     ap.add_argument("--unlabelled-batch", type=int, default=2)
-    ap.add_argument("--set", nargs="*", default=[], help="branch: config overrides KEY=VALUE (json values)")
+    ap.add_argument("--set", nargs="*", default=[], help="config overrides KEY=VALUE (json values; model.KEY for the detector's); "
+                    "a supervised run's are named by --tag, a branch's by --variant")
     ap.add_argument("--tag", default="", help="run names end with it; a branch starts from supervised<tag>")
     ap.add_argument("--variant", default="", help="branch: a suffix naming this branch's --set overrides")
     ap.add_argument("--only", default="s*/*", help="plot: the runs to draw, a glob under --out")
@@ -190,6 +194,8 @@ def main() -> None:
     ap.add_argument("--init", choices=["none", "nucleus"], default="none", help="random init or the bundled model")
     ap.add_argument("--arch", choices=sorted(ARCH), default="sized", help="the detector's size (issue 14)")
     ap.add_argument("--states", nargs="*", default=[], help="score: saved states (state_50.pt ...) to score")
+    ap.add_argument("--box-score", choices=["class", "foreground"],
+                    help="score: what a box's score is (the checkpoint's own when not given)")
     ap.add_argument("--cuts", nargs="*", type=float, default=[],
                     help="score: any-class F1 at each of these score cuts, and COCO mAP (threshold-free)")
     args = ap.parse_args()
@@ -208,10 +214,13 @@ def main() -> None:
         from napari_rmt.train.checkpoint import load_model
 
         for path in args.states:
+            model = load_model(path)[0]
+            if args.box_score:
+                model.roi_heads.score_by = args.box_score
             if args.cuts:
-                print(path, json.dumps(at_cuts(load_model(path)[0], test, ts.classes, args.cuts)), flush=True)
+                print(path, json.dumps(at_cuts(model, test, ts.classes, args.cuts)), flush=True)
                 continue
-            f1 = evaluate(load_model(path)[0], test, ts.classes)
+            f1 = evaluate(model, test, ts.classes)
             print(path, json.dumps({"any": f1["any"], "mean_class_f1": f1["mean_class_f1"]}), flush=True)
         return
     if args.mode == "yardstick":
@@ -222,10 +231,15 @@ def main() -> None:
         subprocess.run([sys.executable, str(YARDSTICK), str(DATA), "source_tile", str(args.fraction), str(args.minutes),
                         str(res), "--split", str(sp)], check=True)
         return
+    overrides = {k: json.loads(v) for k, v in (kv.split("=", 1) for kv in args.set)}
     if args.mode == "supervised":
         run = out / f"supervised{args.tag}"
         run.mkdir(exist_ok=True)
-        trainer = Trainer(lab, unl, ts.classes, base_config(args, "supervised"))
+        cfg = base_config(args, "supervised")
+        for k, v in overrides.items():
+            setattr(*((cfg.model, k[6:]) if k.startswith("model.") else (cfg, k)), v)
+        cfg.validate()
+        trainer = Trainer(lab, unl, ts.classes, cfg)
         wall = drive(trainer, run, unl, FRACTIONS)
     else:
         name = f"{args.method}_at{int(args.at * 100)}{args.tag}{args.variant}"
@@ -233,10 +247,9 @@ def main() -> None:
         run.mkdir(exist_ok=True)
         state = out / f"supervised{args.tag}" / f"state_{int(args.at * 100)}.pt"
         ckpt = torch.load(state, map_location="cpu", weights_only=True)
-        overrides = {k: json.loads(v) for k, v in (kv.split("=", 1) for kv in args.set)}
         cfg = base_config(args, args.method)
         for k, v in overrides.items():
-            setattr(cfg, k, v)
+            setattr(*((cfg.model, k[6:]) if k.startswith("model.") else (cfg, k)), v)
         cfg.burn_in = int(ckpt["iteration"])
         cfg.validate()
         trainer = Trainer.resume(state, lab, unl, config=cfg)
