@@ -197,6 +197,11 @@ def test_resume_under_another_method_continues_the_same_state(tiny_tiles, tmp_pa
     other = TrainConfig.for_method("rmt+", model={"backbone": "mobilenet_v3_large"})
     with pytest.raises(CheckpointError, match="another model"):
         Trainer.resume(tmp_path / "sup.pt", tiny_tiles[:3], tiny_tiles[3:], config=other)
+    # the same network scored another way is the same model
+    by_class = TrainConfig.for_method("rmt+", iterations=4, burn_in=2, warmup=1, labelled_batch=2,
+                                      model={**vars(cfg.model), "box_score": "class"})
+    resumed = Trainer.resume(tmp_path / "sup.pt", tiny_tiles[:3], tiny_tiles[3:], config=by_class)
+    assert resumed.student.roi_heads.score_by == "class" and resumed.iteration == 2
 
 
 def test_group_norm_everywhere_and_its_teacher(tiny_tiles):

@@ -25,6 +25,7 @@ with a broadcast, since every piece of state lives on this object.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
 import threading
@@ -890,7 +891,8 @@ class Trainer:
             )
         saved = config_from_checkpoint(ckpt)
         cfg = config or saved
-        if cfg.model != saved.model:
+        # how boxes are scored is prediction, not the network: a branch may score otherwise
+        if dataclasses.replace(cfg.model, box_score=saved.model.box_score) != saved.model:
             raise CheckpointError(
                 f"{ckpt['_path']}: cannot resume with another model ({saved.model} was saved, "
                 f"{cfg.model} asked for)"
