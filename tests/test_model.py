@@ -261,7 +261,7 @@ def test_box_score_foreground_is_what_an_eval_forward_and_a_checkpoint_give(tmp_
 
     torch.manual_seed(0)
     by_fg = build_detector(3, ModelConfig(backbone="resnet18", box_score="foreground", box_score_thresh=0.0)).eval()
-    by_class = build_detector(3, ModelConfig(backbone="resnet18", box_score_thresh=0.0)).eval()
+    by_class = build_detector(3, ModelConfig(backbone="resnet18", box_score="class", box_score_thresh=0.0)).eval()
     by_class.load_state_dict(by_fg.state_dict())
     image = torch.rand(3, 64, 64)
     with torch.no_grad():
@@ -276,6 +276,9 @@ def test_box_score_foreground_is_what_an_eval_forward_and_a_checkpoint_give(tmp_
     assert len(fg["scores"]) <= len(props[0])
     assert float(fg["scores"].max()) == pytest.approx(float((1 - probs[:, 0]).max()), abs=1e-5)
     assert float(fg["scores"].max()) >= float(cls["scores"].max())
+    # by class: one box per (proposal, class), each scored by that class's probability
+    assert by_class.roi_heads.score_by == "class"
+    assert float(cls["scores"].max()) == pytest.approx(float(probs[:, 1:].max()), abs=1e-5)
     cfg = TrainConfig.for_method("supervised", iterations=1, warmup=1, labelled_batch=2,
                                  model={"backbone": "resnet18", "box_score": "foreground"})
     trainer = Trainer(tiny_tiles[:2], [], ClassList.default(), cfg)
