@@ -30,6 +30,7 @@ from semi_wins import split  # benchmarks/ is the script's folder
 from torchvision.ops import boxes as box_ops
 
 from napari_rmt.evaluate.metrics import iou_matrix
+from napari_rmt.model.config import BOX_SCORES
 from napari_rmt.model.predict import image_tensor
 from napari_rmt.train.checkpoint import load_model
 
@@ -57,7 +58,9 @@ def stages(model, image: torch.Tensor, truth: np.ndarray, cut: float) -> dict[st
     boxes = heads.box_coder.decode(deltas, [proposals]).reshape(len(proposals), -1, 4)
     boxes = box_ops.clip_boxes_to_image(boxes, images.image_sizes[0])
     best = boxes[torch.arange(len(proposals)), probs[:, 1:].argmax(1) + 1]
-    detections = model([image])[0]
+    # the eval forward's last step on the features and proposals above (native size: no
+    # rescaling back), instead of a second pass through the backbone
+    detections = heads(features, [proposals], images.image_sizes)[0][0]
     return {
         "anchors": best_iou(anchors, truth),
         "proposals": best_iou(proposals, truth),
@@ -72,7 +75,7 @@ def main() -> None:
     ap.add_argument("state")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--cut", type=float, default=0.5)
-    ap.add_argument("--box-score", choices=["class", "foreground"], help="default: the checkpoint's own")
+    ap.add_argument("--box-score", choices=BOX_SCORES, help="default: the checkpoint's own")
     args = ap.parse_args()
     torch.set_num_threads(2)
     _ts, _lab, _unl, test = split(args.seed)

@@ -39,6 +39,7 @@ import torch
 from napari_rmt.data import read_coco
 from napari_rmt.data.split import pick_labelled, split_by_group
 from napari_rmt.evaluate.metrics import coco_map, f1_scores, iou_matrix
+from napari_rmt.model.config import BOX_SCORES
 from napari_rmt.model.predict import predict_tiles
 from napari_rmt.train import FinishedEvent, IterationEvent, PhaseEvent, TrainConfig, Trainer
 
@@ -159,6 +160,15 @@ def base_config(args, method: str) -> TrainConfig:
     )
 
 
+def with_overrides(cfg: TrainConfig, pairs: list[str]) -> TrainConfig:
+    """``cfg`` with each ``KEY=VALUE`` of ``--set`` laid over it (JSON values); ``model.KEY``
+    names a field of the detector's config."""
+    for key, value in (pair.split("=", 1) for pair in pairs):
+        target, name = (cfg.model, key.removeprefix("model.")) if key.startswith("model.") else (cfg, key)
+        setattr(target, name, json.loads(value))
+    return cfg
+
+
 #: "sized": the default since issue 14; "full": the default before it (the paper's FPN on ResNet-18).
 #: The other three are "sized" with one of its three size changes undone, contiguous weights
 #: as the "sized" and "full" runs of docs/benchmarks.md were (before channels-last).
@@ -194,7 +204,7 @@ def main() -> None:
     ap.add_argument("--init", choices=["none", "nucleus"], default="none", help="random init or the bundled model")
     ap.add_argument("--arch", choices=sorted(ARCH), default="sized", help="the detector's size (issue 14)")
     ap.add_argument("--states", nargs="*", default=[], help="score: saved states (state_50.pt ...) to score")
-    ap.add_argument("--box-score", choices=["class", "foreground"],
+    ap.add_argument("--box-score", choices=BOX_SCORES,
                     help="score: what a box's score is (the checkpoint's own when not given)")
     ap.add_argument("--cuts", nargs="*", type=float, default=[],
                     help="score: any-class F1 at each of these score cuts, and COCO mAP (threshold-free)")
@@ -231,13 +241,10 @@ def main() -> None:
         subprocess.run([sys.executable, str(YARDSTICK), str(DATA), "source_tile", str(args.fraction), str(args.minutes),
                         str(res), "--split", str(sp)], check=True)
         return
-    overrides = {k: json.loads(v) for k, v in (kv.split("=", 1) for kv in args.set)}
     if args.mode == "supervised":
         run = out / f"supervised{args.tag}"
         run.mkdir(exist_ok=True)
-        cfg = base_config(args, "supervised")
-        for k, v in overrides.items():
-            setattr(*((cfg.model, k[6:]) if k.startswith("model.") else (cfg, k)), v)
+        cfg = with_overrides(base_config(args, "supervised"), args.set)
         cfg.validate()
         trainer = Trainer(lab, unl, ts.classes, cfg)
         wall = drive(trainer, run, unl, FRACTIONS)
@@ -247,9 +254,7 @@ def main() -> None:
         run.mkdir(exist_ok=True)
         state = out / f"supervised{args.tag}" / f"state_{int(args.at * 100)}.pt"
         ckpt = torch.load(state, map_location="cpu", weights_only=True)
-        cfg = base_config(args, args.method)
-        for k, v in overrides.items():
-            setattr(*((cfg.model, k[6:]) if k.startswith("model.") else (cfg, k)), v)
+        cfg = with_overrides(base_config(args, args.method), args.set)
         cfg.burn_in = int(ckpt["iteration"])
         cfg.validate()
         trainer = Trainer.resume(state, lab, unl, config=cfg)

@@ -498,13 +498,20 @@ class Trainer:
         return lr
 
     # ------------------------------------------------------------------ batches
+    def _coin(self) -> bool:
+        """A fair coin from the generator every rank draws alike."""
+        return bool(torch.rand((), generator=self.gen) < 0.5)
+
+    def _this_rank(self, draws: list, batch: int) -> list:
+        """This rank's ``batch`` of draws made alike for the global batch on every rank."""
+        lo = self.world.rank * batch
+        return draws[lo : lo + batch]
+
     def _own_share(self, cycle: _Cycler, batch: int) -> list[tuple[int, bool]]:
         """This rank's (index, flipped) share of the global batch: every rank draws the
         global batch's indices and flips alike (one process: the whole batch)."""
         idx = cycle.take(batch * self.world.size)
-        flips = [bool(torch.rand((), generator=self.gen) < 0.5) for _ in idx]
-        lo = self.world.rank * batch
-        return list(zip(idx, flips, strict=True))[lo : lo + batch]
+        return self._this_rank([(i, self._coin()) for i in idx], batch)
 
     def _own_turns(self, batch: int) -> list[tuple[bool, bool]]:
         """This rank's (vertical flip, transpose) share of the global labelled batch, drawn
@@ -512,12 +519,7 @@ class Trainer:
         that "flip" runs draw exactly what they always drew."""
         if self.cfg.labelled_view != "dihedral":
             return [(False, False)] * batch
-        draws = [
-            (bool(torch.rand((), generator=self.gen) < 0.5), bool(torch.rand((), generator=self.gen) < 0.5))
-            for _ in range(batch * self.world.size)
-        ]
-        lo = self.world.rank * batch
-        return draws[lo : lo + batch]
+        return self._this_rank([(self._coin(), self._coin()) for _ in range(batch * self.world.size)], batch)
 
     def _labelled_batch(self) -> tuple[list[Tensor], list[dict[str, Tensor]]]:
         images, targets = [], []
