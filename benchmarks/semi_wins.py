@@ -20,7 +20,8 @@ A branch is exactly a run of that method with ``burn_in`` = the iteration reache
 that fraction of the budget: until burn-in every method takes the supervised steps.
 Every step of a semi-supervised phase also logs its pseudo-boxes per unlabelled tile and
 their recall / precision against the tiles' hidden truth (``pseudo.jsonl``);
-``plot`` draws them.
+``plot`` draws them. ``branch --oracle all|matched`` hands the student pseudo-labels made
+from that hidden truth instead (``OracleTrainer``): how much better could a teacher do?
 """
 
 from __future__ import annotations
@@ -152,6 +153,64 @@ def at_cuts(model, tiles, classes, cuts) -> dict:
     return out
 
 
+class OracleTrainer(Trainer):
+    """A trainer whose teacher is helped by the unlabelled tiles' hidden truth, for
+    ``branch --oracle``: the ceiling of any teacher ("all": the true boxes, score 1, in
+    place of its detections), or of a teacher that is never wrong but finds no more cells
+    than this one ("matched": each pseudo-box that matches a true cell at IoU >= 0.5
+    becomes that cell's true box and class, the others above the threshold are dropped,
+    and the doubtful boxes under it are kept for the ignore band).
+
+    Everything else is the method's own: the teacher still runs (its features weigh soft
+    negatives), the strong views, mixing, the stain prior and the loss weights are unchanged.
+    """
+
+    def __init__(self, labelled, unlabelled, *args, oracle: str = "all", **kwargs) -> None:
+        super().__init__(labelled, unlabelled, *args, **kwargs)
+        self.oracle = oracle
+        label_of = {cid: i for i, cid in enumerate(self.classes.ids, start=1)}
+        self._truth = []
+        for tile in unlabelled:
+            b = tile.boxes
+            keep = (b.xyxy[:, 2] > b.xyxy[:, 0]) & (b.xyxy[:, 3] > b.xyxy[:, 1])
+            self._truth.append((torch.as_tensor(b.xyxy[keep], dtype=torch.float32).reshape(-1, 4),
+                                torch.as_tensor([label_of[int(c)] for c in b.class_ids[keep]], dtype=torch.int64)))
+        self._share: list[tuple[int, bool]] = []
+
+    def _own_share(self, cycle, batch):
+        share = super()._own_share(cycle, batch)
+        if cycle is self._unl_cycle:
+            self._share = share
+        return share
+
+    def _teacher_predict(self, views, threshold, keep_features=False):
+        dets, caught = super()._teacher_predict(views, threshold, keep_features)
+        out = []
+        for (i, flip), view, det in zip(self._share, views, dets, strict=True):
+            boxes, labels = self._truth[i]
+            if flip:
+                w = view.shape[-1]
+                boxes = boxes[:, [2, 1, 0, 3]] * torch.tensor([-1.0, 1.0, -1.0, 1.0]) + torch.tensor([w, 0.0, w, 0.0])
+            if self.oracle == "all":
+                out.append({"boxes": boxes, "labels": labels, "scores": torch.ones(len(boxes))})
+                continue
+            sure = det["scores"] >= self.cfg.threshold
+            hits = []
+            if sure.any() and len(boxes):
+                m = iou_matrix(det["boxes"][sure].numpy().astype(np.float64), boxes.numpy().astype(np.float64))
+                used: set[int] = set()
+                for row in m:
+                    order = [j for j in np.argsort(-row) if j not in used and row[j] >= 0.5]
+                    if order:
+                        used.add(int(order[0]))
+                hits = sorted(used)
+            doubt = ~sure
+            out.append({"boxes": torch.cat([boxes[hits], det["boxes"][doubt]]),
+                        "labels": torch.cat([labels[hits], det["labels"][doubt]]),
+                        "scores": torch.cat([torch.ones(len(hits)), det["scores"][doubt]])})
+        return out, caught
+
+
 def base_config(args, method: str) -> TrainConfig:
     return TrainConfig.for_method(
         method, iterations=1_000_000, burn_in=0, seed=args.seed, time_budget_s=args.minutes * 60,
@@ -199,6 +258,9 @@ def main() -> None:
                     "a supervised run's are named by --tag, a branch's by --variant")
     ap.add_argument("--tag", default="", help="run names end with it; a branch starts from supervised<tag>")
     ap.add_argument("--variant", default="", help="branch: a suffix naming this branch's --set overrides")
+    ap.add_argument("--oracle", choices=["all", "matched"],
+                    help="branch: pseudo-labels from the unlabelled tiles' hidden truth (OracleTrainer); "
+                    "name the run by --variant")
     ap.add_argument("--only", default="s*/*", help="plot: the runs to draw, a glob under --out")
     ap.add_argument("--plot-name", default="semi-pseudo-labels.png", help="plot: the file in docs/images/")
     ap.add_argument("--init", choices=["none", "nucleus"], default="none", help="random init or the bundled model")
@@ -257,7 +319,10 @@ def main() -> None:
         cfg = with_overrides(base_config(args, args.method), args.set)
         cfg.burn_in = int(ckpt["iteration"])
         cfg.validate()
-        trainer = Trainer.resume(state, lab, unl, config=cfg)
+        if args.oracle:
+            trainer = OracleTrainer.resume(state, lab, unl, config=cfg, oracle=args.oracle)
+        else:
+            trainer = Trainer.resume(state, lab, unl, config=cfg)
         wall = drive(trainer, run, unl)
     trainer.save(run / "state_100.pt")  # the final networks, for scoring at other cuts
     res = result(trainer, run.name, test, ts.classes, wall)
