@@ -43,6 +43,7 @@ from napari_rmt.evaluate.metrics import coco_map, f1_scores, iou_matrix
 from napari_rmt.model.config import BOX_SCORES
 from napari_rmt.model.predict import predict_tiles
 from napari_rmt.train import FinishedEvent, IterationEvent, PhaseEvent, TrainConfig, Trainer
+from napari_rmt.train.augment import flip_boxes
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 DATA = SHARED / "data" / "consep" / "annotations.json"
@@ -82,15 +83,20 @@ def pseudo_quality(trainer: Trainer, unlabelled) -> dict:
         pb = boxes.numpy().astype(np.float64)
         n_gt += len(truth)
         n_pseudo += len(pb)
-        if len(truth) and len(pb):
-            m = iou_matrix(pb, truth)
-            used: set[int] = set()
-            for row in m:
-                order = [j for j in np.argsort(-row) if j not in used and row[j] >= 0.5]
-                if order:
-                    used.add(int(order[0]))
-            tp += len(used)
+        tp += len(matched_cells(pb, truth))
     return {"tp": tp, "n_gt": n_gt, "n_pseudo": n_pseudo}
+
+
+def matched_cells(boxes: np.ndarray, truth: np.ndarray) -> list[int]:
+    """The true cells that ``boxes`` (in score order) take, one to one, greedily, each box
+    the best free cell at IoU >= 0.5."""
+    used: list[int] = []
+    if len(truth) and len(boxes):
+        for row in iou_matrix(boxes, truth):
+            order = [j for j in np.argsort(-row) if j not in used and row[j] >= 0.5]
+            if order:
+                used.append(int(order[0]))
+    return used
 
 
 def drive(trainer: Trainer, out: Path, unlabelled, save_at: tuple[float, ...] = ()) -> float:
@@ -168,13 +174,8 @@ class OracleTrainer(Trainer):
     def __init__(self, labelled, unlabelled, *args, oracle: str = "all", **kwargs) -> None:
         super().__init__(labelled, unlabelled, *args, **kwargs)
         self.oracle = oracle
-        label_of = {cid: i for i, cid in enumerate(self.classes.ids, start=1)}
-        self._truth = []
-        for tile in unlabelled:
-            b = tile.boxes
-            keep = (b.xyxy[:, 2] > b.xyxy[:, 0]) & (b.xyxy[:, 3] > b.xyxy[:, 1])
-            self._truth.append((torch.as_tensor(b.xyxy[keep], dtype=torch.float32).reshape(-1, 4),
-                                torch.as_tensor([label_of[int(c)] for c in b.class_ids[keep]], dtype=torch.int64)))
+        # (boxes, labels) as a labelled tile's are read: the model's labels, no empty boxes
+        self._truth = [self._load_labelled(tile)[1:] for tile in unlabelled]
         self._share: list[tuple[int, bool]] = []
 
     def _own_share(self, cycle, batch):
@@ -189,21 +190,12 @@ class OracleTrainer(Trainer):
         for (i, flip), view, det in zip(self._share, views, dets, strict=True):
             boxes, labels = self._truth[i]
             if flip:
-                w = view.shape[-1]
-                boxes = boxes[:, [2, 1, 0, 3]] * torch.tensor([-1.0, 1.0, -1.0, 1.0]) + torch.tensor([w, 0.0, w, 0.0])
+                boxes = flip_boxes(boxes, view.shape[-1], view.shape[-2], True, False)
             if self.oracle == "all":
                 out.append({"boxes": boxes, "labels": labels, "scores": torch.ones(len(boxes))})
                 continue
             sure = det["scores"] >= self.cfg.threshold
-            hits = []
-            if sure.any() and len(boxes):
-                m = iou_matrix(det["boxes"][sure].numpy().astype(np.float64), boxes.numpy().astype(np.float64))
-                used: set[int] = set()
-                for row in m:
-                    order = [j for j in np.argsort(-row) if j not in used and row[j] >= 0.5]
-                    if order:
-                        used.add(int(order[0]))
-                hits = sorted(used)
+            hits = sorted(matched_cells(det["boxes"][sure].numpy().astype(np.float64), boxes.numpy().astype(np.float64)))
             doubt = ~sure
             out.append({"boxes": torch.cat([boxes[hits], det["boxes"][doubt]]),
                         "labels": torch.cat([labels[hits], det["labels"][doubt]]),
