@@ -39,7 +39,7 @@ import torch
 
 from napari_rmt.data import read_coco
 from napari_rmt.data.split import pick_labelled, split_by_group
-from napari_rmt.evaluate.metrics import coco_map, f1_scores, iou_matrix
+from napari_rmt.evaluate.metrics import coco_map, f1_scores, matched_pairs
 from napari_rmt.model.config import BOX_SCORES
 from napari_rmt.model.predict import predict_tiles
 from napari_rmt.train import FinishedEvent, IterationEvent, PhaseEvent, TrainConfig, Trainer
@@ -76,27 +76,19 @@ def pseudo_quality(trainer: Trainer, unlabelled) -> dict:
     """Recall and precision (any class, IoU >= 0.5) of the last step's pseudo-boxes."""
     tp = n_gt = n_pseudo = 0
     for i, flipped, boxes, _labels in trainer.last_pseudo:
-        truth = unlabelled[i].boxes.xyxy.copy()
+        truth = torch.from_numpy(unlabelled[i].boxes.xyxy)
         if flipped:
-            w = trainer._unlabelled[i].shape[-1]
-            truth[:, [0, 2]] = w - truth[:, [2, 0]]
-        pb = boxes.numpy().astype(np.float64)
+            truth = flip_boxes(truth, trainer._unlabelled[i].shape[-1], trainer._unlabelled[i].shape[-2], True, False)
         n_gt += len(truth)
-        n_pseudo += len(pb)
-        tp += len(matched_cells(pb, truth))
+        n_pseudo += len(boxes)
+        tp += len(in_order_pairs(boxes, truth))
     return {"tp": tp, "n_gt": n_gt, "n_pseudo": n_pseudo}
 
 
-def matched_cells(boxes: np.ndarray, truth: np.ndarray) -> list[int]:
-    """The true cells that ``boxes`` (in score order) take, one to one, greedily, each box
-    the best free cell at IoU >= 0.5."""
-    used: list[int] = []
-    if len(truth) and len(boxes):
-        for row in iou_matrix(boxes, truth):
-            order = [j for j in np.argsort(-row) if j not in used and row[j] >= 0.5]
-            if order:
-                used.append(int(order[0]))
-    return used
+def in_order_pairs(boxes: torch.Tensor, truth: torch.Tensor) -> list[tuple[int, int]]:
+    """The scoring rule's one-to-one matching (IoU >= 0.5) of boxes given best first."""
+    b = boxes.numpy().astype(np.float64)
+    return matched_pairs(b, -np.arange(len(b), dtype=np.float64), truth.numpy().astype(np.float64))
 
 
 def drive(trainer: Trainer, out: Path, unlabelled, save_at: tuple[float, ...] = ()) -> float:
@@ -195,7 +187,8 @@ class OracleTrainer(Trainer):
                 out.append({"boxes": boxes, "labels": labels, "scores": torch.ones(len(boxes))})
                 continue
             sure = det["scores"] >= self.cfg.threshold
-            hits = sorted(matched_cells(det["boxes"][sure].numpy().astype(np.float64), boxes.numpy().astype(np.float64)))
+            hits = sorted(j for _, j in matched_pairs(*(t.numpy().astype(np.float64) for t in (
+                det["boxes"][sure], det["scores"][sure], boxes))))
             doubt = ~sure
             out.append({"boxes": torch.cat([boxes[hits], det["boxes"][doubt]]),
                         "labels": torch.cat([labels[hits], det["labels"][doubt]]),

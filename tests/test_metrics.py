@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from napari_rmt.data import Boxes
-from napari_rmt.evaluate.metrics import f1_scores, iou_matrix, match_boxes, nms_numpy
+from napari_rmt.evaluate.metrics import f1_scores, iou_matrix, match_boxes, matched_pairs, nms_numpy
 
 
 def B(rows, cls, scores=None):
@@ -56,6 +56,21 @@ def test_iou_threshold_and_one_to_one():
     # One big box overlapping both at IoU < 0.5 matches neither; the exact one matches once.
     assert match_boxes(np.array([[0, 0, 22, 10]]), np.array([0.9]), gt) == 0
     assert match_boxes(np.array([[0, 0, 10, 10], [0, 0, 10, 10]]), np.array([0.9, 0.8]), gt) == 1
+
+
+def test_matched_pairs_name_which_box_took_which_cell():
+    gt = np.array([[0, 0, 10, 10], [12, 0, 22, 10]], dtype=float)
+    # Prediction 1 scores higher, so it takes cell 0 (IoU 0.82) first; prediction 0 is the
+    # exact box of cell 0 but finds it taken and cell 1 beyond reach: unmatched.
+    # Prediction 2 takes cell 1. The pairs come in the order they were made.
+    pred = np.array([[0, 0, 10, 10], [0, 0, 10, 11], [12, 0, 22, 10]], dtype=float)
+    scores = np.array([0.6, 0.9, 0.7])
+    assert iou_matrix(pred[1:2], gt[:1])[0, 0] == pytest.approx(100 / 110)
+    assert matched_pairs(pred, scores, gt) == [(1, 0), (2, 1)]
+    assert match_boxes(pred, scores, gt) == 2
+    # Equal scores keep the given order: the exact box is first and takes cell 0.
+    assert matched_pairs(pred, np.ones(3), gt) == [(0, 0), (2, 1)]
+    assert matched_pairs(pred[:0], scores[:0], gt) == [] and matched_pairs(pred, scores, gt[:0]) == []
 
 
 def test_nms_keeps_highest():

@@ -62,6 +62,38 @@ def centre_closeness(a: np.ndarray, b: np.ndarray, radius: float) -> np.ndarray:
     return 1.0 - d / radius
 
 
+def matched_pairs(
+    pred_xyxy: np.ndarray,
+    pred_scores: np.ndarray,
+    gt_xyxy: np.ndarray,
+    iou: float = 0.5,
+    radius: float | None = None,
+) -> list[tuple[int, int]]:
+    """(prediction, truth) index pairs of greedy one-to-one matching: predictions in
+    descending score order (ties in given order) each take the most similar free truth box.
+
+    By IoU >= ``iou``; or, with ``radius``, by the predicted box centre lying within
+    ``radius`` pixels of the true centre (for datasets annotated with cell centres).
+    The pairs, not only their count, so that a benchmark can ask *which* cells a set of
+    boxes found with the very rule that scores them.
+    """
+    if len(pred_xyxy) == 0 or len(gt_xyxy) == 0:
+        return []
+    if radius is None:
+        sim, need = iou_matrix(pred_xyxy, gt_xyxy), iou
+    else:
+        sim, need = centre_closeness(pred_xyxy, gt_xyxy, radius), 0.0
+    taken = np.zeros(len(gt_xyxy), dtype=bool)
+    pairs: list[tuple[int, int]] = []
+    for i in np.argsort(-np.asarray(pred_scores), kind="stable"):
+        cand = np.where(~taken, sim[i], -np.inf)
+        j = int(np.argmax(cand))
+        if cand[j] >= need:
+            taken[j] = True
+            pairs.append((int(i), j))
+    return pairs
+
+
 def match_boxes(
     pred_xyxy: np.ndarray,
     pred_scores: np.ndarray,
@@ -69,26 +101,8 @@ def match_boxes(
     iou: float = 0.5,
     radius: float | None = None,
 ) -> int:
-    """Number of true positives under greedy one-to-one matching.
-
-    By IoU >= ``iou``; or, with ``radius``, by the predicted box centre lying within
-    ``radius`` pixels of the true centre (for datasets annotated with cell centres).
-    """
-    if len(pred_xyxy) == 0 or len(gt_xyxy) == 0:
-        return 0
-    if radius is None:
-        sim, need = iou_matrix(pred_xyxy, gt_xyxy), iou
-    else:
-        sim, need = centre_closeness(pred_xyxy, gt_xyxy, radius), 0.0
-    taken = np.zeros(len(gt_xyxy), dtype=bool)
-    tp = 0
-    for i in np.argsort(-np.asarray(pred_scores), kind="stable"):
-        cand = np.where(~taken, sim[i], -np.inf)
-        j = int(np.argmax(cand))
-        if cand[j] >= need:
-            taken[j] = True
-            tp += 1
-    return tp
+    """Number of true positives under :func:`matched_pairs`' greedy one-to-one matching."""
+    return len(matched_pairs(pred_xyxy, pred_scores, gt_xyxy, iou, radius))
 
 
 @dataclass
