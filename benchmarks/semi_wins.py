@@ -22,6 +22,9 @@ Every step of a semi-supervised phase also logs its pseudo-boxes per unlabelled 
 their recall / precision against the tiles' hidden truth (``pseudo.jsonl``);
 ``plot`` draws them. ``branch --oracle all|matched`` hands the student pseudo-labels made
 from that hidden truth instead (``OracleTrainer``): how much better could a teacher do?
+``--set seed=N`` with its own ``--tag`` reruns a pair under another training seed (the split
+and the labelled pick stay the seed's); ``pairs --tags ...`` sets each supervised run beside
+its branch, with the lead's mean and spread over the tags.
 """
 
 from __future__ import annotations
@@ -227,7 +230,7 @@ ARCH = {
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("mode", choices=["supervised", "branch", "yardstick", "plot", "table", "score"])
+    ap.add_argument("mode", choices=["supervised", "branch", "yardstick", "plot", "table", "pairs", "score"])
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--fraction", type=float, default=0.1,
                     help="the share of training source tiles labelled (the protocol: 0.1; name other runs by --tag)")
@@ -246,6 +249,8 @@ def main() -> None:
     ap.add_argument("--oracle", choices=["all", "matched"],
                     help="branch: pseudo-labels from the unlabelled tiles' hidden truth (OracleTrainer); "
                     "name the run by --variant")
+    ap.add_argument("--tags", nargs="*", default=[""],
+                    help="pairs: the tags whose supervised run and branch to set side by side")
     ap.add_argument("--only", default="s*/*", help="plot: the runs to draw, a glob under --out")
     ap.add_argument("--plot-name", default="semi-pseudo-labels.png", help="plot: the file in docs/images/")
     ap.add_argument("--init", choices=["none", "nucleus"], default="none", help="random init or the bundled model")
@@ -263,6 +268,9 @@ def main() -> None:
         return
     if args.mode == "table":
         print(table(out))
+        return
+    if args.mode == "pairs":
+        print(pairs(out, args.tags, args.method, args.at))
         return
     torch.set_num_threads(2)
     ts, lab, unl, test = split(args.seed, args.fraction)
@@ -337,6 +345,30 @@ def table(out: Path) -> str:
             rows.append(f"| {seed} | {r['run']} | {r['iterations']} | {model} | "
                         + " | ".join(f"{f[c]['f1']:.1f}" for c in classes)
                         + f" | {f['mean_class_f1']:.1f} | **{f['any']['f1']:.1f}** |")
+    return "\n".join(rows)
+
+
+def pairs(out: Path, tags: list[str], method: str = "rmt+", at: float = 0.5) -> str:
+    """Each ``supervised<tag>`` run beside its ``<method>_at<at><tag>`` branch, per seed
+    folder, with the branch's lead (the network that predicts) and, over the tags, its mean
+    and standard deviation: the same split and labelled pick under other training seeds
+    (``--set seed=N``) say how far one pair's lead is from run-to-run noise."""
+    rows = ["| seed | tag | supervised any / mean | branch any / mean | lead any | lead mean per class |",
+            "|---|---|---|---|---|---|"]
+    for seed_dir in sorted(out.glob("s*")):
+        leads = []
+        for tag in tags:
+            sup, br = seed_dir / f"supervised{tag}" / "result.json", seed_dir / f"{method}_at{int(at * 100)}{tag}" / "result.json"
+            if not (sup.exists() and br.exists()):
+                continue
+            a, b = (json.loads(x.read_text())["f1"] for x in (sup, br))
+            lead = (b["any"]["f1"] - a["any"]["f1"], b["mean_class_f1"] - a["mean_class_f1"])
+            leads.append(lead)
+            rows.append(f"| {seed_dir.name} | {tag} | {a['any']['f1']:.1f} / {a['mean_class_f1']:.1f} | "
+                        f"{b['any']['f1']:.1f} / {b['mean_class_f1']:.1f} | {lead[0]:+.1f} | {lead[1]:+.1f} |")
+        if len(leads) > 1:
+            m, sd = np.mean(leads, axis=0), np.std(leads, axis=0, ddof=1)
+            rows.append(f"| {seed_dir.name} | mean ± sd of {len(leads)} | | | {m[0]:+.1f} ± {sd[0]:.1f} | {m[1]:+.1f} ± {sd[1]:.1f} |")
     return "\n".join(rows)
 
 
