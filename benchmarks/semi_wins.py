@@ -81,17 +81,20 @@ def pseudo_quality(trainer: Trainer, unlabelled) -> dict:
     for i, flipped, boxes, _labels in trainer.last_pseudo:
         truth = torch.from_numpy(unlabelled[i].boxes.xyxy)
         if flipped:
-            truth = flip_boxes(truth, trainer._unlabelled[i].shape[-1], trainer._unlabelled[i].shape[-2], True, False)
+            height, width = trainer._unlabelled[i].shape[-2:]
+            truth = flip_boxes(truth, width, height, True, False)
         n_gt += len(truth)
         n_pseudo += len(boxes)
-        tp += len(in_order_pairs(boxes, truth))
+        tp += len(box_pairs(boxes, truth))
     return {"tp": tp, "n_gt": n_gt, "n_pseudo": n_pseudo}
 
 
-def in_order_pairs(boxes: torch.Tensor, truth: torch.Tensor) -> list[tuple[int, int]]:
-    """The scoring rule's one-to-one matching (IoU >= 0.5) of boxes given best first."""
+def box_pairs(boxes: torch.Tensor, truth: torch.Tensor, scores: torch.Tensor | None = None) -> list[tuple[int, int]]:
+    """The scoring rule's one-to-one matching (IoU >= 0.5) of boxes to true cells, taken by
+    ``scores`` (without them, best first as given)."""
     b = boxes.numpy().astype(np.float64)
-    return matched_pairs(b, -np.arange(len(b), dtype=np.float64), truth.numpy().astype(np.float64))
+    order = -np.arange(len(b), dtype=np.float64) if scores is None else scores.numpy().astype(np.float64)
+    return matched_pairs(b, order, truth.numpy().astype(np.float64))
 
 
 def drive(trainer: Trainer, out: Path, unlabelled, save_at: tuple[float, ...] = ()) -> float:
@@ -190,8 +193,7 @@ class OracleTrainer(Trainer):
                 out.append({"boxes": boxes, "labels": labels, "scores": torch.ones(len(boxes))})
                 continue
             sure = det["scores"] >= self.cfg.threshold
-            hits = sorted(j for _, j in matched_pairs(*(t.numpy().astype(np.float64) for t in (
-                det["boxes"][sure], det["scores"][sure], boxes))))
+            hits = sorted(j for _, j in box_pairs(det["boxes"][sure], boxes, det["scores"][sure]))
             doubt = ~sure
             out.append({"boxes": torch.cat([boxes[hits], det["boxes"][doubt]]),
                         "labels": torch.cat([labels[hits], det["labels"][doubt]]),

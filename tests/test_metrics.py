@@ -60,7 +60,7 @@ def test_iou_threshold_and_one_to_one():
 
 def test_matched_pairs_name_which_box_took_which_cell():
     gt = np.array([[0, 0, 10, 10], [12, 0, 22, 10]], dtype=float)
-    # Prediction 1 scores higher, so it takes cell 0 (IoU 0.82) first; prediction 0 is the
+    # Prediction 1 scores higher, so it takes cell 0 (IoU 0.91) first; prediction 0 is the
     # exact box of cell 0 but finds it taken and cell 1 beyond reach: unmatched.
     # Prediction 2 takes cell 1. The pairs come in the order they were made.
     pred = np.array([[0, 0, 10, 10], [0, 0, 10, 11], [12, 0, 22, 10]], dtype=float)
