@@ -17,7 +17,7 @@ import statistics
 import time
 
 import torch
-from semi_wins import split
+from semi_wins import as_batch, interleaved_step_times, split
 
 from napari_rmt.model import ModelConfig
 from napari_rmt.model.detector import build_detector
@@ -29,29 +29,14 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(2)
     ts, lab, _unl, _test = split(0)
-    label_of = {c.id: i + 1 for i, c in enumerate(ts.classes)}
-    images = [torch.from_numpy(t.pixels()).permute(2, 0, 1).float() / 255 for t in lab[:4]]
-    targets = [
-        {"boxes": torch.tensor(t.boxes.xyxy, dtype=torch.float32),
-         "labels": torch.tensor([label_of[int(c)] for c in t.boxes.class_ids])}
-        for t in lab[:4]
-    ]
+    images, targets = as_batch(lab[:4], ts.classes)
     models = {}
     for layout in ("contiguous", "channels_last"):
         torch.manual_seed(0)
         cfg = ModelConfig(backbone="resnet18", focal_gamma=0.0, channels_last=layout == "channels_last")
         model = build_detector(len(ts.classes), cfg).train()
         models[layout] = (model, torch.optim.SGD(model.parameters(), lr=0.001))
-    times: dict[str, list[float]] = {k: [] for k in models}
-    for step in range(args.steps):
-        for layout, (model, opt) in models.items():
-            t0 = time.perf_counter()
-            loss = sum(model(images, targets).values())
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            if step >= 2:
-                times[layout].append(time.perf_counter() - t0)
+    times = interleaved_step_times(models, images, targets, args.steps)
     med = {k: round(statistics.median(v), 3) for k, v in times.items()}
     print({**med, "speed-up": round(med["contiguous"] / med["channels_last"], 2)}, flush=True)
     # prediction: tiles per second at batch 8 (8 test tiles), the same interleaving

@@ -61,6 +61,34 @@ def split(seed: int, fraction: float = 0.1):
     return ts, lab, unl, test
 
 
+def as_batch(tiles, classes) -> tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]:
+    """Tiles as a detector's training batch: float images in [0, 1] and their true boxes."""
+    label_of = {c.id: i + 1 for i, c in enumerate(classes)}
+    images = [torch.from_numpy(t.pixels()).permute(2, 0, 1).float() / 255 for t in tiles]
+    targets = [
+        {"boxes": torch.tensor(t.boxes.xyxy, dtype=torch.float32),
+         "labels": torch.tensor([label_of[int(c)] for c in t.boxes.class_ids])}
+        for t in tiles
+    ]
+    return images, targets
+
+
+def interleaved_step_times(models: dict, images, targets, steps: int, drop: int = 2) -> dict[str, list[float]]:
+    """Seconds of each SGD step per ``{name: (model, optimizer)}``, their steps taken in
+    turn so that every model sees the same machine; the first ``drop`` steps (warm-up) not kept."""
+    times: dict[str, list[float]] = {k: [] for k in models}
+    for step in range(steps):
+        for name, (model, opt) in models.items():
+            t0 = time.perf_counter()
+            loss = sum(model(images, targets).values())
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            if step >= drop:
+                times[name].append(time.perf_counter() - t0)
+    return times
+
+
 def evaluate(model, tiles, classes) -> dict:
     preds = predict_tiles(model, tiles, classes, score_threshold=0.05, store=False)
     counts = f1_scores(((t.boxes, p) for t, p in zip(tiles, preds, strict=True)), classes.ids)

@@ -18,8 +18,6 @@ PSEUDO_SCORES = ("class", "foreground")
 SCHEDULES = ("constant", "cosine")
 STRONG_VIEWS = ("unbiased", "stain")
 LABELLED_VIEWS = ("flip", "dihedral")
-#: How much of a ResNet backbone stays as it starts (``train/freeze.py``), shallowest first.
-FREEZE_STAGES = ("none", "stem", "layer1", "layer2", "layer3")
 UNSUP_NORMALISE = ("joint", "split")
 #: Where a training starts: random init, or the bundled nucleus model.
 INITS = ("none", "nucleus")
@@ -162,12 +160,6 @@ class TrainConfig:
     #: symmetries (flips and quarter turns). A nucleus has no up, left or orientation on
     #: the slide, so each symmetry is another true example of the same cells at no cost.
     labelled_view: str = "flip"
-    #: The ResNet backbone's stages that do not train, from the input up to this one
-    #: ("none", "stem", "layer1", "layer2", "layer3"; ``train/freeze.py``). They keep the
-    #: weights and BatchNorm statistics the run starts from (the nucleus model's, or a
-    #: checkpoint's), and the backward pass stops above them. For warm starts: from random
-    #: init a frozen stage stays random.
-    freeze_backbone: str = "none"
     #: Ignore band: teacher boxes scoring in [ignore_low, pseudo threshold) are neither
     #: pseudo-boxes nor background; the proposals on them get no classification loss.
     ignore_low: float | None = None
@@ -266,10 +258,6 @@ class TrainConfig:
             bad(f"strong_view {self.strong_view!r} is not one of {STRONG_VIEWS}")
         if self.labelled_view not in LABELLED_VIEWS:
             bad(f"labelled_view {self.labelled_view!r} is not one of {LABELLED_VIEWS}")
-        if self.freeze_backbone not in FREEZE_STAGES:
-            bad(f"freeze_backbone {self.freeze_backbone!r} is not one of {FREEZE_STAGES}")
-        if self.freeze_backbone != "none" and not self.model.backbone.startswith("resnet"):
-            bad(f"freeze_backbone {self.freeze_backbone!r} needs a ResNet backbone, not {self.model.backbone!r}")
         if self.lr_schedule not in SCHEDULES:
             bad(f"lr_schedule {self.lr_schedule!r} is not one of {SCHEDULES}")
         if self.gmm_buffer < 10 or self.gmm_min_scores < 2:
@@ -425,9 +413,6 @@ TUNABLES: tuple[Tunable, ...] = (
             "amount of each H&E stain, brightness, slight blur, nothing erased", choices=STRONG_VIEWS),
     Tunable("labelled_view", "labelled view", "how an annotated tile is varied: flip: left-right (the "
             "paper's); dihedral: any flip or quarter turn (nuclei have no up or left)", choices=LABELLED_VIEWS),
-    Tunable("freeze_backbone", "frozen up to", "the backbone's first stages keep the weights the run starts "
-            "from (the nucleus model's) and are not trained, so each step skips their backward pass; none: "
-            "every layer trains", choices=FREEZE_STAGES),
     Tunable("lambda_u", "λu", "weight of the loss on pseudo-labelled tiles (Eq. 6)", high=100.0, step=0.5),
     Tunable("lambda_r", "λr", "weight of the sparse regulariser that pushes class scores to be decisive "
             "(Eq. 6)", high=100.0, step=0.5),

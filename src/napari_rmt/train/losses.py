@@ -70,15 +70,11 @@ def ema_update(teacher: nn.Module, student: nn.Module, decay: float) -> None:
     weights (so the teacher normalises with a smoothed history of the student's batch
     statistics, which are noisy at batches of 2-4: one reason GroupNorm, which has no
     buffers, is offered); integer buffers (BatchNorm's step counter) are copied.
-    Written as ``lerp`` (the same sum), which leaves a tensor the student shares exactly
-    as it is: a frozen stage's weights (``train/freeze.py``) stay bit for bit the init's
-    in the teacher, where ``sigma * x + (1 - sigma) * x`` would round them a little at
-    every step.
     """
     t_state = teacher.state_dict()
     for name, s_value in student.state_dict().items():
         t_value = t_state[name]
         if t_value.dtype.is_floating_point:
-            t_value.lerp_(s_value.detach(), 1.0 - decay)
+            t_value.mul_(decay).add_(s_value.detach(), alpha=1.0 - decay)
         else:
             t_value.copy_(s_value)

@@ -63,7 +63,6 @@ from .checkpoint import (
 from .config import TrainConfig
 from .distributed import any_rank, current_world, from_main, sync_buffers, wrap
 from .events import CheckpointEvent, Event, FinishedEvent, IterationEvent, PhaseEvent, ValidationEvent
-from .freeze import freeze_backbone
 from .losses import (
     ema_update,
     roi_class_weights,
@@ -204,13 +203,6 @@ class Trainer:
             self._warm_start(init_from)
         elif self.cfg.init == "nucleus":
             self._init_nucleus()
-        if self.cfg.freeze_backbone != "none" and init_from is None and self.cfg.init == "none" and not self.cfg.model.weights:
-            raise TrainingError(
-                f"freeze_backbone {self.cfg.freeze_backbone!r} keeps the stages as the run starts, and this run "
-                "starts from random weights: use init 'nucleus', backbone weights, or a model to start from"
-            )
-        #: The backbone's parts that do not train (after the init: they keep its weights).
-        self.frozen = freeze_backbone(self.student, self.cfg.freeze_backbone)
 
         # Tiles become uint8 tensors once: re-reading PNGs every step would dominate on CPUs.
         self._labelled = [self._load_labelled(t) for t in labelled]
