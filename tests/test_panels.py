@@ -210,6 +210,36 @@ def test_advanced_form_and_cli_offer_the_same_settings(state):
                 train.parse_args(["--coco", "x.json", "--out", "o", t.option, str(t.high + 1)])
 
 
+def test_train_panel_keeps_a_missing_class_warning_in_sight(state):
+    """A class with no labelled box scores 0 however long the run: the warning stays in
+    sight under the status line (which every iteration overwrites) until the next run,
+    which clears it when every class has a labelled box."""
+    from napari_rmt.model import ModelConfig
+    from napari_rmt.train import TrainConfig
+
+    ts = load_sample()
+    lymphocyte = ts.classes.by_name("lymphocyte")
+    for i, tile in enumerate(ts):  # two labelled tiles, their lymphocytes removed; no "other" on them
+        tile.status = TileStatus.LABELLED if i < 2 else TileStatus.UNLABELLED
+        if i < 2:
+            tile.boxes = tile.boxes[tile.boxes.class_ids != lymphocyte.id]
+    state.open(ts, "sample")
+    panel, status = TrainPanel(state), StatusPanel(state)
+    cfg = TrainConfig(method="supervised", iterations=2, warmup=1, labelled_batch=1,
+                      model=ModelConfig(backbone="mobilenet_v3_large"))
+    panel.train(config=cfg, synchronous=True)
+    assert status.warning.isVisibleTo(status)
+    assert status.warning.text().startswith("warning: no labelled box of class(es) lymphocyte, other: ")
+    assert "lymphocyte, other" in state.last_warning and not status.status.text().startswith("warning")
+    assert state.last_error is None  # a warning, not an error: the model was trained
+    assert state.model_state is not None
+
+    for tile in state.project.tileset:
+        tile.status = TileStatus.LABELLED  # every class has a box on the sample's other tiles
+    panel.train(config=cfg, synchronous=True)
+    assert not status.warning.isVisibleTo(status) and status.warning.text() == "" and state.last_warning == ""
+
+
 def test_large_panel_needs_a_large_image(state):
     panel = LargePanel(state)
     assert not panel.predict_whole_btn.isEnabled()

@@ -37,6 +37,9 @@ class AppState(QObject):
     predictions_arrived = Signal(object)
     #: A line for the status area: (text, is_error).
     message = Signal(str, bool)
+    #: A warning that stays in sight until replaced ("" clears it): the status line is
+    #: overwritten at every training iteration.
+    warning = Signal(str)
     #: A job's progress: (done, total).
     progress = Signal(int, int)
     #: the box under the pointer on the active boxes layer, in words ("" when none)
@@ -53,6 +56,7 @@ class AppState(QObject):
         self.worker = None
         self.job = None
         self.last_error: str | None = None
+        self.last_warning = ""
         self._autosave = QTimer(self)
         self._autosave.setSingleShot(True)
         self._autosave.setInterval(1000)
@@ -76,6 +80,11 @@ class AppState(QObject):
         next thing that works replaces the last thing that failed)."""
         self.last_error = None
         self.message.emit(text, False)
+
+    def warn(self, text: str) -> None:
+        """A warning under the status line, kept until the next one ("": none)."""
+        self.last_warning = text
+        self.warning.emit(text)
 
     def report_error(self, exc: Exception, prefix: str = "error") -> None:
         """An error in the status area (red), not a toast over the canvas."""

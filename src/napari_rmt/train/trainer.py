@@ -320,8 +320,9 @@ class Trainer:
             yield PhaseEvent(
                 self.iteration,
                 "warning",
-                f"no labelled box of class(es) {self.missing_classes}: the model cannot learn them, "
-                "and their pseudo-boxes stay unmixed",
+                f"no labelled box of class(es) {', '.join(self.missing_classes)}: the model cannot learn to "
+                "find them (nor can its teacher pseudo-label them). Annotate a tile that holds some of "
+                "their cells, mark it fully annotated, and train again.",
             )
         while self.iteration < cfg.iterations and not self._out_of_time():
             if self._cancel.is_set():

@@ -24,7 +24,16 @@ class StatusPanel(QWidget):
         self.status.setFixedHeight(3 * self.status.fontMetrics().lineSpacing() + 4)
         self.status.setAlignment(Qt.AlignmentFlag.AlignLeft | Qt.AlignmentFlag.AlignTop)
         layout.addWidget(self.status)
+        # A warning of the last run (a class with no labelled box), in sight from every
+        # tab until the next run: shown and hidden once per run at most, never per step.
+        self.warning = QLabel("")
+        self.warning.setWordWrap(True)
+        self.warning.setStyleSheet("color: #ffb347;")
+        self.warning.setAlignment(Qt.AlignmentFlag.AlignLeft | Qt.AlignmentFlag.AlignTop)
+        self.warning.setVisible(False)
+        layout.addWidget(self.warning)
         state.message.connect(self._show_message)
+        state.warning.connect(self._show_warning)
         state.progress.connect(self._show_progress)
 
     def _show_message(self, text: str, error: bool) -> None:
@@ -32,6 +41,12 @@ class StatusPanel(QWidget):
         self.status.setStyleSheet("color: #ff6b6b;" if error else "")
         self.status.setText(text)
         self.status.setToolTip(text)
+
+    def _show_warning(self, text: str) -> None:
+        self.warning.setText(f"warning: {text}" if text else "")
+        self.warning.setToolTip(text)
+        if self.warning.isHidden() == bool(text):  # a layout change only when it appears or goes
+            self.warning.setVisible(bool(text))
 
     def _show_progress(self, done: int, total: int) -> None:
         self.progress.setMaximum(total)

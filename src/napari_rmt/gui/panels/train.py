@@ -231,6 +231,7 @@ class TrainPanel(QGroupBox):
             checkpoint_to=folder / TRAINING if folder is not None else None,
         )
         self.plot.reset()
+        self.state.warn("")  # the last run's warning is about the last run
         self.state.progress.emit(0, cfg.iterations)
         self.state.say(
             f"{cfg.method}: {len(ts.labelled)} labelled, {len(ts.unlabelled)} unlabelled tiles"
@@ -260,6 +261,8 @@ class TrainPanel(QGroupBox):
         elif isinstance(ev, PhaseEvent):
             # In the status line, not a notification: napari's toast over the canvas makes
             # software OpenGL redraw the whole scene (a 270-300 ms stall, measured).
+            if ev.phase == "warning":
+                self.state.warn(ev.message)  # kept in sight: the next step's line replaces this one
             self.state.say(ev.message)
         elif isinstance(ev, PredictProgress):
             self.state.say(f"predicting unlabelled tiles {ev.done}/{ev.total}")
