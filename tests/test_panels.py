@@ -238,6 +238,9 @@ def test_train_panel_keeps_a_missing_class_warning_in_sight(state):
         tile.status = TileStatus.LABELLED  # every class has a box on the sample's other tiles
     panel.train(config=cfg, synchronous=True)
     assert not status.warning.isVisibleTo(status) and status.warning.text() == "" and state.last_warning == ""
+    state.warn("about this project")
+    state.open(load_sample(), "another")  # another project: the last one's warning goes
+    assert not status.warning.isVisibleTo(status) and state.last_warning == ""
 
 
 def test_large_panel_needs_a_large_image(state):
