@@ -113,8 +113,7 @@ class AppState(QObject):
         self.model_state = None
         self.session = self._new_session()
         self._attach_whole(tileset)
-        if self.last_warning:
-            self.warn("")  # it was about the last project's run
+        self.warn("")  # a warning was about the last project's run
         self.opened.emit()
         self.busy_changed.emit()
         self.save_project()
