@@ -1,7 +1,8 @@
-"""Train the bundled class-agnostic nucleus model on MoNuSeg (issue 13).
+"""Train the bundled class-agnostic nucleus model on MoNuSeg and DSB2018 H&E (issues 13, 32).
 
-All 27 MoNuSeg fields (1000 x 1000 px, 40x) are cut into a pool of random crops, each
-augmented for the H&E variety users have: a scale of x0.5-x1.5 (so that 20x works as
+All 27 MoNuSeg fields (1000 x 1000 px, 40x) and, with ``--data monuseg dsb2018_he``, the
+107 H&E tiles of the 2018 Data Science Bowl (CC0) are cut into a pool of random crops
+(``--mix``: the share drawn from MoNuSeg), each augmented for the H&E variety users have: a scale of x0.5-x1.5 (so that 20x works as
 well as 40x), a stain jitter in HED space, a vertical flip and a 90-degree rotation (the
 trainer adds the horizontal flip). The pool is rebuilt identically from ``--seed``, so
 ``--resume`` continues the same run. The engine's own trainer does the rest (supervised,
@@ -11,7 +12,9 @@ cosine schedule over a wall-clock budget, checkpoints every 5 minutes).
     python scripts/train_nucleus_model.py --minutes 70 --work runs/nucleus --resume
     python scripts/train_nucleus_model.py --work runs/nucleus --export src/napari_rmt/model/weights/nucleus.pt
 
-CoNSeP is not used: it stays clean for the semi-supervised comparisons.
+``--init-from MODEL`` starts from an earlier nucleus model (the bundled one, say) instead
+of random init. CoNSeP is not used: it stays clean for the semi-supervised comparisons;
+nor is CPM-15 (no licence stated: evaluation only).
 """
 
 from __future__ import annotations
@@ -32,7 +35,10 @@ from napari_rmt.model import ModelConfig
 from napari_rmt.train import TrainConfig, Trainer
 from napari_rmt.train.checkpoint import read_checkpoint, save_model
 
-MONUSEG = Path(__file__).resolve().parents[2] / "shared" / "data" / "monuseg" / "annotations.json"
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+MONUSEG = DATA / "monuseg" / "annotations.json"
+#: The sets a shipped nucleus model may be trained on (shared/data/README.md).
+TRAIN_SETS = ("monuseg", "dsb2018_he")
 CROP = 256
 
 
@@ -48,7 +54,11 @@ def hed_jitter(rgb: np.ndarray, rng: np.random.Generator, scale: float = 0.3, sh
 
 
 def random_crop(
-    pixels: np.ndarray, xyxy: np.ndarray, rng: np.random.Generator, scale_range: tuple[float, float]
+    pixels: np.ndarray,
+    xyxy: np.ndarray,
+    rng: np.random.Generator,
+    scale_range: tuple[float, float],
+    stain: float = 0.3,
 ) -> tuple[np.ndarray, np.ndarray]:
     """One augmented ``CROP`` px crop and the boxes at least half inside it."""
     scale = rng.uniform(*scale_range)
@@ -72,21 +82,40 @@ def random_crop(
     for _ in range(int(rng.integers(0, 4))):  # 90 degrees counter-clockwise: (x, y) -> (y, S - x)
         crop = np.rot90(crop)
         b = np.stack([b[:, 1], CROP - b[:, 2], b[:, 3], CROP - b[:, 0]], axis=1)
-    crop = hed_jitter(np.ascontiguousarray(crop), rng)
+    crop = hed_jitter(np.ascontiguousarray(crop), rng, scale=stain)
     return crop, b.reshape(-1, 4)
 
 
-def crop_pool(n: int, seed: int, scale_range: tuple[float, float]) -> tuple[list[Tile], ClassList]:
-    """``n`` augmented crops from every MoNuSeg field, as labelled in-memory tiles."""
-    dataset = read_coco(MONUSEG)
-    fields = [(t.pixels(), t.boxes.xyxy.astype(np.float64)) for t in dataset]
+def crop_pool(
+    n: int,
+    seed: int,
+    scale_range: tuple[float, float],
+    sets: tuple[str, ...] = ("monuseg",),
+    mix: float = 0.6,
+    stain: float = 0.3,
+) -> tuple[list[Tile], ClassList]:
+    """``n`` augmented crops, as labelled in-memory tiles: a share ``mix`` from MoNuSeg's
+    fields in turn, the rest from the other sets' images in turn (one set: all from it)."""
+    unknown = set(sets) - set(TRAIN_SETS)
+    if unknown:
+        raise SystemExit(f"--data {sorted(unknown)}: a shipped model trains only on {TRAIN_SETS}")
+    fields = {
+        name: [(t.pixels(), t.boxes.xyxy.astype(np.float64)) for t in read_coco(DATA / name / "annotations.json")]
+        for name in sets
+    }
+    first, others = sets[0], [f for name in sets[1:] for f in fields[name]]
     classes = ClassList.from_names(["nucleus"])
     nucleus = classes.ids[0]
     rng = np.random.default_rng(seed)
-    tiles = []
+    tiles, taken = [], {"first": 0, "other": 0}
     for i in range(n):
-        pixels, xyxy = fields[i % len(fields)]
-        crop, b = random_crop(pixels, xyxy, rng, scale_range)
+        if others and rng.random() >= mix:
+            pixels, xyxy = others[taken["other"] % len(others)]
+            taken["other"] += 1
+        else:
+            pixels, xyxy = fields[first][taken["first"] % len(fields[first])]
+            taken["first"] += 1
+        crop, b = random_crop(pixels, xyxy, rng, scale_range, stain)
         boxes = Boxes(xyxy=b, class_ids=np.full(len(b), nucleus, dtype=np.int64))
         tiles.append(
             Tile(id=i, name=f"crop{i}", width=CROP, height=CROP, loader=(lambda c=crop: c),
@@ -114,6 +143,12 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=0.02)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--backbone", default="resnet18")
+    ap.add_argument("--data", nargs="+", default=["monuseg"], choices=TRAIN_SETS,
+                    help="sets to crop from (shared/data); the first gets the --mix share")
+    ap.add_argument("--mix", type=float, default=0.6, help="share of crops from the first --data set")
+    ap.add_argument("--stain", type=float, default=0.3, help="HED stain jitter: densities x(1 +- this)")
+    ap.add_argument("--scale", type=float, nargs=2, default=(0.5, 1.5), help="crop rescale range")
+    ap.add_argument("--init-from", default=None, help="start from this nucleus model (a model.pt)")
     ap.add_argument("--resume", action="store_true", help="continue from --work/model.pt")
     ap.add_argument("--export", default=None, help="write the fp16 model here and stop")
     args = ap.parse_args()
@@ -123,7 +158,7 @@ def main() -> None:
         return
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    tiles, classes = crop_pool(args.crops, args.seed, (0.5, 1.5))
+    tiles, classes = crop_pool(args.crops, args.seed, tuple(args.scale), tuple(args.data), args.mix, args.stain)
     print(f"{len(tiles)} crops, {sum(len(t.boxes) for t in tiles)} boxes in {time.perf_counter() - t0:.0f} s", flush=True)
     ckpt_path = work / "model.pt"
     if args.resume:
@@ -141,7 +176,7 @@ def main() -> None:
             checkpoint_every_s=300,
             model=ModelConfig(backbone=args.backbone, focal_gamma=0.0),
         )
-        trainer = Trainer(tiles, [], classes, cfg, checkpoint_path=ckpt_path)
+        trainer = Trainer(tiles, [], classes, cfg, checkpoint_path=ckpt_path, init_from=args.init_from)
     with open(work / "events.jsonl", "a", encoding="utf-8") as log:
         for event in trainer.run():
             record = {"event": type(event).__name__, **{k: v for k, v in vars(event).items() if _plain(v)}}

@@ -106,3 +106,35 @@ def test_malformed_geojson_is_refused_naming_the_feature(coco_file, tmp_path, fe
     (tmp_path / "notgeo.json").write_text("[1, 2")
     with pytest.raises(AnnotationError, match="not a JSON file"):
         read_geojson(tmp_path / "notgeo.json", ts)
+
+
+def test_partial_status_round_trips_and_imported_boxes_make_a_tile_partial(coco_file, tmp_path):
+    """A partly annotated tile stays partial through GeoJSON and COCO; boxes imported onto
+    an unlabelled tile without a status make it partial, never fully annotated."""
+    from napari_rmt.data import TileStatus, write_coco
+    from napari_rmt.data.geojson import read_geojson
+
+    ts = read_coco(coco_file)
+    ts.by_id(1).status = TileStatus.PARTIAL
+    write_geojson(ts, tmp_path / "a.geojson")
+    fresh = read_coco(coco_file)
+    for t in fresh:
+        t.boxes, t.status = Boxes(), TileStatus.UNLABELLED
+    read_geojson(tmp_path / "a.geojson", fresh)
+    assert [t.status for t in fresh] == [TileStatus.PARTIAL, TileStatus.LABELLED, TileStatus.LABELLED]
+    again = read_coco(write_coco(fresh, tmp_path / "c.json"))
+    assert [t.status for t in again] == [TileStatus.PARTIAL, TileStatus.LABELLED, TileStatus.LABELLED]
+    assert json.loads((tmp_path / "c.json").read_text())["images"][0]["napari_rmt_status"] == "partial"
+    # QuPath's own export carries no status: the boxes are the user's, the tile is partial
+    data = json.loads((tmp_path / "a.geojson").read_text())
+    for f in data["features"]:
+        f["properties"].pop("napari_rmt_status")
+    (tmp_path / "q.geojson").write_text(json.dumps(data))
+    for t in fresh:
+        t.boxes, t.status = Boxes(), TileStatus.UNLABELLED
+    read_geojson(tmp_path / "q.geojson", fresh)
+    assert {t.status for t in fresh} == {TileStatus.PARTIAL}
+    data["features"][0]["properties"]["napari_rmt_status"] = "half"
+    (tmp_path / "bad.geojson").write_text(json.dumps(data))
+    with pytest.raises(Exception, match=r"feature \[0\].*'half'"):
+        read_geojson(tmp_path / "bad.geojson", fresh)

@@ -185,9 +185,9 @@ def test_tampered_and_foreign_checkpoints_are_refused(tiny_tiles, tmp_path):
 
 
 def test_bad_input(tiny_tiles):
-    with pytest.raises(TrainingError, match="no labelled tiles"):
+    with pytest.raises(TrainingError, match="no annotated tiles"):
         Trainer([], tiny_tiles, CLASSES, tiny_config("rmt"))
-    with pytest.raises(TrainingError, match="needs unlabelled tiles"):
+    with pytest.raises(TrainingError, match="needs unlabelled or partly annotated tiles"):
         Trainer(tiny_tiles, [], CLASSES, tiny_config("rmt"))
     with pytest.raises(Exception, match="method 'fixmatch' is not one of"):
         tiny_config("fixmatch")

@@ -92,9 +92,13 @@ def test_annotate_train_review_export_reopen(widget, tmp_path):
     pred_layer.selected_data = {0}
     assert w.accept_selected() == 1
     assert len(ts[unl[0]].boxes) == 1 and len(ts[unl[0]].predictions) == n_pred - 1
+    assert ts[unl[0]].status is TileStatus.PARTIAL  # one box: partly annotated
     assert w.accept_tile() == n_pred - 1
-    assert ts[unl[0]].status is TileStatus.REVIEWED and len(ts[unl[0]].boxes) == n_pred
-    # Part of a tile's predictions hidden: the shown ones are accepted, the rest kept.
+    # accepting never says "every cell has a box": the tile is partial until the user ticks it
+    assert ts[unl[0]].status is TileStatus.PARTIAL and len(ts[unl[0]].boxes) == n_pred
+    assert "partly annotated" in w.status.text() and not w.labelled_box.isChecked()
+    # Part of a tile's predictions hidden: the shown ones are accepted, the rest kept, and
+    # the tile is partial: its hidden and missed nuclei are no background targets.
     w.show_tile(unl[1])
     scores = np.sort(ts[unl[1]].predictions.scores)
     w.session.set_score_threshold(float(scores[len(scores) // 2]))  # that score itself is hidden
@@ -102,6 +106,18 @@ def test_annotate_train_review_export_reopen(widget, tmp_path):
     hidden = len(ts[unl[1]].predictions) - shown
     assert w.accept_tile() == shown and len(ts[unl[1]].predictions) == hidden > 0
     assert f"{hidden} predictions below the score cut are kept" in w.status.text()
+    assert ts[unl[1]].status is TileStatus.PARTIAL and ts[unl[1]] in ts.partial
+    from napari_rmt.train import Trainer
+    from napari_rmt.train.partial import PARTIAL_KEY
+
+    probe = Trainer(ts.labelled, ts.unlabelled, ts.classes, tiny(method="supervised"), partial=ts.partial)
+    k = len(ts.labelled) + ts.partial.index(ts[unl[1]])
+    probe._lab_cycle.order, probe._lab_cycle.pos = [k], 0
+    assert PARTIAL_KEY in probe._labelled_batch()[1][0]  # its target carries the partial rule
+    w.labelled_box.setChecked(True)  # the user's word makes it fully annotated
+    assert ts[unl[1]].status is TileStatus.LABELLED
+    w.labelled_box.setChecked(False)
+    assert ts[unl[1]].status is TileStatus.PARTIAL  # boxes, not complete
     w.score_slider.setValue(0)
 
     out = w.export_annotations(tmp_path / "export.json")
@@ -176,7 +192,7 @@ def test_no_labelled_tiles_is_a_clear_error(make_napari_viewer, tmp_path, monkey
     w = RMTWidget(make_napari_viewer())
     w.open_folder(write_tiles(tmp_path / "tiles", n=3)[0].parent)
     w.train(config=tiny(), synchronous=True)
-    assert "no labelled tiles" in w.last_error
+    assert "no annotated tiles" in w.last_error
 
 
 def test_suggest_next_goes_to_the_most_uncertain_tile(widget):

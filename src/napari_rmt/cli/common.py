@@ -84,9 +84,14 @@ def add_training_options(p: argparse.ArgumentParser) -> None:
     so ``--method rmt`` is the paper's method and ``--method rmt+`` the recommended recipe."""
     from ..model.bundled import LICENSE_NOTE
     from ..model.config import BACKBONES
-    from ..train.config import INITS, METHODS, RECOMMENDED, SCHEDULES
+    from ..train.config import INITS, METHODS, PRESETS, RECOMMENDED, SCHEDULES
 
     p.add_argument("--method", choices=METHODS, default=None, help=f"default {RECOMMENDED}")
+    p.add_argument(
+        "--preset", choices=PRESETS, default="recipe",
+        help="recipe (default): every method on the product's recipe (cross-entropy head, cosine "
+        "schedule, batch 4; docs/tuning.md); paper: the paper's settings for its methods",
+    )
     p.add_argument("--iterations", type=at_least(1), default=None, help="default 2000")
     p.add_argument(
         "--burn-in", type=int, default=None,
@@ -193,7 +198,7 @@ def config_from_args(args: argparse.Namespace):
     if method == "stac":
         burn = values.get("burn_in", burn_in_for(values["iterations"]))
         values["burn_in"] = min(max(1, burn), values["iterations"] - 1)
-    return TrainConfig.for_method(method, **values)
+    return TrainConfig.for_method(method, preset=args.preset, **values)
 
 
 def resume_config(args: argparse.Namespace, ckpt: dict[str, Any]):

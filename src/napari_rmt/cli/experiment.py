@@ -54,6 +54,7 @@ def run(args: argparse.Namespace) -> int:
         labelled_by_group=args.labelled_by_group,
         score_threshold=args.eval_score_threshold,
         train_overrides=training_overrides(args),
+        preset=args.preset,
     )
     bars: dict[str, ProgressBar] = {}
 

@@ -98,6 +98,10 @@ def _run(args: argparse.Namespace, world) -> int:
         labelled, unlabelled = pick_labelled(tiles, args.labeled_fraction, args.group_key, cfg.seed)
     else:
         labelled, unlabelled = tileset.labelled, tileset.unlabelled
+    # partly annotated tiles (napari_rmt_status "partial"): true boxes, the rest unknown
+    picked = {t.id for t in labelled}
+    partial = [t for t in tileset.partial if t.id not in picked]
+    unlabelled = [t for t in unlabelled if not t.is_partial]
     if not cfg.uses_unlabelled:
         unlabelled = []  # supervised never reads them (decoding them all would only cost time)
     out = Path(args.out)
@@ -110,13 +114,16 @@ def _run(args: argparse.Namespace, world) -> int:
     if world.is_main:
         ranks = f" on {world.size} processes (lr x {world.size})" if world.size > 1 else ""
         print(
-            f"napari-rmt: {cfg.method} on {len(labelled)} labelled + {len(unlabelled)} unlabelled tiles, "
+            f"napari-rmt: {cfg.method} on {len(labelled)} labelled + "
+            + (f"{len(partial)} partly annotated + " if partial else "")
+            + f"{len(unlabelled)} unlabelled tiles, "
             f"{cfg.iterations} iterations, {cfg.model.backbone}{start}{ranks}",
             file=sys.stderr,
         )
     if args.resume:
         trainer = Trainer.resume(
-            ckpt, labelled, unlabelled, config=cfg, checkpoint_path=out / TRAINING_FILE, model_path=out / MODEL_FILE
+            ckpt, labelled, unlabelled, config=cfg, checkpoint_path=out / TRAINING_FILE, model_path=out / MODEL_FILE,
+            partial=partial,
         )
         if world.is_main:
             drop_replayed_events(out / "events.jsonl", trainer.iteration)
@@ -129,6 +136,7 @@ def _run(args: argparse.Namespace, world) -> int:
             init_from=args.init_from,
             checkpoint_path=out / TRAINING_FILE,
             model_path=out / MODEL_FILE,
+            partial=partial,
         )
     if not world.is_main:
         for _ in trainer.run():  # rank 0 logs, checkpoints and writes the model

@@ -165,6 +165,31 @@ class Boxes:
         out.sources[:] = int(source)
         return out
 
+    def not_covered_by(self, other: Boxes, iou: float = 0.5) -> Boxes:
+        """These boxes less those at ``iou`` or more of one of ``other``'s: a model's
+        predictions on a partly annotated tile, less the cells the user already boxed."""
+        if not len(self) or not len(other):
+            return self.copy()
+        return self[iou_matrix(self.xyxy, other.xyxy).max(axis=1) < iou]
+
+
+def iou_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """IoU of every box in ``a`` (N, 4) with every box in ``b`` (M, 4), xyxy."""
+    a = np.asarray(a, dtype=np.float64).reshape(-1, 4)
+    b = np.asarray(b, dtype=np.float64).reshape(-1, 4)
+    if len(a) == 0 or len(b) == 0:
+        return np.zeros((len(a), len(b)))
+    ix0 = np.maximum(a[:, None, 0], b[None, :, 0])
+    iy0 = np.maximum(a[:, None, 1], b[None, :, 1])
+    ix1 = np.minimum(a[:, None, 2], b[None, :, 2])
+    iy1 = np.minimum(a[:, None, 3], b[None, :, 3])
+    inter = np.clip(ix1 - ix0, 0, None) * np.clip(iy1 - iy0, 0, None)
+    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
+    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+    union = area_a[:, None] + area_b[None, :] - inter
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(union > 0, inter / union, 0.0)
+
 
 def sanitize_boxes(
     boxes: Boxes,

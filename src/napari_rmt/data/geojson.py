@@ -19,7 +19,10 @@ import numpy as np
 from .atomic import atomic_write_json
 from .boxes import Boxes, BoxSource
 from .errors import AnnotationError, DataWarning, NapariRmtError
-from .tiles import Tile, TileSet
+from .tiles import Tile, TileSet, TileStatus
+
+#: The feature property that carries its tile's status (``TileStatus``) through a round trip.
+STATUS_PROPERTY = "napari_rmt_status"
 
 
 def geojson_dict(tileset: TileSet, tiles: Iterable[Tile] | None = None, predictions: bool = False) -> dict:
@@ -38,6 +41,9 @@ def geojson_dict(tileset: TileSet, tiles: Iterable[Tile] | None = None, predicti
                 "isLocked": False,
                 "tile": tile.name,
             }
+            if not predictions:
+                # how complete the tile's annotation is (QuPath ignores it; the import reads it)
+                props[STATUS_PROPERTY] = tile.status.value
             if np.isfinite(score):
                 props["measurements"] = {"score": float(score)}
             features.append(
@@ -68,7 +74,9 @@ def read_geojson(path: str | os.PathLike, tileset: TileSet) -> TileSet:
     else on the tile whose region holds the box's centre, moved into that tile's
     coordinates and clipped to it. ``objectType`` "detection" features become predictions
     (score from ``measurements.score`` when there is one), all others annotations, added
-    to what the tiles hold. Classes are matched by name; a new name becomes a new class,
+    to what the tiles hold. A tile that gains annotations becomes partly annotated unless
+    its features say otherwise (``napari_rmt_status``, written by ``write_geojson``): only
+    the user says a tile is fully annotated. Classes are matched by name; a new name becomes a new class,
     and a feature without one is refused. Malformed features are refused naming their
     index; a box on no tile is skipped with a warning that names it.
     """
@@ -92,6 +100,7 @@ def read_geojson(path: str | os.PathLike, tileset: TileSet) -> TileSet:
     tiles = list(tileset)
     by_name = {t.name: t for t in tiles}
     added: dict[int, tuple[list, list, list, list]] = {t.id: ([], [], [], []) for t in tiles}
+    said: dict[int, TileStatus] = {}
     for i, feat in enumerate(features):
         where = f"{path}: feature [{i}]"
         if not isinstance(feat, dict) or feat.get("type", "Feature") != "Feature":
@@ -132,6 +141,14 @@ def read_geojson(path: str | os.PathLike, tileset: TileSet) -> TileSet:
             warnings.warn(DataWarning(f"{where}: box has no area on tile {tile.name!r}; skipped"), stacklevel=2)
             continue
         detection = props.get("objectType") == "detection"
+        status = props.get(STATUS_PROPERTY)
+        if status is not None and not detection:
+            try:
+                said[tile.id] = TileStatus(status)
+            except (ValueError, TypeError):
+                raise AnnotationError(
+                    f"{where}: {STATUS_PROPERTY} {status!r} is not one of {[s.value for s in TileStatus]}"
+                ) from None
         meas = props.get("measurements")
         score = meas.get("score") if isinstance(meas, dict) else None
         if score is not None and not (isinstance(score, (int, float)) and math.isfinite(score)):
@@ -149,6 +166,7 @@ def read_geojson(path: str | os.PathLike, tileset: TileSet) -> TileSet:
         xyxy, cid_a, sc = np.array(boxes, dtype=np.float64), np.array(cids), np.array(scores)
         if (~det_a).any():
             tile.boxes = Boxes.concatenate([tile.boxes, Boxes(xyxy[~det_a], cid_a[~det_a], sc[~det_a])])
+            tile.status = said.get(tile.id, TileStatus.of_boxes(tile.status, len(tile.boxes)))
         if det_a.any():
             found = Boxes(xyxy[det_a], cid_a[det_a], sc[det_a], np.full(int(det_a.sum()), BoxSource.PREDICTED, dtype=np.int8))
             tile.predictions = Boxes.concatenate([tile.predictions, found])

@@ -1,9 +1,11 @@
 """Tiles and the tile set: the one record of a project that every part shares.
 
 A tile knows where its pixels come from but loads them only when asked, so that a
-folder of hundreds of tiles opens at once. Its status says whether its annotations
-are complete: only LABELLED (or REVIEWED) tiles are training targets; all others are
-unlabelled data for the semi-supervised loss.
+folder of hundreds of tiles opens at once. Its status says how far its annotations
+can be trusted: on LABELLED (or REVIEWED) tiles every cell has a box, so an unboxed
+region is background; on PARTIAL tiles the boxes are true cells but an unboxed region
+may be a cell nobody boxed (the trainer never teaches it as background with
+certainty); UNLABELLED tiles are unlabelled data for the semi-supervised loss.
 """
 
 from __future__ import annotations
@@ -25,17 +27,38 @@ from .errors import AnnotationError, DataWarning, ImageReadError
 from .imageio import image_size, list_images, read_image, to_uint8_rgb
 from .large import LargeImage, cached_large_image, open_large_image, tile_grid
 
+#: Under this many boxes the user vouches for, a class is learnt poorly: the widget says so.
+FEW_BOXES = 20
+
 
 class TileStatus(str, enum.Enum):
     """Whether a tile's annotations can be trusted as complete."""
 
     UNLABELLED = "unlabelled"
+    #: Some cells are boxed (drawn or accepted), the others are not known: the user has not
+    #: said that every cell of the tile has a box.
+    PARTIAL = "partial"
     LABELLED = "labelled"  # the user marked it fully annotated
-    REVIEWED = "reviewed"  # predictions were checked and accepted by the user
+    REVIEWED = "reviewed"  # fully annotated, from predictions the user checked and accepted
 
     @property
     def is_labelled(self) -> bool:
+        """Fully annotated: every unboxed region is background."""
+        return self in (TileStatus.LABELLED, TileStatus.REVIEWED)
+
+    @property
+    def has_labels(self) -> bool:
+        """Holds boxes the user vouches for (fully or partly annotated)."""
         return self is not TileStatus.UNLABELLED
+
+    @classmethod
+    def of_boxes(cls, current: TileStatus, n_boxes: int) -> TileStatus:
+        """The status a tile's box count implies when the user has not said otherwise: a
+        tile that is not fully annotated is partial while it has boxes, unlabelled
+        without. A fully annotated tile stays so (an empty one says "no cells here")."""
+        if current.is_labelled:
+            return current
+        return cls.PARTIAL if n_boxes else cls.UNLABELLED
 
 
 PixelSource = Callable[[], np.ndarray]
@@ -86,6 +109,10 @@ class Tile:
     def is_labelled(self) -> bool:
         return self.status.is_labelled
 
+    @property
+    def is_partial(self) -> bool:
+        return self.status is TileStatus.PARTIAL
+
 
 class TileSet:
     """Ordered tiles with unique ids, and the classes their boxes refer to."""
@@ -130,11 +157,28 @@ class TileSet:
 
     @property
     def labelled(self) -> list[Tile]:
+        """The fully annotated tiles."""
         return [t for t in self._tiles if t.is_labelled]
 
     @property
+    def partial(self) -> list[Tile]:
+        """The partly annotated tiles: true boxes, unknown elsewhere."""
+        return [t for t in self._tiles if t.is_partial]
+
+    @property
     def unlabelled(self) -> list[Tile]:
-        return [t for t in self._tiles if not t.is_labelled]
+        """The tiles with no annotation the user vouches for."""
+        return [t for t in self._tiles if t.status is TileStatus.UNLABELLED]
+
+    def annotated_counts(self) -> dict[str, int]:
+        """Boxes per class name on the tiles the training learns from (fully or partly
+        annotated), every class listed, zero included."""
+        counts = dict.fromkeys(self.classes.names, 0)
+        for t in self._tiles:
+            if t.status.has_labels:
+                for cid, n in t.boxes.counts_by_class().items():
+                    counts[self.classes.by_id(cid).name] += n
+        return counts
 
     def counts_by_class(self, predictions: bool = False) -> dict[str, int]:
         """Number of boxes per class name (every class listed, zero included)."""

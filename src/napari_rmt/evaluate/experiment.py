@@ -53,6 +53,9 @@ class ExperimentConfig:
     #: TrainConfig fields for every method; each method starts from its own defaults
     #: (``TrainConfig.for_method``), so ``rmt`` stays the paper's and ``rmt+`` the recipe.
     train_overrides: dict[str, Any] = field(default_factory=dict)
+    #: "recipe": every method on the product's recipe; "paper": the paper's settings
+    #: (``TrainConfig.for_method``).
+    preset: str = "recipe"
 
 
 def run_id(method: str, fraction: float, seed: int) -> str:
@@ -120,7 +123,7 @@ def run_experiment(
 def _one_run(cfg, classes, method, fraction, seed, lab, unl, test, run_dir: Path, on_event, log) -> dict:
     rid = run_id(method, fraction, seed)
     tcfg = TrainConfig.for_method(
-        method, **{**cfg.train_overrides, "seed": seed, "checkpoint_every": cfg.checkpoint_every}
+        method, preset=cfg.preset, **{**cfg.train_overrides, "seed": seed, "checkpoint_every": cfg.checkpoint_every}
     )
     if method == "stac" and not 0 < tcfg.burn_in < tcfg.iterations:
         tcfg.burn_in = tcfg.iterations // 2

@@ -10,7 +10,7 @@ they run, and nothing they do is overwritten.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -81,9 +81,12 @@ class TrainingJob:
         predict_batch: int = 4,
         save_to=None,
         checkpoint_to=None,
+        partial: Sequence[Tile] = (),
     ) -> None:
         self.labelled = snapshot(labelled)
         self.unlabelled = snapshot(unlabelled)
+        #: partly annotated tiles: trained on (their boxes), and predicted for their other cells
+        self.partial = snapshot(list(partial))
         self.classes = classes.copy()
         self.config = config
         self.init_from = init_from
@@ -115,6 +118,7 @@ class TrainingJob:
             self.config,
             init_from=self.init_from,
             checkpoint_path=self.checkpoint_to,
+            partial=self.partial,
         )
         if self._cancel:
             self.trainer.cancel()
@@ -140,11 +144,14 @@ class TrainingJob:
         predictions: dict[int, Boxes] = {}
         if not cancelled:
             done = yield from predict_in_chunks(
-                self.trainer.model, self.unlabelled, self.classes, self.predict_batch,
+                self.trainer.model, [*self.unlabelled, *self.partial], self.classes, self.predict_batch,
                 lambda: self._cancel, self.trainer.device,
             )
             cancelled = done is None
             predictions = done or {}
+            for t in self.partial:  # the cells the user boxed are not predicted again
+                if t.id in predictions:
+                    predictions[t.id] = predictions[t.id].not_covered_by(t.boxes)
         state = self.trainer.state_dict()
         if not cancelled and self.save_to is not None:
             from ..train.checkpoint import save_model

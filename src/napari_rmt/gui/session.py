@@ -258,6 +258,8 @@ class Session:
         t.boxes = self._layer_boxes(self.annotations)
         shown = self._layer_boxes(self.predictions)
         t.predictions = Boxes.concatenate([shown, self._hidden_predictions])
+        # a tile the user has not called complete is partial while it has boxes
+        t.status = TileStatus.of_boxes(t.status, len(t.boxes))
 
     def show_tile(self, index: int) -> None:
         if not 0 <= index < len(self.tileset):
@@ -330,16 +332,21 @@ class Session:
 
     # ------------------------------------------------------------------ review
     def set_labelled(self, labelled: bool) -> None:
-        self.tile.status = TileStatus.LABELLED if labelled else TileStatus.UNLABELLED
+        """The user's word on whether every cell of the tile has a box; untold, a tile
+        with boxes is partly annotated."""
+        t = self.tile
+        t.status = TileStatus.LABELLED if labelled else TileStatus.of_boxes(TileStatus.UNLABELLED, len(t.boxes))
         self._changed()
 
     def accept_tile(self) -> int:
-        """The shown predictions become this tile's annotations and the tile is reviewed.
+        """The shown predictions become this tile's annotations.
 
+        The tile becomes partly annotated, never fully by itself: the detector misses
+        cells, and the score cut may hide some, so "every cell has a box" is the user's
+        word (the fully-annotated tick), not the accept's. A tile already ticked stays so.
         Predictions hidden by the score cut are never dropped: they stay predictions
         (``hidden_kept`` says how many). When every prediction is hidden nothing is
-        accepted and the tile keeps its status: marking it reviewed with none of its
-        cells would make it labelled data saying "no cells here".
+        accepted and the tile keeps its status.
         """
         self.pull()
         t = self.tile
@@ -353,7 +360,7 @@ class Session:
             )
         t.boxes = Boxes.concatenate([t.boxes, accepted.with_source(BoxSource.PREDICTED)])
         t.predictions = hidden
-        t.status = TileStatus.REVIEWED
+        t.status = TileStatus.of_boxes(t.status, len(t.boxes))
         self._set_layer_boxes(self.annotations, t.boxes)
         self._show_predictions()
         self._changed()
@@ -371,6 +378,7 @@ class Session:
         t = self.tile
         t.boxes = Boxes.concatenate([t.boxes, shown[mask].with_source(BoxSource.PREDICTED)])
         t.predictions = Boxes.concatenate([shown[~mask], self._hidden_predictions])
+        t.status = TileStatus.of_boxes(t.status, len(t.boxes))
         self._set_layer_boxes(self.annotations, t.boxes)
         self._show_predictions()
         self._changed()

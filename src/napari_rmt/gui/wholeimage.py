@@ -27,6 +27,7 @@ MAX_IN_VIEW = 3000  # rectangles drawn at once; beyond that the points tell the 
 
 _STATUS_COLOUR = {
     TileStatus.UNLABELLED: "#8c8c8c",
+    TileStatus.PARTIAL: "#7fb8ff",
     TileStatus.LABELLED: "#ffffff",
     TileStatus.REVIEWED: "#ffd21f",
 }

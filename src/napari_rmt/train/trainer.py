@@ -72,6 +72,14 @@ from .losses import (
     unsupervised_loss,
 )
 from .mixing import PatchBank, mix_pseudo_boxes
+from .partial import (
+    PARTIAL_KEY,
+    effective_number_weights,
+    mark_partial,
+    partial_rule,
+    repeat_factors,
+    with_known_boxes,
+)
 from .pseudo import ScoreBuffer, merge_views, select_pseudo
 from .stain_prior import stain_integral, stain_unknown
 
@@ -89,17 +97,21 @@ ETA_WINDOW = 40
 
 
 class _Cycler:
-    """Endless shuffled passes over indices, from a seeded generator."""
+    """Endless shuffled passes over indices, from a seeded generator; with ``pool``, over
+    the pool's entries (an index may stand in it several times: class-balanced passes)."""
 
-    def __init__(self, n: int, generator: torch.Generator) -> None:
-        self.n, self.g, self.order, self.pos = n, generator, [], 0
+    def __init__(self, n: int, generator: torch.Generator, pool: list[int] | None = None) -> None:
+        self.pool = pool
+        self.n = len(pool) if pool is not None else n
+        self.g, self.order, self.pos = generator, [], 0
 
     def take(self, k: int) -> list[int]:
         out = []
         for _ in range(k):
             if self.pos >= len(self.order):
                 self.order, self.pos = torch.randperm(self.n, generator=self.g).tolist(), 0
-            out.append(self.order[self.pos])
+            j = self.order[self.pos]
+            out.append(self.pool[j] if self.pool is not None else j)
             self.pos += 1
         return out
 
@@ -156,20 +168,23 @@ class Trainer:
         validate: Callable[[nn.Module], dict[str, float]] | None = None,
         checkpoint_path: str | os.PathLike | None = None,
         model_path: str | os.PathLike | None = None,
+        partial: Sequence[Tile] = (),
     ) -> None:
+        """``labelled`` tiles are fully annotated, ``partial`` ones partly (``train/partial.py``
+        says how each is learnt), ``unlabelled`` ones not at all."""
         self.cfg = config or TrainConfig()
         self.cfg.validate()
         self.classes = classes
         if len(classes) == 0:
             raise TrainingError("there are no cell classes to learn")
-        if not labelled:
+        if not labelled and not partial:
             raise TrainingError(
-                "no labelled tiles: mark at least one tile as fully annotated before training"
+                "no annotated tiles: box some cells (or mark a tile fully annotated) before training"
             )
-        if self.cfg.method != "supervised" and not unlabelled:
+        if self.cfg.method != "supervised" and not unlabelled and not partial:
             raise TrainingError(
-                f"method {self.cfg.method!r} needs unlabelled tiles, and every tile is labelled; "
-                "use method 'supervised' or leave some tiles unlabelled"
+                f"method {self.cfg.method!r} needs unlabelled or partly annotated tiles, and every tile is "
+                "fully annotated; use method 'supervised' or leave some tiles unlabelled"
             )
         self.device = resolve_device(self.cfg.device)
         self.validate_fn = validate
@@ -205,8 +220,18 @@ class Trainer:
             self._init_nucleus()
 
         # Tiles become uint8 tensors once: re-reading PNGs every step would dominate on CPUs.
-        self._labelled = [self._load_labelled(t) for t in labelled]
+        # The partly annotated tiles follow the fully annotated ones in the labelled list and
+        # the unlabelled ones in the unlabelled list (for the teacher to fill in), same tensors.
+        self._labelled = [self._load_labelled(t) for t in [*labelled, *partial]]
+        self._n_full = len(labelled)
         self._unlabelled = [self._load_image(t) for t in unlabelled]
+        #: Unlabelled-list index -> the user's (boxes, labels) of a partly annotated tile.
+        self._known: dict[int, tuple[Tensor, Tensor]] = {}
+        if self.cfg.uses_unlabelled:
+            for k in range(self._n_full, len(self._labelled)):
+                im, boxes, labels = self._labelled[k]
+                self._known[len(self._unlabelled)] = (boxes, labels)
+                self._unlabelled.append(im)
         self.missing_classes = [
             c.name
             for i, c in enumerate(classes, start=1)
@@ -222,7 +247,16 @@ class Trainer:
             else PatchBank()
         )
         self.strong = strong_view(self.cfg.strong_view, self._local_gen)
-        self._lab_cycle = _Cycler(len(self._labelled), self.gen)
+        pool = None
+        if self.cfg.class_balance:
+            repeats = repeat_factors([lab for _, _, lab in self._labelled], len(classes), self.cfg.class_balance)
+            pool = [i for i, r in enumerate(repeats) for _ in range(r)]
+        self._lab_cycle = _Cycler(len(self._labelled), self.gen, pool)
+        #: Per-class weights of the labelled classification loss (background first), or None.
+        self._class_weights = None
+        if self.cfg.class_weight_beta:
+            counts = [sum(int((lab == i).sum()) for _, _, lab in self._labelled) for i in range(1, len(classes) + 1)]
+            self._class_weights = effective_number_weights(counts, self.cfg.class_weight_beta)
         self._unl_cycle = _Cycler(max(1, len(self._unlabelled)), self.gen)
         self._stac_targets: list[tuple[Tensor, Tensor]] | None = None
 
@@ -321,8 +355,8 @@ class Trainer:
                 self.iteration,
                 "warning",
                 f"no labelled box of class(es) {', '.join(self.missing_classes)}: the model cannot learn to "
-                "find them (nor can its teacher pseudo-label them). Annotate a tile that holds some of "
-                "their cells, mark it fully annotated, and train again.",
+                "find them (nor can its teacher pseudo-label them). Box some of their cells (a few on "
+                "each of several tiles will do) and train again.",
             )
         while self.iteration < cfg.iterations and not self._out_of_time():
             if self._cancel.is_set():
@@ -424,7 +458,11 @@ class Trainer:
         self.student.train()
         images, targets = self._labelled_batch()
         self._check_cancel()
-        sup_terms = self._forward(images, targets)
+        if self._class_weights is not None or any(PARTIAL_KEY in t for t in targets):
+            with partial_rule(self.student, cfg.partial_stain_ignore, self._class_weights):
+                sup_terms = self._forward(images, targets)
+        else:
+            sup_terms = self._forward(images, targets)
         l_sup = supervised_loss(sup_terms)
         zero = l_sup.new_zeros(())
         l_unsup, l_reg = zero, zero
@@ -533,7 +571,10 @@ class Trainer:
                 im, boxes = hflip(im, boxes)
             im, boxes = turn(im, boxes, vertical, transpose)
             images.append(im.to(self.device))
-            targets.append({"boxes": boxes.to(self.device), "labels": labels.to(self.device)})
+            target = {"boxes": boxes.to(self.device), "labels": labels.to(self.device)}
+            if i >= self._n_full and self.cfg.partial_stain_ignore:
+                mark_partial(target, im)
+            targets.append(target)
         return images, targets
 
     def _pseudo_labelled_batch(
@@ -573,6 +614,10 @@ class Trainer:
             boxes, labels, scores, ignored = select_pseudo(
                 det["boxes"], det["labels"], det["scores"], cfg.pseudo_rule, thresholds, cfg.ignore_low
             )
+            if i in self._known:
+                boxes, labels, scores, ignored = with_known_boxes(
+                    boxes, labels, scores, ignored, *self._known_view(i, flip, view)
+                )
             per_image.append(len(boxes))
             ignored_per_image.append(len(ignored))
             self.last_pseudo.append((i, flip, boxes, labels))
@@ -734,14 +779,27 @@ class Trainer:
                 hook.remove()
         return dets, caught
 
+    def _known_view(self, i: int, flip: bool, view: Tensor) -> tuple[Tensor, Tensor]:
+        """The user's boxes and labels of unlabelled-list tile ``i`` (partly annotated), in
+        the frame of its weak view."""
+        boxes, labels = self._known[i]
+        if flip:
+            boxes = flip_boxes(boxes, view.shape[-1], view.shape[-2], True, False)
+        return boxes, labels
+
     def _make_stac_pseudo_labels(self) -> list[tuple[Tensor, Tensor]]:
         assert self.teacher is not None
         out = []
         for k in range(0, len(self._unlabelled), 8):
             views = [im.float().div(255) for im in self._unlabelled[k : k + 8]]
-            for det in self._teacher_predict(views, self.cfg.stac_threshold)[0]:
+            for j, det in enumerate(self._teacher_predict(views, self.cfg.stac_threshold)[0], start=k):
                 keep = det["scores"] >= self.cfg.stac_threshold
-                out.append((det["boxes"][keep], det["labels"][keep]))
+                boxes, labels = det["boxes"][keep], det["labels"][keep]
+                if j in self._known:
+                    boxes, labels, _, _ = with_known_boxes(
+                        boxes, labels, det["scores"][keep], boxes[:0], *self._known[j]
+                    )
+                out.append((boxes, labels))
         return out
 
     def _stac_batch(self) -> tuple[list[Tensor], list[dict[str, Tensor]], dict[str, Any]]:
@@ -929,10 +987,10 @@ class Trainer:
         for buf, values in zip(trainer.scores.buffers, ckpt.get("score_buffers") or [], strict=False):
             buf.extend(float(v) for v in values)
         rng = ckpt.get("rng")
-        if rng and len(rng["labelled_order"]) not in (0, len(trainer._labelled)):
+        if rng and len(rng["labelled_order"]) not in (0, trainer._lab_cycle.n):
             raise TrainingError(
                 f"{ckpt['_path']}: the run was trained on {len(rng['labelled_order'])} labelled tiles, "
-                f"and {len(trainer._labelled)} are given now; resume with the same tiles (or start a "
+                f"and {trainer._lab_cycle.n} are given now; resume with the same tiles (or start a "
                 "new run with --init-from)"
             )
         if rng:

@@ -36,8 +36,9 @@ class ReviewPanel(QGroupBox):
         row = QHBoxLayout()
         self.accept_tile_btn = QPushButton("Accept tile")
         self.accept_tile_btn.setToolTip(
-            "Shown predictions become annotations and the tile becomes reviewed; predictions hidden "
-            "by the score cut stay predictions"
+            "Shown predictions become annotations and the tile becomes partly annotated (cells without "
+            "a box are not taught as background); tick 'This tile is fully annotated' once every cell "
+            "has a box. Predictions hidden by the score cut stay predictions"
         )
         self.accept_tile_btn.clicked.connect(self.accept_tile)
         self.accept_sel_btn = QPushButton("Accept selected")
@@ -105,9 +106,16 @@ class ReviewPanel(QGroupBox):
         except NapariRmtError as exc:
             state.report_error(exc, prefix="nothing accepted")
             return 0
-        if state.session.hidden_kept:
+        hidden = state.session.hidden_kept
+        if state.session.tile.is_partial:
             state.say(
-                f"accepted {n} boxes; {state.session.hidden_kept} predictions below the score cut are "
+                f"accepted {n} boxes; the tile is partly annotated: cells without a box are not taught as "
+                "background. Tick 'This tile is fully annotated' once every cell has one"
+                + (f" ({hidden} predictions below the score cut are kept as predictions)" if hidden else "")
+            )
+        elif hidden:
+            state.say(
+                f"accepted {n} boxes; {hidden} predictions below the score cut are "
                 "kept as predictions (lower the cut to see them)"
             )
         state.rows_changed.emit(False)

@@ -27,7 +27,7 @@ from ...data.coco import read_coco
 from ...data.errors import NapariRmtError
 from ...data.project import TRAINING, Project
 from ...data.sample import load_sample
-from ...data.tiles import Tile, TileSet, TileStatus
+from ...data.tiles import FEW_BOXES, Tile, TileSet, TileStatus
 from ..state import AppState
 
 
@@ -286,6 +286,7 @@ class ClassesPanel(QWidget):
         layout.addWidget(self.legend)
         state.opened.connect(self._on_opened)
         state.session_rebuilt.connect(self._on_rebuilt)
+        state.rows_changed.connect(lambda _all=True: self._show_legend())
 
     @property
     def current(self) -> str:
@@ -333,9 +334,31 @@ class ClassesPanel(QWidget):
         self.class_combo.clear()
         self.class_combo.addItems(names)
         self.class_combo.blockSignals(False)
+        self._show_legend()
+
+    def _show_legend(self) -> None:
+        """Each class's colour and how many boxes of it the training learns from; a class
+        under ``FEW_BOXES`` in orange, with the reason on hover."""
+        if self.state.project is None:
+            return
+        tileset = self.state.project.tileset
+        counts = tileset.annotated_counts()
+        few = [name for name, n in counts.items() if n < FEW_BOXES]
+        parts = []
+        for c in tileset.classes:
+            n = counts[c.name]
+            label = f"{c.name} ({n})"
+            if n < FEW_BOXES:
+                label = f'<span style="color:#ffa500">{label}</span>'
+            parts.append(f'<span style="color:{c.hex}">■</span>&nbsp;{label}')
         self.legend.setText(
-            " ".join(f'<span style="color:{c.hex}">■</span>&nbsp;{c.name}' for c in self.state.project.tileset.classes)
-            + "<br>□&nbsp;annotation (outline) &nbsp; ▣&nbsp;prediction (shaded)"
+            " ".join(parts)
+            + "<br>□&nbsp;annotation (outline) &nbsp; ▣&nbsp;prediction (shaded); (n): boxes to learn from"
+        )
+        self.legend.setToolTip(
+            "annotations: outlines; predictions: shaded, with thinner edges. The number after a class is "
+            "how many of its boxes the training learns from (on fully or partly annotated tiles)"
+            + (f"; under {FEW_BOXES} ({', '.join(few)}) a class is learnt poorly: box more of its cells" if few else "")
         )
 
     def _bind_keys(self) -> None:
@@ -356,7 +379,7 @@ class ClassesPanel(QWidget):
 
 def row_text(t: Tile) -> str:
     status = t.status.value
-    if not t.is_labelled and len(t.predictions):
+    if t.status is TileStatus.UNLABELLED and len(t.predictions):
         status = "predicted"
     text = f"{t.name} — {status} — {len(t.boxes)} boxes"
     if len(t.predictions):

@@ -201,9 +201,10 @@ class TrainPanel(QGroupBox):
         ts = self.state.project.tileset
         try:
             cfg = config or self.training_config()
-            if not ts.labelled:
+            if not ts.labelled and not ts.partial:
                 raise NapariRmtError(
-                    "no labelled tiles: tick 'This tile is fully annotated' on the tiles you finished"
+                    "no annotated tiles: box some cells of each class (or tick 'This tile is fully "
+                    "annotated' on the tiles you finished)"
                 )
         except NapariRmtError as exc:
             self.state.report_error(exc)
@@ -229,12 +230,14 @@ class TrainPanel(QGroupBox):
             init_from=init,
             save_to=folder / MODEL if folder is not None else None,
             checkpoint_to=folder / TRAINING if folder is not None else None,
+            partial=ts.partial,
         )
         self.plot.reset()
         self.state.warn("")  # the last run's warning is about the last run
         self.state.progress.emit(0, cfg.iterations)
         self.state.say(
-            f"{cfg.method}: {len(ts.labelled)} labelled, {len(ts.unlabelled)} unlabelled tiles"
+            f"{cfg.method}: {len(ts.labelled)} fully annotated, {len(ts.partial)} partly annotated, "
+            f"{len(ts.unlabelled)} unlabelled tiles"
             + (" (warm start)" if init is not None else "")
         )
         self.state.start_job(job, self._on_yielded, self._on_returned, "training failed", synchronous)
@@ -279,7 +282,8 @@ class TrainPanel(QGroupBox):
         for tile_id, boxes in result.predictions.items():
             tile = ts.by_id(tile_id)
             if not tile.is_labelled:
-                tile.predictions = boxes
+                # on a partial tile, cells boxed since the run started are not predicted again
+                tile.predictions = boxes.not_covered_by(tile.boxes) if tile.is_partial else boxes
         self.state.session.refresh()
         self.state.predictions_arrived.emit(list(result.predictions.values()))
         self.state.rows_changed.emit(True)
