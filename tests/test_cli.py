@@ -264,3 +264,51 @@ def test_supervised_training_reads_no_unlabelled_tile(tmp_path, capsys):
                "--iterations", "1", "--init", "none", "--out", str(tmp_path / "run"), *TINY_TRAINING])
     assert rc == 0
     assert "supervised on 2 labelled + 0 unlabelled tiles" in capsys.readouterr().err
+
+
+def test_every_tunable_from_the_command_line_trains_and_keeps_its_kind(tmp_path, capsys):
+    """Every option of the advanced table at a value other than rmt+'s default, in one
+    run: integers reach the trainer as integers (``--teacher-views 2`` once stopped
+    training with a TypeError), and the run trains."""
+    from conftest import make_coco
+    from napari_rmt.train.config import CLI_TUNABLES, TrainConfig
+
+    coco = make_coco(tmp_path / "data", n_images=4, size=(64, 64))
+    default = TrainConfig.for_method("rmt+")
+    picks = {"pseudo_rule": "gmm", "pseudo_score": "foreground", "strong_view": "stain",
+             "labelled_view": "dihedral", "unsup_normalise": "split", "teacher_views": "2"}
+    args = []
+    for t in CLI_TUNABLES:
+        if t.kind == "bool":
+            args.append(("--no-" if getattr(default, t.name) else "--") + t.option[2:])
+        elif t.name in picks:
+            args += [t.option, picks[t.name]]
+        else:
+            value = getattr(default, t.name)
+            other = t.low + t.step if value is None or value != t.low + t.step else t.low + 2 * t.step
+            args += [t.option, f"{other:.6g}"]
+    run = tmp_path / "run"
+    rc = main(["train", "--coco", str(coco), "--labeled-fraction", "0.5", "--iterations", "3", "--burn-in", "1",
+               "--warmup", "1", "--batch", "1", *args, "--out", str(run)])
+    assert rc == 0, capsys.readouterr().err
+    saved = json.loads((run / "config.json").read_text())
+    assert saved["teacher_views"] == 2 and isinstance(saved["teacher_views"], int)
+    for t in CLI_TUNABLES:
+        assert saved[t.name] != getattr(default, t.name), t.name
+    events = [json.loads(x) for x in (run / "events.jsonl").read_text().splitlines()]
+    assert [e["phase"] for e in events if e["event"] == "IterationEvent"][-1] == "semi-supervised"
+
+
+def test_train_learns_partly_annotated_images_from_coco(tmp_path, capsys):
+    from conftest import make_coco
+
+    coco = make_coco(tmp_path / "data", n_images=4, size=(64, 64))
+    data = json.loads(coco.read_text())
+    data["images"][0]["napari_rmt_status"] = "partial"
+    data["images"][1]["napari_rmt_status"] = "partial"
+    data["images"][2]["napari_rmt_status"] = "unlabelled"
+    data["images"][3]["napari_rmt_status"] = "unlabelled"
+    coco.write_text(json.dumps(data))
+    run = tmp_path / "run"
+    assert main(["train", "--coco", str(coco), "--iterations", "2", *TINY_TRAINING, "--out", str(run)]) == 0
+    assert "0 labelled + 2 partly annotated + 2 unlabelled tiles" in capsys.readouterr().err

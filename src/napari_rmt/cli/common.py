@@ -64,14 +64,16 @@ def at_least(low: int):
     return parse
 
 
-def in_range(low: float, high: float, low_open: bool = False):
-    """An argparse type: a finite number in [low, high] (or (low, high] with ``low_open``)."""
+def in_range(low: float, high: float, low_open: bool = False, integer: bool = False):
+    """An argparse type: a finite number in [low, high] (or (low, high] with ``low_open``);
+    with ``integer``, a whole number, returned as an int (a config field of type int must
+    not receive 2.0: it slices)."""
 
     def parse(text: str) -> float:
         try:
-            value = float(text)
+            value = int(text) if integer else float(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if integer else 'a number'}") from None
         if not (low < value if low_open else low <= value) or not value <= high:
             raise argparse.ArgumentTypeError(f"{value} must be in {'(' if low_open else '['}{low}, {high}]")
         return value
@@ -129,7 +131,7 @@ def add_training_options(p: argparse.ArgumentParser) -> None:
         elif t.kind == "choice":
             p.add_argument(t.option, choices=t.choices, default=None, help=t.help)
         else:
-            p.add_argument(t.option, type=in_range(t.low, t.high), default=None, help=t.help)
+            p.add_argument(t.option, type=in_range(t.low, t.high, integer=t.kind == "int"), default=None, help=t.help)
     p.add_argument("--seed", type=int, default=None, help="default 0")
     p.add_argument("--device", default="auto")
     p.add_argument("--checkpoint-every", type=at_least(0), default=0)
