@@ -185,6 +185,27 @@ def test_train_panel_fills_the_methods_defaults(state):
     assert panel.training_config().ignore_low is None
 
 
+def test_burn_in_follows_the_iterations_or_the_run_refuses(state):
+    """Issue 34: the advanced form's burn-in, derived from 500 iterations, must not make a
+    20-iteration run all burn-in."""
+    panel = TrainPanel(state)
+    panel.method_combo.setCurrentText("rmt+")
+    panel.advanced.setChecked(True)
+    assert panel.form["burn_in"].value() == 375  # 3/4 of 500
+    panel.iter_spin.setValue(20)
+    assert panel.form["burn_in"].value() == 15  # still 3/4 of the run
+    cfg = panel.training_config()
+    assert cfg.iterations == 20 and cfg.burn_in == 15
+    panel.form["burn_in"].setValue(30)  # the user's own value, past the run's end: refused
+    with pytest.raises(NapariRmtError, match="burn-in 30 must be below the 20 iterations"):
+        panel.training_config()
+    state.open(load_sample(), "sample")
+    for t in state.project.tileset:
+        t.status = TileStatus.LABELLED if t.id < 9 else TileStatus.UNLABELLED
+    panel.train()
+    assert "burn-in 30 must be below" in state.last_error and not state.busy
+
+
 def test_advanced_form_and_cli_offer_the_same_settings(state):
     """Both front ends are generated from train.config.TUNABLES: every setting is in the
     form, shows each method's own default, and reads back unchanged; the command line has
@@ -259,3 +280,20 @@ def test_export_panel_writes_and_refuses(state, tmp_path):
     assert len(json.loads(out.read_text())["annotations"]) == sum(len(t.boxes) for t in state.project.tileset)
     with pytest.raises(NapariRmtError, match="no trained model"):
         panel.save_model(tmp_path / "m.pt")
+
+
+def test_review_moves_between_tiles_and_suggests(state):
+    panel = ReviewPanel(state, lambda: "tumor")
+    state.open(load_sample(), "sample")
+    assert panel.next_btn.isEnabled() and panel.suggest_btn.isEnabled()
+    panel.next_btn.click()
+    assert state.session.index == 1
+    panel.prev_btn.click()
+    assert state.session.index == 0
+    ts = state.project.tileset
+    target = 5
+    for t in list(ts)[3:]:
+        t.status, t.boxes = TileStatus.UNLABELLED, Boxes()
+    ts[target].predictions = Boxes([[1, 1, 9, 9], [20, 20, 30, 30]], [1, 1], scores=[0.5, 0.45])
+    panel.suggest_btn.click()
+    assert state.session.index == target  # the only tile with predictions in doubt

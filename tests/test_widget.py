@@ -65,6 +65,9 @@ def test_annotate_train_review_export_reopen(widget, tmp_path):
     w.train(config=tiny(), synchronous=True)
     assert w.last_error is None, w.last_error
     assert w.model_state is not None and (w.project.folder / "model.pt").is_file()
+    assert w.progress.value() == w.progress.maximum()  # the bar ends full
+    # something new on screen: a tile with predictions (the current one was labelled)
+    assert len(s.tile.predictions) > 0 and not s.tile.is_labelled
     unl = [i for i, t in enumerate(ts) if not t.is_labelled]
     assert unl and all(len(ts[i].predictions) > 0 for i in unl)
     # the slider starts where the model's boxes show, and says what it hides
@@ -139,6 +142,10 @@ def test_annotate_train_review_export_reopen(widget, tmp_path):
 
     # Save and load the model by hand; a model for other classes is refused by name.
     saved = w2.save_model(tmp_path / "exported.pt")
+    import torch
+
+    exported = torch.load(saved, weights_only=True)
+    assert exported["kind"] == "model" and "optimizer" not in exported  # the model, not the training state
     w2.load_model(saved)
     assert w2.model_state["_path"] == str(saved)
 

@@ -70,9 +70,10 @@ class ExportPanel(QGroupBox):
     def save_model(self, path: str | Path) -> Path:
         if self.state.model_state is None:
             raise NapariRmtError("there is no trained model yet")
-        from ...train.checkpoint import save_checkpoint
+        from ...train.checkpoint import save_model
 
-        return save_checkpoint(path, self.state.model_state)
+        # the predicting model (14 MB for the default), not the training state around it
+        return save_model(path, self.state.model_state)
 
     def load_model(self, path: str | Path) -> None:
         from ...train.checkpoint import classes_from_checkpoint, read_checkpoint

@@ -46,6 +46,21 @@ class ReviewPanel(QGroupBox):
         row.addWidget(self.accept_tile_btn)
         row.addWidget(self.accept_sel_btn)
         rl.addLayout(row)
+        # moving on without a trip back to the Tiles tab
+        row = QHBoxLayout()
+        self.prev_btn = QPushButton("◀")
+        self.prev_btn.setToolTip("previous tile")
+        self.prev_btn.clicked.connect(lambda: self.go(-1))
+        self.next_btn = QPushButton("▶")
+        self.next_btn.setToolTip("next tile")
+        self.next_btn.clicked.connect(lambda: self.go(1))
+        self.suggest_btn = QPushButton("Suggest next")
+        self.suggest_btn.setToolTip("go to the tile whose predictions the model is least sure of")
+        self.suggest_btn.clicked.connect(self.suggest_next)
+        for b in (self.prev_btn, self.next_btn):
+            row.addWidget(b)
+        row.addWidget(self.suggest_btn, 1)
+        rl.addLayout(row)
         row = QHBoxLayout()
         self.detect_btn = QPushButton("Detect nuclei")
         self.detect_btn.setToolTip(
@@ -95,6 +110,18 @@ class ReviewPanel(QGroupBox):
             return self.score_slider.value()
         cut = float(scores[min(expected, scores.size) - 1])
         return max(0, min(self.score_slider.value(), int(100 * cut) - 1))
+
+    # ------------------------------------------------------------------ moving
+    def go(self, step: int) -> None:
+        if self.state.session is not None:
+            self.state.session.next_tile(step)
+            self.state.moved.emit()
+
+    def suggest_next(self) -> None:
+        if self.state.session is not None:
+            if self.state.session.suggest_next() is None:
+                self.state.say("no tile left to review")
+            self.state.moved.emit()
 
     # ------------------------------------------------------------------ accepting
     def accept_tile(self) -> int:
@@ -195,7 +222,8 @@ class ReviewPanel(QGroupBox):
 
     def _update_enabled(self) -> None:
         has, running = self.state.session is not None, self.state.busy
-        for w in (self.accept_tile_btn, self.accept_sel_btn, self.score_slider):
+        for w in (self.accept_tile_btn, self.accept_sel_btn, self.score_slider, self.prev_btn, self.next_btn,
+                  self.suggest_btn):
             w.setEnabled(has)
         self.detect_btn.setEnabled(has and not running)
         self.detect_all_btn.setEnabled(has and not running)

@@ -126,6 +126,7 @@ class TrainPanel(QGroupBox):
         form.addRow("start from", self.init_combo)
         self.iter_spin = spin(1, 1_000_000, 500)
         form.addRow("iterations", self.iter_spin)
+        self._iterations_shown = self.iter_spin.value()
         # 20 minutes: what a CPU user waits; 500 iterations would take about 30 (docs/benchmarks.md)
         self.minutes_spin = dspin(0, 10_000, 20, 5, decimals=0)
         self.minutes_spin.setSpecialValueText("no limit")
@@ -142,6 +143,7 @@ class TrainPanel(QGroupBox):
         self.advanced.toggled.connect(self.form.setVisible)
         self.method_combo.currentTextChanged.connect(self._show_method_defaults)
         self._show_method_defaults(self.method_combo.currentText())
+        self.iter_spin.valueChanged.connect(self._follow_iterations)
         form.addRow(self.advanced)
         row = QHBoxLayout()
         self.train_btn = QPushButton("Train semi-supervised")
@@ -162,6 +164,14 @@ class TrainPanel(QGroupBox):
         from ...train.config import TrainConfig
 
         self.form.show_config(TrainConfig.for_method(method, iterations=self.iter_spin.value()))
+
+    def _follow_iterations(self, iterations: int) -> None:
+        """The burn-in keeps its share of the run when the iterations change: a burn-in
+        derived from 500 iterations must not make a 20-iteration run all burn-in."""
+        burn = self.form["burn_in"]
+        share = burn.value() / max(1, self._iterations_shown)
+        burn.setValue(max(0, min(iterations - 1, round(share * iterations))))
+        self._iterations_shown = iterations
 
     def training_config(self):
         """The method's defaults, with the advanced settings laid over them when ticked."""
@@ -187,7 +197,14 @@ class TrainPanel(QGroupBox):
             values["burn_in_fraction"] = 0.1
         if method == "stac":
             values["burn_in"] = min(max(1, values.get("burn_in", burn_in_for(iterations))), iterations - 1)
-        return TrainConfig.for_method(method, **values)
+        cfg = TrainConfig.for_method(method, **values)
+        if cfg.uses_teacher and cfg.burn_in >= cfg.iterations:
+            # a time limit could end burn-in sooner, but a run this short never reaches it
+            raise NapariRmtError(
+                f"burn-in {cfg.burn_in} must be below the {cfg.iterations} iterations: every step would be "
+                "burn-in and nothing semi-supervised (lower the burn-in in 'advanced')"
+            )
+        return cfg
 
     def train(self, config=None, synchronous: bool = False) -> None:
         """Start training on the labelled tiles; the others are the unlabelled data."""
@@ -277,6 +294,8 @@ class TrainPanel(QGroupBox):
             self.state.say(f"cancelled after {result.iterations} iterations; {kept}")
             return
         self.state.model_state = result.checkpoint
+        # a run that ended on its time limit did fewer steps than planned: the bar ends full
+        self.state.progress.emit(result.iterations, result.iterations)
         ts = self.state.project.tileset
         self.state.session.pull()
         for tile_id, boxes in result.predictions.items():
@@ -285,6 +304,10 @@ class TrainPanel(QGroupBox):
                 # on a partial tile, cells boxed since the run started are not predicted again
                 tile.predictions = boxes.not_covered_by(tile.boxes) if tile.is_partial else boxes
         self.state.session.refresh()
+        if not len(self.state.session.tile.predictions) and result.predictions:
+            # after a run, something new on screen: the tile whose predictions are most in doubt
+            self.state.session.suggest_next()
+            self.state.moved.emit()
         self.state.predictions_arrived.emit(list(result.predictions.values()))
         self.state.rows_changed.emit(True)
         n = sum(len(b) for b in result.predictions.values())
