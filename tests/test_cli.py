@@ -312,3 +312,28 @@ def test_train_learns_partly_annotated_images_from_coco(tmp_path, capsys):
     run = tmp_path / "run"
     assert main(["train", "--coco", str(coco), "--iterations", "2", *TINY_TRAINING, "--out", str(run)]) == 0
     assert "0 labelled + 2 partly annotated + 2 unlabelled tiles" in capsys.readouterr().err
+
+
+def test_holdout_reports_each_class_on_annotated_images_the_run_never_saw(tmp_path, capsys):
+    from conftest import make_coco
+
+    coco = make_coco(tmp_path / "data", n_images=12, size=(64, 64))
+    data = json.loads(coco.read_text())
+    for img in data["images"][6:]:
+        img["napari_rmt_status"] = "partial"
+    coco.write_text(json.dumps(data))
+    run = tmp_path / "run"
+    args = ["train", "--coco", str(coco), "--method", "supervised", "--iterations", "2", *TINY_TRAINING]
+    assert main([*args, "--holdout", "0.25", "--out", str(run)]) == 0
+    out = capsys.readouterr().out
+    report = json.loads((run / "class_report.json").read_text())
+    held = set(report["held_out_ids"])
+    assert len(held) == 3 and not held & set(json.loads((run / "labelled_ids.json").read_text()))
+    rows = {r["name"]: r for r in report["classes"]}
+    # 2 boxes per image (tumor, stromal): 9 images trained on, 3 held out
+    assert rows["tumor"]["train_boxes"] == 9 and rows["tumor"]["held_boxes"] == 3
+    assert rows["lymphocyte"]["held_boxes"] == 0 and "lymphocyte: 0 boxes to learn from; no box of it" in out
+    assert "tumor: 9 boxes to learn from" in out
+    capsys.readouterr()
+    assert main([*args, "--holdout", "0.25", "--resume", str(run), "--out", str(run)]) == 2
+    assert "a resumed run keeps its own" in capsys.readouterr().err

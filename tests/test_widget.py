@@ -362,3 +362,20 @@ def test_detect_nuclei_then_classify_and_accept(widget):
     w.detect_nuclei(all_empty=True, synchronous=True)
     assert all(len(t.predictions) for i, t in enumerate(ts) if i in empty[1:])
     assert (len(ts[labelled].boxes), len(ts[labelled].predictions)) == before
+
+
+def test_a_run_reports_each_class_on_held_out_tiles(widget):
+    from napari_rmt.data import Boxes
+
+    w = widget
+    ts = w.project.tileset
+    for t in [t for t in ts if not t.is_labelled][:3]:  # three more tiles partly annotated: 11 in all
+        t.boxes, t.status = Boxes([[10, 10, 30, 30]], [2]), TileStatus.PARTIAL
+    assert len(ts.labelled) + len(ts.partial) == 11
+    w.training.holdout_box.setChecked(True)
+    w.train(config=tiny(method="supervised"), synchronous=True)
+    assert w.last_error is None, w.last_error
+    report = w.training.report
+    assert [r.name for r in report] == ts.classes.names
+    assert sum(r.held_boxes for r in report) > 0 and sum(r.train_boxes for r in report) > 0
+    assert "per class on held-out tiles" in w.status.text()

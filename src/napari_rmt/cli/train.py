@@ -11,6 +11,7 @@ from .common import (
     add_training_options,
     config_from_args,
     drop_replayed_events,
+    in_range,
     load_dataset,
     read_ids,
     resume_config,
@@ -48,6 +49,12 @@ def add_parser(sub) -> None:
     train.add_argument(
         "--allow-outside-paths", action="store_true",
         help="read images named by absolute paths or ../ in the COCO file (refused by default)",
+    )
+    train.add_argument(
+        "--holdout", type=in_range(0, 0.5), default=0.0,
+        help="hold out this share of the annotated images (at least 10 of them needed) and print, after "
+        "the run, each class's figures on them: F1 on fully annotated images, recall on partly annotated "
+        "ones; written to class_report.json (default 0: train on all)",
     )
     add_training_options(train)
     train.set_defaults(func=run)
@@ -102,6 +109,16 @@ def _run(args: argparse.Namespace, world) -> int:
     picked = {t.id for t in labelled}
     partial = [t for t in tileset.partial if t.id not in picked]
     unlabelled = [t for t in unlabelled if not t.is_partial]
+    held: list = []
+    if args.holdout and args.resume:
+        raise NapariRmtError("--holdout picks the images a new run trains on; a resumed run keeps its own")
+    if args.holdout:
+        from ..evaluate.report import holdout_split
+
+        kept, held = holdout_split([*labelled, *partial], args.holdout, cfg.seed)
+        kept_ids = {t.id for t in kept}
+        labelled = [t for t in labelled if t.id in kept_ids]
+        partial = [t for t in partial if t.id in kept_ids]
     if not cfg.uses_unlabelled:
         unlabelled = []  # supervised never reads them (decoding them all would only cost time)
     out = Path(args.out)
@@ -145,9 +162,31 @@ def _run(args: argparse.Namespace, world) -> int:
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "labelled_ids.json", [t.id for t in labelled])
     records = run_training(trainer, out, append=bool(args.resume))
+    if held:
+        report_classes(trainer, [*labelled, *partial], held, tileset.classes, out)
     fin = records[-1] if records else {}
     print(
         f"napari-rmt: {fin.get('iteration', trainer.iteration)} iterations in "
         f"{fin.get('seconds', 0):.0f} s; wrote {out / MODEL_FILE} (and {TRAINING_FILE}, for --resume)"
     )
     return 0
+
+
+def report_classes(trainer, trained, held, classes, out: Path) -> None:
+    """Each class's figures on the held-out annotated images, printed and written to
+    ``class_report.json``."""
+    import dataclasses
+
+    from ..data.atomic import atomic_write_json
+    from ..evaluate.report import box_counts, class_figures
+    from ..model.predict import predict_tiles
+
+    preds = predict_tiles(trainer.model, held, classes, store=False, device=trainer.device)
+    rows = class_figures(held, preds, classes, box_counts(trained, classes))
+    print(f"napari-rmt: per class, on {len(held)} held-out annotated images (score > 0.5, IoU >= 0.5):")
+    for r in rows:
+        print("  " + r.line(len(held)))
+    atomic_write_json(out / "class_report.json", {
+        "held_out_ids": [t.id for t in held],
+        "classes": [{**dataclasses.asdict(r), "f1": r.f1} for r in rows],
+    }, indent=1)

@@ -42,6 +42,8 @@ class JobResult:
     predictions: dict[int, Boxes]
     cancelled: bool
     iterations: int
+    #: per-class figures on the held-out annotated tiles (``evaluate.report``), if any were
+    report: list = dataclasses.field(default_factory=list)
 
 
 def snapshot(tiles: list[Tile]) -> list[Tile]:
@@ -82,11 +84,14 @@ class TrainingJob:
         save_to=None,
         checkpoint_to=None,
         partial: Sequence[Tile] = (),
+        held: Sequence[Tile] = (),
     ) -> None:
         self.labelled = snapshot(labelled)
         self.unlabelled = snapshot(unlabelled)
         #: partly annotated tiles: trained on (their boxes), and predicted for their other cells
         self.partial = snapshot(list(partial))
+        #: annotated tiles kept out of training, to report each class on after the run
+        self.held = snapshot(list(held))
         self.classes = classes.copy()
         self.config = config
         self.init_from = init_from
@@ -152,6 +157,17 @@ class TrainingJob:
             for t in self.partial:  # the cells the user boxed are not predicted again
                 if t.id in predictions:
                     predictions[t.id] = predictions[t.id].not_covered_by(t.boxes)
+        report = []
+        if not cancelled and self.held:
+            from ..evaluate.report import box_counts, class_figures
+
+            done = yield from predict_in_chunks(
+                self.trainer.model, self.held, self.classes, self.predict_batch,
+                lambda: self._cancel, self.trainer.device,
+            )
+            if done is not None:
+                trained = box_counts([*self.labelled, *self.partial], self.classes)
+                report = class_figures(self.held, [done[t.id] for t in self.held], self.classes, trained)
         state = self.trainer.state_dict()
         if not cancelled and self.save_to is not None:
             from ..train.checkpoint import save_model
@@ -159,7 +175,7 @@ class TrainingJob:
             save_model(self.save_to, state)  # the model only (the GUI warm-starts, never resumes)
         if self.checkpoint_to is not None:
             Path(self.checkpoint_to).unlink(missing_ok=True)
-        return JobResult(state, predictions, cancelled, self.trainer.iteration)
+        return JobResult(state, predictions, cancelled, self.trainer.iteration, report)
 
 
 class NucleusJob:

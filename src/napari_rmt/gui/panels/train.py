@@ -5,6 +5,7 @@ from __future__ import annotations
 from napari.utils.notifications import show_info
 from qtpy.QtCore import Qt
 from qtpy.QtWidgets import (
+    QCheckBox,
     QComboBox,
     QFormLayout,
     QGroupBox,
@@ -16,10 +17,14 @@ from qtpy.QtWidgets import (
 
 from ...data.errors import NapariRmtError
 from ...data.project import MODEL, TRAINING
+from ...evaluate.report import MIN_TILES_FOR_HOLDOUT, holdout_split
 from ...model.bundled import LICENSE_NOTE
 from ..state import AppState
 from .common import dspin, spin
 from .tunables import TunableForm
+
+#: The share of the annotated tiles "report each class on held-out tiles" keeps out of training.
+HOLDOUT = 0.1
 
 
 class LossPlot(QWidget):
@@ -132,6 +137,13 @@ class TrainPanel(QGroupBox):
         self.minutes_spin.setSpecialValueText("no limit")
         self.minutes_spin.setToolTip("stop after this many minutes of training, even before the iterations")
         form.addRow("minutes", self.minutes_spin)
+        self.holdout_box = QCheckBox("report each class on held-out tiles")
+        self.holdout_box.setToolTip(
+            f"keep {HOLDOUT:.0%} of the annotated tiles (when there are at least {MIN_TILES_FOR_HOLDOUT}) out of "
+            "training, and after the run say how well each class is found on them: F1 on fully annotated "
+            "tiles, recall on partly annotated ones"
+        )
+        form.addRow(self.holdout_box)
         self.advanced = QGroupBox("advanced")
         self.advanced.setCheckable(True)
         self.advanced.setChecked(False)
@@ -155,6 +167,8 @@ class TrainPanel(QGroupBox):
         form.addRow(row)
         self.plot = LossPlot()
         form.addRow(self.plot)
+        #: the last run's per-class figures on its held-out tiles (``evaluate.report``)
+        self.report: list = []
         state.busy_changed.connect(self._update_enabled)
         state.opened.connect(self._update_enabled)
         self._update_enabled()
@@ -239,17 +253,23 @@ class TrainPanel(QGroupBox):
             if not same:
                 init = None  # another architecture or class list: start afresh
         folder = self.state.project.folder
+        labelled, partial, held = ts.labelled, ts.partial, []
+        if self.holdout_box.isChecked():
+            kept, held = holdout_split([*labelled, *partial], HOLDOUT, cfg.seed)
+            labelled, partial = [t for t in kept if t.is_labelled], [t for t in kept if t.is_partial]
         job = TrainingJob(
-            ts.labelled,
+            labelled,
             ts.unlabelled,
             ts.classes,
             cfg,
             init_from=init,
             save_to=folder / MODEL if folder is not None else None,
             checkpoint_to=folder / TRAINING if folder is not None else None,
-            partial=ts.partial,
+            partial=partial,
+            held=held,
         )
         self.plot.reset()
+        self.report = []
         self.state.warn("")  # the last run's warning is about the last run
         self.state.progress.emit(0, cfg.iterations)
         self.state.say(
@@ -315,6 +335,16 @@ class TrainPanel(QGroupBox):
             f"done: {result.iterations} iterations; {n} predicted boxes on "
             f"{len(result.predictions)} unlabelled tiles"
         )
+        if result.report:
+            self.report = result.report
+            self.state.say(
+                "done; per class on held-out tiles: "
+                + ", ".join(
+                    f"{r.name} " + (f"F1 {r.f1:.2f}" if r.f1 is not None else
+                                    f"recall {r.recall:.2f}" if r.recall is not None else "no box")
+                    for r in result.report
+                )
+            )
         self.state.changed()
 
 
