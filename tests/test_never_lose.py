@@ -428,3 +428,42 @@ def test_imagenet_weights_offline_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(resnet, "resnet18", offline)
     with pytest.raises(WeightsError, match=r"could not be downloaded.*--weights FILE"):
         build_detector(3, ModelConfig(backbone="resnet18", weights="imagenet"))
+
+
+# ---------------------------------------------------------------- outputs never written over
+def test_resume_into_another_runs_folder_is_refused_and_predict_and_demo_keep_what_exists(tmp_path, capsys, coco_file):
+    """Issue 33: no command writes over a file or run folder it did not make in this call
+    without --overwrite: `train --resume A --out B` with B another run, `predict --out` an
+    existing file or its .images.json, `demo --out` a folder holding an earlier run."""
+    tiny = ["--iterations", "1", "--burn-in", "0", "--warmup", "1", "--batch", "1", "--method", "supervised"]
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert main(["train", "--coco", str(coco_file), *tiny, "--out", str(a)]) == 0
+    assert main(["train", "--coco", str(coco_file), *tiny, "--out", str(b)]) == 0
+    before = {p.name: p.read_bytes() for p in b.iterdir()}
+    capsys.readouterr()
+    assert main(["train", "--coco", str(coco_file), "--resume", str(a), "--iterations", "2", "--out", str(b)]) == 2
+    assert "holds another run than --resume" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in b.iterdir()} == before
+    # into its own folder it continues; into an empty folder too
+    assert main(["train", "--coco", str(coco_file), "--resume", str(a / "model.pt"), "--iterations", "2",
+                 "--out", str(a)]) == 0
+    # predict: an existing --out and a user's file beside it are kept
+    images = sorted((coco_file.parent / "images").glob("*.png"))
+    out = tmp_path / "res.json"
+    out.write_text("mine")
+    capsys.readouterr()
+    assert main(["predict", "--model", str(a), *map(str, images), "--out", str(out)]) == 2
+    assert "exists already; give --overwrite" in capsys.readouterr().err and out.read_text() == "mine"
+    out.unlink()
+    sibling = tmp_path / "res.images.json"
+    sibling.write_text("mine too")
+    assert main(["predict", "--model", str(a), *map(str, images), "--out", str(out)]) == 2
+    assert sibling.read_text() == "mine too" and not out.exists()
+    assert main(["predict", "--model", str(a), *map(str, images), "--out", str(out), "--overwrite"]) == 0
+    assert json.loads(sibling.read_text())
+    # demo: an earlier run's files in --out are kept; a file as --out is a clear error
+    capsys.readouterr()
+    assert main(["demo", "--out", str(b), "--iterations", "1"]) == 2
+    assert "exists already" in capsys.readouterr().err and {p.name: p.read_bytes() for p in b.iterdir()} == before
+    assert main(["demo", "--out", str(out), "--iterations", "1"]) == 2
+    assert "is a file" in capsys.readouterr().err

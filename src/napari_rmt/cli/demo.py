@@ -6,7 +6,12 @@ import argparse
 import sys
 from pathlib import Path
 
+from ..data.errors import NapariRmtError
 from .common import at_least, run_training
+
+#: What the demo writes into --out.
+FILES = ("model.pt", "training.pt", "annotations.json", "predictions.json", "predictions.geojson", "events.jsonl",
+         "prediction.png")
 
 
 def add_parser(sub) -> None:
@@ -16,10 +21,12 @@ def add_parser(sub) -> None:
     demo.add_argument("--out", default="demo_out", help="output folder (default: demo_out)")
     demo.add_argument("--iterations", type=at_least(1), default=60)
     demo.add_argument("--init", choices=("nucleus", "none"), default="nucleus", help="default: the bundled nucleus model")
+    demo.add_argument("--overwrite", action="store_true", help="replace the files of an earlier demo (or run) in --out")
     demo.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..data.atomic import check_output
     from ..data.coco import write_coco, write_coco_results
     from ..data.geojson import write_geojson
     from ..data.sample import load_sample
@@ -31,6 +38,10 @@ def run(args: argparse.Namespace) -> int:
     from ..train.trainer import Trainer
 
     out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise NapariRmtError(f"--out {out}: is a file; give a folder for the demo's files")
+    for name in FILES:  # every output is checked before the work: nothing of the user's is replaced
+        check_output(out / name, what="--out", overwrite=args.overwrite)
     tileset = load_sample()
     # One tile of each of the sample's four slide regions is 'annotated'; the other
     # twelve are unlabelled, as in the workflow the plugin is made for.
@@ -77,8 +88,7 @@ def run(args: argparse.Namespace) -> int:
         f"{100 * counts['any'].f1:.0f} %; {per_class}"
     )
     picture(unlabelled[0], tileset.classes, out / "prediction.png")
-    for name in ("model.pt", "training.pt", "annotations.json", "predictions.json", "predictions.geojson", "events.jsonl",
-                 "prediction.png"):
+    for name in FILES:
         print(f"wrote {out / name}")
     return 0
 

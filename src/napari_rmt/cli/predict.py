@@ -22,6 +22,10 @@ def add_parser(sub) -> None:
     )
     pred.add_argument("paths", nargs="*", help="image files (when no --coco)")
     pred.add_argument("--out", required=True, help="COCO results json")
+    pred.add_argument(
+        "--overwrite", action="store_true",
+        help="replace outputs that exist already (--out, its .images.json, --zarr stores); refused by default",
+    )
     pred.add_argument("--score-threshold", type=in_range(0, 1), default=0.05)
     pred.add_argument(
         "--box-score", choices=BOX_SCORES, default=None,
@@ -88,12 +92,13 @@ def run(args: argparse.Namespace) -> int:
 
     # Every output is checked before hours of work, and none may be (inside) an input.
     inputs = [p for p in (args.model, args.coco, *(args.paths or [])) if p]
-    check_output(args.out, inputs, "--out")
+    check_output(args.out, inputs, "--out", overwrite=args.overwrite)
     if not args.coco:
-        check_output(Path(args.out).with_suffix(".images.json"), inputs, "--out")
+        check_output(Path(args.out).with_suffix(".images.json"), inputs, "--out", overwrite=args.overwrite)
     if args.zarr:
         for p in args.paths or []:
-            check_output(Path(args.zarr) / f"{Path(p).stem}.zarr", inputs, "--zarr", folder=True)
+            check_output(Path(args.zarr) / f"{Path(p).stem}.zarr", inputs, "--zarr", folder=True,
+                         overwrite=args.overwrite)
     from ..train.checkpoint import model_from_checkpoint, model_payload, read_checkpoint
 
     ckpt = read_checkpoint(args.model)

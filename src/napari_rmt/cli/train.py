@@ -84,11 +84,18 @@ def _run(args: argparse.Namespace, world) -> int:
         raise NapariRmtError(f"--out {out_dir}: is a file; give a folder for the run")
     check_output(out_dir / MODEL_FILE, [args.coco], "--out")
     earlier = (MODEL_FILE, TRAINING_FILE, "events.jsonl")
-    if not args.resume and not args.overwrite and any((out_dir / n).exists() for n in earlier):
-        raise NapariRmtError(
-            f"--out {out_dir}: holds an earlier run; continue it with --resume {out_dir}, "
-            "replace it with --overwrite, or choose another folder"
-        )
+    if not args.overwrite and any((out_dir / n).exists() for n in earlier):
+        if not args.resume:
+            raise NapariRmtError(
+                f"--out {out_dir}: holds an earlier run; continue it with --resume {out_dir}, "
+                "replace it with --overwrite, or choose another folder"
+            )
+        resumed = Path(args.resume) if Path(args.resume).is_dir() else Path(args.resume).parent
+        if resumed.resolve() != out_dir.resolve():
+            raise NapariRmtError(
+                f"--out {out_dir}: holds another run than --resume {args.resume}; continue a run in its own "
+                "folder, give an empty --out for the continued run, or --overwrite to replace this one"
+            )
     # Read once: the saved config decides the labelled pick (its seed) and the trainer's state.
     ckpt = read_training_state(args.resume) if args.resume else None
     cfg = resume_config(args, ckpt) if ckpt is not None else config_from_args(args)

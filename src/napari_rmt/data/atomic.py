@@ -112,16 +112,23 @@ def replace_folder(path: str | os.PathLike, build: Callable[[Path], None], is_ou
 
 
 def check_output(
-    path: str | os.PathLike, inputs: Sequence[str | os.PathLike] = (), what: str = "output", folder: bool = False
+    path: str | os.PathLike,
+    inputs: Sequence[str | os.PathLike] = (),
+    what: str = "output",
+    folder: bool = False,
+    overwrite: bool = True,
 ) -> Path:
     """Refuse an output path before any work: (inside) one of the inputs, a folder where a
     file is wanted (``folder``: the output is itself a folder, a zarr store), under a
-    file, or in a folder that is not writable. Returns the path."""
+    file, in a folder that is not writable, or, without ``overwrite``, one that exists
+    already (a command writes over nothing it did not make in this call). Returns the path."""
     path = Path(path)
     target = path.resolve()
     for inp in inputs:
         if target.is_relative_to(Path(inp).resolve()):
             raise NapariRmtError(f"{what} {path}: is (or lies inside) the input {inp}; refusing to write there")
+    if not overwrite and path.exists():
+        raise NapariRmtError(f"{what} {path}: exists already; give --overwrite to replace it, or another name")
     if path.is_dir() and not folder:
         raise NapariRmtError(f"{what} {path}: is a folder; give a file name")
     parent = path.parent
