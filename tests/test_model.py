@@ -287,3 +287,14 @@ def test_box_score_foreground_is_what_an_eval_forward_and_a_checkpoint_give(tmp_
     assert load_model(tmp_path / "m.pt")[0].roi_heads.score_by == "foreground"
     with pytest.raises(NapariRmtError, match="box_score"):
         build_detector(2, ModelConfig(backbone="resnet18", box_score="objectness"))
+
+
+def test_a_tile_that_reaches_the_box_cap_warns_by_name(tiny_tiles):
+    from napari_rmt.data import ClassList
+    from napari_rmt.model.detector import build_detector
+    from napari_rmt.model.predict import CapWarning, predict_tiles
+
+    model = build_detector(3, ModelConfig(backbone="resnet18"))
+    model.roi_heads.score_thresh, model.roi_heads.detections_per_img = 0.0, 2
+    with pytest.warns(CapWarning, match="tile 'syn_0': 2 boxes, the detector's cap"):
+        predict_tiles(model, tiny_tiles[:1], ClassList.default(), store=False, score_threshold=0.0)

@@ -53,3 +53,30 @@ def test_consep_round_trip_through_pycocotools(consep_dir, tmp_path, recwarn):
         )
     res = gt.loadRes(str(write_coco_results(ts, tmp_path / "pred.json")))
     assert len(res.getAnnIds()) == 28546
+
+
+def test_a_dense_1000px_tile_is_not_capped_and_agrees_with_its_windows(monuseg_dir):
+    """Issue 33: a MoNuSeg field predicted as one tile (``--coco``) was capped at 300 boxes
+    (298 for 818 nuclei) while the same image as a path, cut into windows, got them all.
+    Now a large tile is judged by the whole-image rule: far past 300, and within a few
+    percent of the windows' count."""
+    import warnings
+
+    from napari_rmt.model.bundled import NUCLEUS
+    from napari_rmt.model.predict import CapWarning, predict_tiles
+    from napari_rmt.model.wholeimage import predict_large_image
+    from napari_rmt.train import load_model
+
+    ts = read_coco(monuseg_dir / "annotations.json")
+    tile = max(ts, key=lambda t: len(t.boxes))  # the densest field
+    model, classes, _ = load_model(NUCLEUS)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CapWarning)
+        whole = predict_tiles(model, [tile], classes, store=False)[0]
+    from napari_rmt.data.large import LargeImage
+
+    windows = predict_large_image(model, LargeImage(tile.pixels(), "field"), classes, window=512)
+    n_whole = int((whole.scores > 0.5).sum())
+    n_windows = int((windows.scores > 0.5).sum())
+    assert len(tile.boxes) > 600 and n_whole > 300
+    assert abs(n_whole - n_windows) <= 0.05 * n_windows, (n_whole, n_windows)
