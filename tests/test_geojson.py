@@ -138,3 +138,25 @@ def test_partial_status_round_trips_and_imported_boxes_make_a_tile_partial(coco_
     (tmp_path / "bad.geojson").write_text(json.dumps(data))
     with pytest.raises(Exception, match=r"feature \[0\].*'half'"):
         read_geojson(tmp_path / "bad.geojson", fresh)
+
+
+def test_a_refused_file_adds_no_class(coco_file, tmp_path):
+    """Issue 33: a file refused for a malformed feature used to keep the class an earlier,
+    valid feature had brought in."""
+    from napari_rmt.data.errors import AnnotationError
+    from napari_rmt.data.geojson import read_geojson
+
+    ts = read_coco(coco_file)
+    names = list(ts.classes.names)
+    square = {"type": "Polygon", "coordinates": [[[1, 1], [4, 1], [4, 4], [1, 4], [1, 1]]]}
+    good = {"type": "Feature", "geometry": square, "properties": {"classification": {"name": "mitosis"}}}
+    bad = {"type": "Feature", "geometry": square, "properties": {}}
+    (tmp_path / "bad.geojson").write_text(json.dumps({"type": "FeatureCollection", "features": [good, bad]}))
+    with pytest.raises(AnnotationError, match=r"feature \[1\].*no class"):
+        read_geojson(tmp_path / "bad.geojson", ts)
+    assert ts.classes.names == names
+    (tmp_path / "good.geojson").write_text(json.dumps({"type": "FeatureCollection", "features": [good, good]}))
+    read_geojson(tmp_path / "good.geojson", ts)
+    assert ts.classes.names == [*names, "mitosis"]
+    mitosis = ts.classes.by_name("mitosis").id
+    assert sum(int((t.boxes.class_ids == mitosis).sum()) for t in ts) == 2

@@ -298,3 +298,18 @@ def test_a_tile_that_reaches_the_box_cap_warns_by_name(tiny_tiles):
     model.roi_heads.score_thresh, model.roi_heads.detections_per_img = 0.0, 2
     with pytest.warns(CapWarning, match="tile 'syn_0': 2 boxes, the detector's cap"):
         predict_tiles(model, tiny_tiles[:1], ClassList.default(), store=False, score_threshold=0.0)
+
+
+def test_a_tile_too_small_to_see_gets_no_boxes_and_a_warning():
+    import numpy as np
+
+    from napari_rmt.data import ClassList, Tile
+    from napari_rmt.model.detector import build_detector
+    from napari_rmt.model.predict import PredictionWarning, predict_tiles
+
+    model = build_detector(3, ModelConfig(backbone="resnet18"))
+    model.roi_heads.score_thresh = 0.0
+    dot = Tile(id=1, name="dot.png", width=2, height=2, loader=lambda: np.zeros((2, 2, 3), np.uint8))
+    with pytest.warns(PredictionWarning, match="'dot.png' is 2x2 px"):
+        out = predict_tiles(model, [dot], ClassList.default(), store=False, score_threshold=0.0)
+    assert len(out) == 1 and len(out[0]) == 0

@@ -467,3 +467,14 @@ def test_resume_into_another_runs_folder_is_refused_and_predict_and_demo_keep_wh
     assert "exists already" in capsys.readouterr().err and {p.name: p.read_bytes() for p in b.iterdir()} == before
     assert main(["demo", "--out", str(out), "--iterations", "1"]) == 2
     assert "is a file" in capsys.readouterr().err
+
+
+def test_focal_gamma_out_of_range_is_refused_in_one_line(tmp_path, capsys, coco_file):
+    for value in ("-2", "nan"):
+        with pytest.raises(SystemExit) as exc:
+            main(["train", "--coco", str(coco_file), "--out", str(tmp_path / "r"), "--focal-gamma", value])
+        assert exc.value.code == 2 and "argument --focal-gamma" in capsys.readouterr().err
+    from napari_rmt.train import TrainConfig
+
+    with pytest.raises(NapariRmtError, match="focal_gamma -2"):
+        TrainConfig.for_method("supervised", model={"focal_gamma": -2.0})

@@ -120,7 +120,7 @@ def add_training_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--box-head-dim", type=at_least(16), default=None, help="box head width (default: resnet18 512, else 1024)")
     p.add_argument("--norm", choices=("auto", "batch", "group", "frozen"), default=None)
-    p.add_argument("--focal-gamma", type=float, default=None, help="box head focal gamma (0: cross-entropy)")
+    p.add_argument("--focal-gamma", type=in_range(0, 10), default=None, help="box head focal gamma (0: cross-entropy)")
     p.add_argument("--batch", type=at_least(1), default=None, help="labelled and unlabelled images per step")
     p.add_argument("--semi-lr", type=float, default=None, help="lr after burn-in (default: --lr)")
     p.add_argument("--lr-schedule", choices=SCHEDULES, default=None)

@@ -101,6 +101,9 @@ def read_geojson(path: str | os.PathLike, tileset: TileSet) -> TileSet:
     by_name = {t.name: t for t in tiles}
     added: dict[int, tuple[list, list, list, list]] = {t.id: ([], [], [], []) for t in tiles}
     said: dict[int, TileStatus] = {}
+    #: classes the file brings, added to the project only once every feature has been read
+    new_classes: dict[str, list | None] = {}
+    trial = tileset.classes.copy()
     for i, feat in enumerate(features):
         where = f"{path}: feature [{i}]"
         if not isinstance(feat, dict) or feat.get("type", "Feature") != "Feature":
@@ -113,13 +116,15 @@ def read_geojson(path: str | os.PathLike, tileset: TileSet) -> TileSet:
         name = cls_rec.get("name") if isinstance(cls_rec, dict) else props.get("name")
         if not isinstance(name, str) or not name.strip():
             raise AnnotationError(f"{where}: no class (properties.classification.name)")
-        if name not in tileset.classes:
+        if name not in tileset.classes and name not in new_classes:
             colour = cls_rec.get("color") if isinstance(cls_rec, dict) else None
-            try:
-                tileset.classes.add(name, colour if isinstance(colour, list) and len(colour) == 3 else None)
+            colour = colour if isinstance(colour, list) and len(colour) == 3 else None
+            try:  # checked on a copy: the project's classes change only once every feature is read
+                trial.add(name, colour)
             except NapariRmtError as exc:
                 raise AnnotationError(f"{where}: class {name!r}: {exc}") from exc
-        cid = tileset.classes.by_name(name).id
+            new_classes[name] = colour
+        cid = name
         tile = by_name.get(props.get("tile")) if isinstance(props.get("tile"), str) else None
         if tile is None:
             cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
@@ -158,10 +163,13 @@ def read_geojson(path: str | os.PathLike, tileset: TileSet) -> TileSet:
         lists[1].append(cid)
         lists[2].append(float(score) if score is not None else (float("nan") if not detection else 1.0))
         lists[3].append(detection)
+    for name, colour in new_classes.items():
+        tileset.classes.add(name, colour)
     for tile in tiles:
-        boxes, cids, scores, det = added[tile.id]
+        boxes, names, scores, det = added[tile.id]
         if not boxes:
             continue
+        cids = [tileset.classes.by_name(n).id for n in names]
         det_a = np.array(det, dtype=bool)
         xyxy, cid_a, sc = np.array(boxes, dtype=np.float64), np.array(cids), np.array(scores)
         if (~det_a).any():

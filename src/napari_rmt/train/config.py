@@ -303,6 +303,9 @@ class TrainConfig:
         if self.init == "nucleus" and self.model.weights is not None:
             bad("init 'nucleus' starts the backbone from the bundled model; it cannot also start "
                 f"from weights {self.model.weights!r} (use init 'none' with those weights)")
+        gamma = self.model.focal_gamma
+        if not (isinstance(gamma, (int, float)) and math.isfinite(gamma) and 0.0 <= gamma <= 10.0):
+            bad(f"model focal_gamma {gamma} must be a number in [0, 10] (0: cross-entropy)")
         if self.predict_with not in ("teacher", "student", "auto"):
             bad(f"predict_with {self.predict_with!r} is not 'teacher', 'student' or 'auto'")
 
