@@ -174,3 +174,27 @@ def test_export_is_atomic_on_failure(coco_file, tmp_path):
         write_coco(ts, out)
     assert out.read_text() == "previous export"
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".keep")] == []
+
+
+def test_results_that_name_their_file_land_on_that_image(coco_file, tmp_path):
+    """Issue 33: results of image files (``predict`` on paths) number images their own way;
+    scored against a COCO file with other ids, every image got another's boxes. The file
+    a result names now decides; a file the dataset lacks is refused by name."""
+    from napari_rmt.data.errors import AnnotationError
+
+    images = sorted((coco_file.parent / "images").glob("*.png"))  # tile_0, tile_1, tile_2: ids 1, 2, 3
+    res = [
+        {"image_id": 1, "file_name": str(images[2]), "category_id": 1, "bbox": [1, 1, 4, 5], "score": 0.9},
+        {"image_id": 3, "file_name": "elsewhere/" + images[0].name, "category_id": 2, "bbox": [2, 2, 4, 4],
+         "score": 0.8},
+    ]
+    (tmp_path / "res.json").write_text(json.dumps(res))
+    ts = read_coco(coco_file)
+    read_coco_results(tmp_path / "res.json", ts)
+    assert ts.by_id(3).predictions.scores.tolist() == [0.9]  # by its file, not by id 1
+    assert ts.by_id(1).predictions.scores.tolist() == [0.8]  # by the bare file name
+    assert len(ts.by_id(2).predictions) == 0
+    res[0]["file_name"] = "nowhere.png"
+    (tmp_path / "res.json").write_text(json.dumps(res))
+    with pytest.raises(AnnotationError, match=r"detection \[0\]: file_name 'nowhere.png' is none of"):
+        read_coco_results(tmp_path / "res.json", ts)

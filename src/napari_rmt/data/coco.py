@@ -392,6 +392,28 @@ def write_coco_results(
     return atomic_write_json(path, coco_results(tileset, tiles, file_names))
 
 
+def _tiles_by_file(tileset: TileSet) -> dict[str, list[int]]:
+    """Tile ids by their image file: the resolved path and the bare file name."""
+    out: dict[str, list[int]] = {}
+    for t in tileset:
+        if t.path is not None and not t.window:
+            for key in {str(Path(t.path).resolve()), Path(t.path).name}:
+                out.setdefault(key, []).append(t.id)
+    return out
+
+
+def _tile_of_file(file_name: Any, by_file: dict[str, list[int]], where: str) -> int:
+    if not isinstance(file_name, str) or not file_name:
+        raise AnnotationError(f"{where}: file_name {file_name!r} is not a file name")
+    for key in (str(Path(file_name).resolve()), Path(file_name).name):
+        ids = by_file.get(key, [])
+        if len(ids) == 1:
+            return ids[0]
+        if len(ids) > 1:
+            raise AnnotationError(f"{where}: file_name {file_name!r} fits {len(ids)} of the dataset's images")
+    raise AnnotationError(f"{where}: file_name {file_name!r} is none of the dataset's images")
+
+
 def read_coco_results(path: str | os.PathLike, tileset: TileSet) -> TileSet:
     """Load a COCO results list as the tiles' predictions (replacing earlier ones)."""
     path = Path(path)
@@ -407,11 +429,16 @@ def read_coco_results(path: str | os.PathLike, tileset: TileSet) -> TileSet:
     if not isinstance(data, list):
         raise AnnotationError(f"{path}: a COCO results file is a list of detections")
     per_tile: dict[int, list[tuple[list[float], int, float]]] = {t.id: [] for t in tileset}
+    by_file = _tiles_by_file(tileset)
     for i, rec in enumerate(data):
         where = f"{path}: detection [{i}]"
         if not isinstance(rec, Mapping):
             raise AnnotationError(f"{where} is not an object")
         image_id = _field(rec, "image_id", where, int)
+        if "file_name" in rec:
+            # results of image files (``predict`` on paths) number the images their own way:
+            # the file they name decides, never an id that may be another image's
+            image_id = _tile_of_file(rec["file_name"], by_file, where)
         if image_id not in per_tile:
             raise AnnotationError(f"{where}: image_id {image_id} is not one of the dataset's images")
         cid = _field(rec, "category_id", where, int)
