@@ -187,6 +187,12 @@ def test_experiment_grid_resumes_and_writes_reports(tmp_path, capsys):
     capsys.readouterr()
     assert main(args) == 0  # second call: everything done, skipped
     assert "skipped" in capsys.readouterr().err
+    # other settings are not "done before": refused, naming what changed (issue 33)
+    longer = [a if a != "2" or args[i - 1] != "--iterations" else "3" for i, a in enumerate(args)]
+    assert main(longer) == 2
+    assert "trained with other settings (iterations 2 -> 3)" in capsys.readouterr().err
+    (out / "runs" / "supervised_f0.3_s0" / "result.json").write_text("{")
+    assert main(args) == 2 and "unreadable" in capsys.readouterr().err
 
 
 def test_predict_a_large_zarr_image_writes_whole_image_boxes(tmp_path, capsys):

@@ -478,3 +478,27 @@ def test_focal_gamma_out_of_range_is_refused_in_one_line(tmp_path, capsys, coco_
 
     with pytest.raises(NapariRmtError, match="focal_gamma -2"):
         TrainConfig.for_method("supervised", model={"focal_gamma": -2.0})
+
+
+def test_resume_on_other_tiles_or_other_classes_is_refused(tmp_path, capsys, coco_file):
+    """Issue 33: a resume on other labelled ids of the same count, or on a dataset whose
+    classes have other names, went on without a word."""
+    ids = tmp_path / "ids.json"
+    ids.write_text("[1, 2]")
+    run = tmp_path / "run"
+    tiny = ["--iterations", "1", "--burn-in", "0", "--warmup", "1", "--batch", "1", "--method", "supervised"]
+    assert main(["train", "--coco", str(coco_file), "--labeled-ids", str(ids), *tiny, "--out", str(run)]) == 0
+    ids.write_text("[2, 3]")
+    capsys.readouterr()
+    args = ["train", "--coco", str(coco_file), "--labeled-ids", str(ids), "--iterations", "2", "--resume", str(run),
+            "--out", str(run)]
+    assert main(args) == 2 and "trained on other annotated tiles" in capsys.readouterr().err
+    data = json.loads(coco_file.read_text())
+    data["categories"][0]["name"] = "neoplastic"
+    other = coco_file.parent / "renamed.json"
+    other.write_text(json.dumps(data))
+    ids.write_text("[1, 2]")
+    args[2] = str(other)
+    assert main(args) == 2 and "learns classes" in capsys.readouterr().err
+    args[2] = str(coco_file)
+    assert main(args) == 0  # the same tiles and classes: it continues

@@ -145,6 +145,14 @@ def _run(args: argparse.Namespace, world) -> int:
             file=sys.stderr,
         )
     if args.resume:
+        from ..train.checkpoint import classes_from_checkpoint
+
+        saved_names = classes_from_checkpoint(ckpt).names
+        if saved_names != tileset.classes.names:
+            raise NapariRmtError(
+                f"--resume {args.resume}: the run learns classes {saved_names}, {args.coco} has "
+                f"{tileset.classes.names}; resume on the run's own dataset (or start a new run)"
+            )
         trainer = Trainer.resume(
             ckpt, labelled, unlabelled, config=cfg, checkpoint_path=out / TRAINING_FILE, model_path=out / MODEL_FILE,
             partial=partial,

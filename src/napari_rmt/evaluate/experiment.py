@@ -23,6 +23,7 @@ from typing import Any
 from ..data.atomic import atomic_write, atomic_write_json
 from ..data.classes import ClassList
 from ..data.coco import read_coco
+from ..data.errors import NapariRmtError
 from ..data.split import pick_labelled, split_by_group
 from ..data.tiles import Tile
 from ..model.predict import predict_tiles
@@ -108,8 +109,15 @@ def run_experiment(
                 run_dir = out / "runs" / rid
                 result_path = run_dir / "result.json"
                 if result_path.is_file():
+                    try:
+                        done = json.loads(result_path.read_text())
+                    except (OSError, json.JSONDecodeError) as exc:
+                        raise NapariRmtError(
+                            f"{result_path}: unreadable ({exc}); remove that run's folder to run it again"
+                        ) from exc
+                    _check_same_run(done, _run_config(cfg, method, seed), result_path)
                     log(f"{rid}: done before, skipped")
-                    records.append(json.loads(result_path.read_text()))
+                    records.append(done)
                     continue
                 records.append(
                     _one_run(
@@ -120,13 +128,33 @@ def run_experiment(
     return records
 
 
-def _one_run(cfg, classes, method, fraction, seed, lab, unl, test, run_dir: Path, on_event, log) -> dict:
-    rid = run_id(method, fraction, seed)
+def _run_config(cfg: ExperimentConfig, method: str, seed: int) -> TrainConfig:
     tcfg = TrainConfig.for_method(
         method, preset=cfg.preset, **{**cfg.train_overrides, "seed": seed, "checkpoint_every": cfg.checkpoint_every}
     )
     if method == "stac" and not 0 < tcfg.burn_in < tcfg.iterations:
         tcfg.burn_in = tcfg.iterations // 2
+    return tcfg
+
+
+def _check_same_run(done: dict, tcfg: TrainConfig, where: Path) -> None:
+    """A finished run counts for this grid only if it was trained with the same settings."""
+    saved = done.get("config") if isinstance(done, dict) else None
+    if not isinstance(saved, dict):
+        raise NapariRmtError(f"{where}: holds no training config; remove that run's folder to run it again")
+    now = json.loads(json.dumps(tcfg.to_dict()))  # as saved: tuples become lists
+    differ = sorted(k for k in set(now) | set(saved) if now.get(k) != saved.get(k) and k != "device")
+    if differ:
+        shown = ", ".join(f"{k} {saved.get(k)!r} -> {now.get(k)!r}" for k in differ[:4])
+        raise NapariRmtError(
+            f"{where}: this run was trained with other settings ({shown}); use another --out for the new "
+            "settings, or remove that run's folder to run it again"
+        )
+
+
+def _one_run(cfg, classes, method, fraction, seed, lab, unl, test, run_dir: Path, on_event, log) -> dict:
+    rid = run_id(method, fraction, seed)
+    tcfg = _run_config(cfg, method, seed)
     unl_used = unl if tcfg.uses_unlabelled else []
     state, model = run_dir / TRAINING_FILE, run_dir / MODEL_FILE
     if state.is_file():

@@ -224,6 +224,8 @@ class Trainer:
         # the unlabelled ones in the unlabelled list (for the teacher to fill in), same tensors.
         self._labelled = [self._load_labelled(t) for t in [*labelled, *partial]]
         self._n_full = len(labelled)
+        #: which tiles the run learns from, saved so that a resume on other tiles is refused
+        self.tile_ids = {"labelled": [t.id for t in labelled], "partial": [t.id for t in partial]}
         self._unlabelled = [self._load_image(t) for t in unlabelled]
         #: Unlabelled-list index -> the user's (boxes, labels) of a partly annotated tile.
         self._known: dict[int, tuple[Tensor, Tensor]] = {}
@@ -863,6 +865,7 @@ class Trainer:
             "ema_steps": self.ema_steps,
             "world_size": self.world.size,
             "score_buffers": [list(b) for b in self.scores.buffers],
+            "tile_ids": self.tile_ids,
             "predict_with": self.predict_with,
             "student": {k: v.detach().cpu() for k, v in self.student.state_dict().items()},
             "teacher": None
@@ -987,6 +990,14 @@ class Trainer:
         for buf, values in zip(trainer.scores.buffers, ckpt.get("score_buffers") or [], strict=False):
             buf.extend(float(v) for v in values)
         rng = ckpt.get("rng")
+        saved_ids = ckpt.get("tile_ids")
+        if saved_ids is not None and saved_ids != trainer.tile_ids:
+            raise TrainingError(
+                f"{ckpt['_path']}: the run was trained on other annotated tiles (ids "
+                f"{saved_ids['labelled'][:5]}... fully, {saved_ids['partial'][:5]}... partly; now "
+                f"{trainer.tile_ids['labelled'][:5]}..., {trainer.tile_ids['partial'][:5]}...); resume with the "
+                "same tiles (or start a new run with --init-from)"
+            )
         if rng and len(rng["labelled_order"]) not in (0, trainer._lab_cycle.n):
             raise TrainingError(
                 f"{ckpt['_path']}: the run was trained on {len(rng['labelled_order'])} labelled tiles, "
