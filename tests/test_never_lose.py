@@ -502,3 +502,47 @@ def test_resume_on_other_tiles_or_other_classes_is_refused(tmp_path, capsys, coc
     assert main(args) == 2 and "learns classes" in capsys.readouterr().err
     args[2] = str(coco_file)
     assert main(args) == 0  # the same tiles and classes: it continues
+
+
+@pytest.mark.parametrize("damage", ["truncated", "empty", "deleted", "string version", "string previous", "outside"])
+def test_a_damaged_manifest_is_rebuilt_from_the_intact_states(tmp_path, damage):
+    """Issue 33: a truncated, empty or deleted project.json (or one with a string version or
+    previous, or naming a file outside the folder) stopped the project from opening and
+    saving although its annotations.<n>.json states were intact."""
+    project, folder = _saved_project(tmp_path)
+    next(iter(project.tileset)).predictions = Boxes([[1, 1, 9, 9]], [1], scores=[0.8])
+    project.save()  # state 2, state 1 its backup
+    counts = [len(t.boxes) for t in project.tileset]
+    manifest_path = folder / "project.json"
+    manifest = json.loads(manifest_path.read_text())
+    if damage == "truncated":
+        manifest_path.write_text(manifest_path.read_text()[:25])
+    elif damage == "empty":
+        manifest_path.write_text("")
+    elif damage == "deleted":
+        manifest_path.unlink()
+    elif damage == "string version":
+        manifest_path.write_text(json.dumps({**manifest, "version": "2"}))
+    elif damage == "string previous":
+        manifest_path.write_text(json.dumps({**manifest, "previous": "annotations.1.json"}))
+    else:
+        outside = tmp_path / "elsewhere.json"
+        outside.write_text((folder / manifest["annotations"]).read_text())
+        manifest_path.write_text(json.dumps({**manifest, "annotations": str(outside)}))
+    assert Project.is_project(folder)
+    with pytest.warns(UserWarning, match="rebuilt from annotations.2.json"):
+        reopened = Project.open(folder)
+    assert [len(t.boxes) for t in reopened.tileset] == counts
+    assert len(next(iter(reopened.tileset)).predictions) == 1
+    reopened.save()  # and it saves again: a fresh manifest, state 3
+    assert json.loads(manifest_path.read_text())["version"] == 3
+    assert [len(t.boxes) for t in Project.open(folder).tileset] == counts
+
+
+def test_a_deleted_predictions_file_is_reported(tmp_path):
+    project, folder = _saved_project(tmp_path)
+    manifest = json.loads((folder / "project.json").read_text())
+    (folder / manifest["predictions"]).unlink()
+    with pytest.warns(UserWarning, match="predictions not restored: predictions.1.json, which the project names, is missing"):
+        reopened = Project.open(folder)
+    assert reopened.problems

@@ -68,7 +68,7 @@ class Project:
             raise NapariRmtError("this project has no folder to save into; choose one first")
         self.folder.mkdir(parents=True, exist_ok=True)
         self._keep_pixels()
-        manifest = _read_manifest(self.folder)
+        manifest, _ = _manifest_or_rebuilt(self.folder)
         version = max(self._version, int(manifest.get("version", 0)) if manifest else 0) + 1
         ann, pred = f"annotations.{version}.json", f"predictions.{version}.json"
         write_coco(self.tileset, self.folder / ann)
@@ -115,8 +115,8 @@ class Project:
         cannot be read and images that are missing are listed in ``problems`` (and
         warned about) instead of blocking the tiles and their annotations."""
         folder = Path(folder)
-        manifest = _read_manifest(folder)
-        problems: list[str] = []
+        manifest, rebuilt = _manifest_or_rebuilt(folder)
+        problems: list[str] = [rebuilt] if rebuilt else []
         candidates: list[tuple[str, str | None]] = []
         if manifest:
             candidates.append((manifest["annotations"], manifest.get("predictions")))
@@ -144,6 +144,8 @@ class Project:
                 read_coco_results(folder / pred_name, tileset)
             except NapariRmtError as exc:
                 problems.append(f"predictions not restored: {exc}")
+        elif pred_name and pred_name != PREDICTIONS:
+            problems.append(f"predictions not restored: {pred_name}, which the project names, is missing")
         missing = [t for t in tileset if t.path is not None and not Path(t.path).exists()]
         if missing:
             names = ", ".join(str(t.path) for t in missing[:5]) + (" …" if len(missing) > 5 else "")
@@ -157,7 +159,8 @@ class Project:
 
     @staticmethod
     def is_project(folder: str | os.PathLike) -> bool:
-        return (Path(folder) / MANIFEST).is_file() or (Path(folder) / ANNOTATIONS).is_file()
+        folder = Path(folder)
+        return (folder / MANIFEST).is_file() or (folder / ANNOTATIONS).is_file() or bool(_states(folder))
 
 
 def _read_manifest(folder: Path) -> dict | None:
@@ -170,4 +173,50 @@ def _read_manifest(folder: Path) -> dict | None:
         raise AnnotationError(f"{path}: damaged project manifest ({exc})") from exc
     if not isinstance(data, dict) or data.get("format") != FORMAT or not isinstance(data.get("annotations"), str):
         raise AnnotationError(f"{path}: not a napari-rmt project manifest")
+    version, previous = data.get("version", 0), data.get("previous")
+    if not isinstance(version, int) or isinstance(version, bool) or version < 0:
+        raise AnnotationError(f"{path}: version {version!r} is not a whole number")
+    if previous is not None and not isinstance(previous, dict):
+        raise AnnotationError(f"{path}: previous {previous!r} is not a pair of files")
+    for name in (data["annotations"], data.get("predictions"), *((previous or {}).values())):
+        # the project's own files only: a manifest never sends the reader outside its folder
+        if name is not None and (not isinstance(name, str) or Path(name).name != name or name in ("", ".", "..")):
+            raise AnnotationError(f"{path}: {name!r} is not a file of the project folder")
     return data
+
+
+def _states(folder: Path) -> list[int]:
+    """The numbers n of the ``annotations.<n>.json`` files in ``folder``, highest first."""
+    out = []
+    for p in folder.glob("annotations.*.json"):
+        middle = p.name[len("annotations."):-len(".json")]
+        if middle.isdigit():
+            out.append(int(middle))
+    return sorted(out, reverse=True)
+
+
+def _manifest_or_rebuilt(folder: Path) -> tuple[dict | None, str | None]:
+    """The manifest, or, when it is missing, empty or damaged while state files are there,
+    one rebuilt from the newest ``annotations.<n>.json`` (and the one before as its backup),
+    with a sentence saying so. A folder with neither gives (None, None)."""
+    try:
+        manifest = _read_manifest(folder)
+        damage = None
+    except AnnotationError as exc:
+        manifest, damage = None, str(exc)
+    if manifest is not None:
+        return manifest, None
+    states = _states(folder)
+    if not states:
+        if damage:
+            raise AnnotationError(damage)
+        return None, None
+
+    def pair(n: int) -> dict:
+        pred = f"predictions.{n}.json"
+        return {"annotations": f"annotations.{n}.json", "predictions": pred if (folder / pred).is_file() else None}
+
+    rebuilt = {"format": FORMAT, "version": states[0], **pair(states[0]),
+               "previous": pair(states[1]) if len(states) > 1 else None}
+    why = damage or f"{folder / MANIFEST} is missing"
+    return rebuilt, f"{why}; rebuilt from annotations.{states[0]}.json (the next save writes a new manifest)"
