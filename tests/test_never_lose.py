@@ -540,7 +540,7 @@ def test_a_damaged_manifest_is_rebuilt_from_the_intact_states(tmp_path, damage):
 
 
 def test_a_deleted_predictions_file_is_reported(tmp_path):
-    project, folder = _saved_project(tmp_path)
+    _project, folder = _saved_project(tmp_path)
     manifest = json.loads((folder / "project.json").read_text())
     (folder / manifest["predictions"]).unlink()
     with pytest.warns(UserWarning, match="predictions not restored: predictions.1.json, which the project names, is missing"):
