@@ -88,6 +88,11 @@ class CapWarning(PredictionWarning):
     """A tile's predictions reached the detector's box cap: boxes may be missing."""
 
 
+#: A tile at the cap warns when even its lowest box scores this much: the boxes the cap
+#: dropped score less than that one, so below this they are noise no cut would show (an
+#: untrained model fills every tile's 300 with scores of 0.05-0.1).
+CAP_WARN_SCORE = 0.3
+
 #: Smaller tiles leave the deepest feature map empty: what the detector says of them is noise
 #: (a 2 x 2 px image got 4 boxes scoring up to 0.83). They get no boxes, with a warning.
 MIN_SIDE = 32
@@ -136,7 +141,7 @@ def predict_tiles(
             else:
                 with detection_limits(model, None, DEFAULT_OBJECTNESS):
                     det = predict_images(model, [image_tensor(tile.pixels())], 1, device)[0]
-            if cap is not None and k in dets and len(det["boxes"]) >= cap:
+            if cap is not None and k in dets and len(det["boxes"]) >= cap and float(det["scores"].min()) >= CAP_WARN_SCORE:
                 warnings.warn(CapWarning(
                     f"tile {tile.name!r}: {len(det['boxes'])} boxes, the detector's cap per tile; some cells may "
                     "have no box (cut the tile smaller)"), stacklevel=2)
