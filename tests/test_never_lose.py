@@ -546,3 +546,16 @@ def test_a_deleted_predictions_file_is_reported(tmp_path):
     with pytest.warns(UserWarning, match="predictions not restored: predictions.1.json, which the project names, is missing"):
         reopened = Project.open(folder)
     assert reopened.problems
+
+
+def test_a_resumed_run_sweeps_the_temporary_files_of_its_killed_checkpoint_writes(tmp_path, capsys, coco_file):
+    run = tmp_path / "run"
+    tiny = ["--iterations", "1", "--burn-in", "0", "--warmup", "1", "--batch", "1", "--method", "supervised"]
+    assert main(["train", "--coco", str(coco_file), *tiny, "--out", str(run)]) == 0
+    orphans = [run / ".training.pt.abc123.tmp", run / ".model.pt.xyz.tmp"]
+    for o in orphans:
+        o.write_bytes(b"half a checkpoint")  # what a kill during the write leaves, just now
+    mine = run / ".notes.txt.1.tmp"
+    mine.write_text("not the run's")
+    assert main(["train", "--coco", str(coco_file), "--resume", str(run), "--iterations", "2", "--out", str(run)]) == 0
+    assert not any(o.exists() for o in orphans) and mine.exists()

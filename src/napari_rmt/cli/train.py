@@ -96,6 +96,13 @@ def _run(args: argparse.Namespace, world) -> int:
                 f"--out {out_dir}: holds another run than --resume {args.resume}; continue a run in its own "
                 "folder, give an empty --out for the continued run, or --overwrite to replace this one"
             )
+    if out_dir.is_dir():
+        from ..data.atomic import remove_orphans
+
+        # a run killed while writing a checkpoint left its temporary file; this run is the
+        # folder's one writer, so whatever is left of its files is swept now, not in an hour
+        for name in (MODEL_FILE, TRAINING_FILE):
+            remove_orphans(out_dir / name, max_age=0)
     # Read once: the saved config decides the labelled pick (its seed) and the trainer's state.
     ckpt = read_training_state(args.resume) if args.resume else None
     cfg = resume_config(args, ckpt) if ckpt is not None else config_from_args(args)

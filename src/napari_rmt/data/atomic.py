@@ -29,12 +29,14 @@ def fsync_dir(folder: str | os.PathLike) -> None:
             os.close(fd)
 
 
-def remove_orphans(path: Path) -> None:
-    """Remove temporary files of ``path`` left by a write that crashed an hour or more ago."""
+def remove_orphans(path: Path, max_age: float = ORPHAN_AGE_S) -> None:
+    """Remove temporary files of ``path`` left by a write that crashed ``max_age`` seconds
+    or more ago (an hour by default: another process may be writing it now; 0 from the
+    one writer a file has, at its start: a run's own checkpoints)."""
     now = time.time()
     for tmp in path.parent.glob(f".{path.name}.*.tmp"):
         with contextlib.suppress(OSError):
-            if now - tmp.lstat().st_mtime > ORPHAN_AGE_S:
+            if now - tmp.lstat().st_mtime >= max_age:
                 if tmp.is_dir() and not tmp.is_symlink():
                     shutil.rmtree(tmp)
                 else:
