@@ -559,3 +559,25 @@ def test_a_resumed_run_sweeps_the_temporary_files_of_its_killed_checkpoint_write
     mine.write_text("not the run's")
     assert main(["train", "--coco", str(coco_file), "--resume", str(run), "--iterations", "2", "--out", str(run)]) == 0
     assert not any(o.exists() for o in orphans) and mine.exists()
+
+
+def test_json_nested_past_the_parser_is_a_clear_error(tmp_path, capsys):
+    """Issue 33: JSON nested 100,000 deep raised a raw RecursionError from the COCO,
+    GeoJSON and project readers."""
+    from napari_rmt.data import read_coco
+    from napari_rmt.data.geojson import read_geojson
+    from napari_rmt.data.tiles import TileSet
+
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(NapariRmtError, match="deep.json: not a JSON file"):
+        read_coco(deep)
+    with pytest.raises(NapariRmtError, match="deep.json: not a JSON file"):
+        read_geojson(deep, TileSet())
+    assert main(["train", "--coco", str(deep), "--out", str(tmp_path / "r")]) == 2
+    assert "not a JSON file" in capsys.readouterr().err
+    folder = tmp_path / "proj"
+    folder.mkdir()
+    (folder / "project.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(NapariRmtError, match="damaged project manifest"):
+        Project.open(folder)

@@ -67,7 +67,7 @@ def read_coco(
     try:
         with open(path, encoding="utf-8") as fh:
             data = json.load(fh)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise AnnotationError(f"{path}: not a JSON file ({exc})") from exc
     base = Path(images_dir) if images_dir is not None else path.parent
     tileset = parse_coco(
@@ -422,7 +422,7 @@ def read_coco_results(path: str | os.PathLike, tileset: TileSet) -> TileSet:
             data = json.load(fh)
     except FileNotFoundError:
         raise AnnotationError(f"{path}: predictions file not found") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise AnnotationError(f"{path}: not a JSON file ({exc})") from exc
     if isinstance(data, Mapping) and "annotations" in data:
         data = data["annotations"]

@@ -85,7 +85,7 @@ def read_geojson(path: str | os.PathLike, tileset: TileSet) -> TileSet:
         data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise AnnotationError(f"{path}: GeoJSON file not found") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise AnnotationError(f"{path}: not a JSON file ({exc})") from exc
     if isinstance(data, list):  # QuPath can export a bare list of features
         features = data

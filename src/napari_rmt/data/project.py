@@ -169,7 +169,7 @@ def _read_manifest(folder: Path) -> dict | None:
         return None
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise AnnotationError(f"{path}: damaged project manifest ({exc})") from exc
     if not isinstance(data, dict) or data.get("format") != FORMAT or not isinstance(data.get("annotations"), str):
         raise AnnotationError(f"{path}: not a napari-rmt project manifest")

@@ -111,7 +111,7 @@ def run_experiment(
                 if result_path.is_file():
                     try:
                         done = json.loads(result_path.read_text())
-                    except (OSError, json.JSONDecodeError) as exc:
+                    except (OSError, json.JSONDecodeError, RecursionError) as exc:
                         raise NapariRmtError(
                             f"{result_path}: unreadable ({exc}); remove that run's folder to run it again"
                         ) from exc

@@ -43,7 +43,7 @@ def _looks_like_coco(path: Path) -> bool:
     try:
         with open(path, encoding="utf-8") as fh:
             data = json.load(fh)
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return False
     return isinstance(data, dict) and "images" in data and "categories" in data
 
