@@ -97,3 +97,27 @@ def test_reader_opens_an_ome_zarr_pyramid_lazily(tmp_path):
     assert kind == "image" and meta["multiscale"] and meta["rgb"]
     assert [tuple(d.shape) for d in data] == [(64, 80, 3), (32, 40, 3)]
     np.testing.assert_array_equal(np.asarray(data[0]), full)
+
+
+def test_a_geojson_dropped_on_the_viewer_opens_as_boxes(make_napari_viewer, coco_file, tmp_path):
+    """Issue 33: the reader declined a .geojson. It opens QuPath's (and our) GeoJSON as
+    Shapes in the file's own pixel coordinates: annotations, and detections with scores."""
+    from napari_rmt.data import Boxes, BoxSource, write_geojson
+
+    ts = read_coco(coco_file)
+    ts.by_id(2).origin = (100, 200)
+    ts.by_id(1).predictions = Boxes([[1.0, 1, 6, 7]], [3], [0.75], [BoxSource.PREDICTED])
+    write_geojson(ts, tmp_path / "a.geojson")
+    write_geojson(ts, tmp_path / "p.geojson", predictions=True)
+    reader = get_reader(str(tmp_path / "a.geojson"))
+    assert reader is not None
+    (data, meta, kind), = reader(str(tmp_path / "a.geojson"))
+    assert kind == "shapes" and len(data) == sum(len(t.boxes) for t in ts)
+    assert np.asarray(data).reshape(-1, 4, 2)[:, :, 0].max() > 200  # (y, x): tile 2's boxes at y + 200
+    assert list(meta["features"]["class"][:2]) == ["tumor", "stromal"]
+    layers = get_reader(str(tmp_path / "p.geojson"))(str(tmp_path / "p.geojson"))
+    assert [m["name"] for _, m, _ in layers] == ["p annotations", "p detections"]
+    assert list(layers[1][1]["features"]["score"]) == [0.75]
+    viewer = make_napari_viewer()
+    viewer.open(str(tmp_path / "a.geojson"), plugin="napari-rmt")
+    assert len(viewer.layers) == 1 and len(viewer.layers[0].data) == len(data)

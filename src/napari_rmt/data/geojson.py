@@ -66,6 +66,18 @@ def write_geojson(
     return atomic_write_json(path, geojson_dict(tileset, tiles, predictions))
 
 
+def geojson_extent(path: str | os.PathLike) -> tuple[float, float]:
+    """The largest x and y any feature of the file reaches (its whole-image extent), for a
+    file opened without its image; a malformed file is refused as ``read_geojson`` does."""
+    features = _features(Path(path))
+    x1 = y1 = 0.0
+    for i, feat in enumerate(features):
+        if isinstance(feat, dict):
+            _, _, fx1, fy1 = _bounds(feat.get("geometry"), f"{path}: feature [{i}]")
+            x1, y1 = max(x1, fx1), max(y1, fy1)
+    return x1, y1
+
+
 def read_geojson(path: str | os.PathLike, tileset: TileSet) -> TileSet:
     """Import QuPath GeoJSON (File > Export objects) onto the tiles it covers.
 
@@ -81,22 +93,7 @@ def read_geojson(path: str | os.PathLike, tileset: TileSet) -> TileSet:
     index; a box on no tile is skipped with a warning that names it.
     """
     path = Path(path)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise AnnotationError(f"{path}: GeoJSON file not found") from None
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-        raise AnnotationError(f"{path}: not a JSON file ({exc})") from exc
-    if isinstance(data, list):  # QuPath can export a bare list of features
-        features = data
-    elif isinstance(data, dict) and data.get("type") == "FeatureCollection":
-        features = data.get("features")
-    elif isinstance(data, dict) and data.get("type") == "Feature":
-        features = [data]
-    else:
-        raise AnnotationError(f"{path}: not GeoJSON (expected a FeatureCollection, a Feature or a list of them)")
-    if not isinstance(features, list):
-        raise AnnotationError(f"{path}: 'features' is not a list")
+    features = _features(path)
     tiles = list(tileset)
     by_name = {t.name: t for t in tiles}
     added: dict[int, tuple[list, list, list, list]] = {t.id: ([], [], [], []) for t in tiles}
@@ -179,6 +176,28 @@ def read_geojson(path: str | os.PathLike, tileset: TileSet) -> TileSet:
             found = Boxes(xyxy[det_a], cid_a[det_a], sc[det_a], np.full(int(det_a.sum()), BoxSource.PREDICTED, dtype=np.int8))
             tile.predictions = Boxes.concatenate([tile.predictions, found])
     return tileset
+
+
+def _features(path: Path) -> list:
+    """The features of a GeoJSON file: a FeatureCollection's, a lone Feature, or a bare list
+    (QuPath can export one); anything else refused naming the file."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise AnnotationError(f"{path}: GeoJSON file not found") from None
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise AnnotationError(f"{path}: not a JSON file ({exc})") from exc
+    if isinstance(data, list):  # QuPath can export a bare list of features
+        features = data
+    elif isinstance(data, dict) and data.get("type") == "FeatureCollection":
+        features = data.get("features")
+    elif isinstance(data, dict) and data.get("type") == "Feature":
+        features = [data]
+    else:
+        raise AnnotationError(f"{path}: not GeoJSON (expected a FeatureCollection, a Feature or a list of them)")
+    if not isinstance(features, list):
+        raise AnnotationError(f"{path}: 'features' is not a list")
+    return features
 
 
 def _bounds(geometry: object, where: str) -> tuple[float, float, float, float]:

@@ -1,5 +1,6 @@
 """npe2 reader: a COCO json (with its images) or a folder of tiles -> image + Shapes layers;
-a zarr / OME-Zarr store -> a lazy (multiscale) image layer."""
+a zarr / OME-Zarr store -> a lazy (multiscale) image layer; a QuPath GeoJSON -> Shapes
+layers of its annotations and detections in its own (whole-image) pixel coordinates."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from ..data.coco import read_coco
 from ..data.imageio import list_images
 from ..data.project import Project
 from ..data.tiles import TileSet
-from .layers import LayerData, tileset_to_layers
+from .layers import LayerData, shapes_layer_data, tileset_to_layers
 
 
 def get_reader(path: str | list[str]) -> Callable[[str | list[str]], list[LayerData]] | None:
@@ -36,7 +37,29 @@ def get_reader(path: str | list[str]) -> Callable[[str | list[str]], list[LayerD
             return None
     if p.suffix.lower() == ".json" and p.is_file() and _looks_like_coco(p):
         return read_path
+    if p.suffix.lower() == ".geojson" and p.is_file():
+        return read_geojson_path
     return None
+
+
+def read_geojson_path(path: str | list[str]) -> list[LayerData]:
+    """A GeoJSON's boxes (QuPath's export, or ours) as Shapes layers over the region they
+    cover: annotations, and detections as predictions with their scores; classes by name."""
+    import math
+
+    from ..data.geojson import geojson_extent, read_geojson
+    from ..data.tiles import Tile
+
+    if isinstance(path, list):
+        path = path[0]
+    p = Path(path)
+    x1, y1 = geojson_extent(p)
+    region = Tile(id=1, name=p.stem, width=max(1, math.ceil(x1)), height=max(1, math.ceil(y1)))
+    tileset = read_geojson(p, TileSet([region]))
+    layers = [shapes_layer_data(tileset, name=f"{p.stem} annotations")]
+    if len(region.predictions):
+        layers.append(shapes_layer_data(tileset, predictions=True, name=f"{p.stem} detections"))
+    return layers
 
 
 def _looks_like_coco(path: Path) -> bool:
