@@ -570,9 +570,9 @@ def test_json_nested_past_the_parser_is_a_clear_error(tmp_path, capsys):
 
     deep = tmp_path / "deep.json"
     deep.write_text("[" * 100_000 + "]" * 100_000)
-    with pytest.raises(NapariRmtError, match="deep.json: not a JSON file"):
+    with pytest.raises(NapariRmtError, match=r"deep\.json: not a JSON file"):
         read_coco(deep)
-    with pytest.raises(NapariRmtError, match="deep.json: not a JSON file"):
+    with pytest.raises(NapariRmtError, match=r"deep\.json: not a JSON file"):
         read_geojson(deep, TileSet())
     assert main(["train", "--coco", str(deep), "--out", str(tmp_path / "r")]) == 2
     assert "not a JSON file" in capsys.readouterr().err
