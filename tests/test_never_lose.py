@@ -581,3 +581,35 @@ def test_json_nested_past_the_parser_is_a_clear_error(tmp_path, capsys):
     (folder / "project.json").write_text("[" * 100_000 + "]" * 100_000)
     with pytest.raises(NapariRmtError, match="damaged project manifest"):
         Project.open(folder)
+
+
+def test_a_full_disk_is_one_line_and_keeps_what_was_there(tmp_path, capsys, coco_file, monkeypatch):
+    """Issue 33: a full disk during train, predict or a save raised OSError 28 with a
+    traceback. Now one line; the earlier run's files are untouched (atomic writes)."""
+    import errno
+
+    import napari_rmt.data.atomic as atomic
+
+    run = tmp_path / "run"
+    tiny = ["--iterations", "1", "--burn-in", "0", "--warmup", "1", "--batch", "1", "--method", "supervised"]
+    assert main(["train", "--coco", str(coco_file), *tiny, "--out", str(run)]) == 0
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
+
+    def full(path, write):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(atomic, "atomic_write", full)
+    capsys.readouterr()
+    args = ["train", "--coco", str(coco_file), "--resume", str(run), "--iterations", "2", "--out", str(run)]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("napari-rmt: error") == 1 and "No space left on device writing" in err and "Traceback" not in err
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == before
+    images = sorted((coco_file.parent / "images").glob("*.png"))
+    assert main(["predict", "--model", str(run), *map(str, images), "--out", str(tmp_path / "p.json")]) == 2
+    assert "No space left on device" in capsys.readouterr().err
+
+
+def test_experiment_out_is_never_an_input(tmp_path, capsys, coco_file):
+    assert main(["experiment", "--coco", str(coco_file), "--out", str(coco_file)]) == 2
+    assert "is a file" in capsys.readouterr().err

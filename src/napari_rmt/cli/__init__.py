@@ -9,6 +9,7 @@ happen inside the commands, so ``--help`` is instant.
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 import warnings
 from collections.abc import Sequence
@@ -43,6 +44,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         except NapariRmtError as exc:
             print(f"napari-rmt: error: {exc}", file=sys.stderr)
             return 2
+        except OSError as exc:
+            # the machine's, not the input's: a full disk, a folder one may not write
+            if exc.errno not in _ENVIRONMENT:
+                raise
+            where = f" writing {exc.filename}" if exc.filename else ""
+            print(
+                f"napari-rmt: error: {exc.strerror}{where}; nothing earlier was replaced (files are written "
+                "whole or not at all): free the space or fix the permission and run the command again",
+                file=sys.stderr,
+            )
+            return 2
+
+
+#: OSError numbers that say the machine refused a write: one line, not a traceback.
+_ENVIRONMENT = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EROFS, errno.EPERM}
 
 
 def _show_data_warning(message, category, filename, lineno, file=None, line=None) -> None:

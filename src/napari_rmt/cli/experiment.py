@@ -38,9 +38,14 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..data.atomic import check_output
+    from ..data.errors import NapariRmtError
     from ..evaluate.experiment import ExperimentConfig, run_experiment
     from ..train.events import IterationEvent
 
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise NapariRmtError(f"--out {args.out}: is a file; give a folder for the experiment")
+    check_output(Path(args.out) / "results.json", [args.coco, *([args.images] if args.images else [])], "--out")
     cfg = ExperimentConfig(
         coco=args.coco,
         images=args.images,
