@@ -83,3 +83,19 @@ def test_missing_and_corrupt_files_name_the_file(tmp_path):
         read_image(bad)
     with pytest.raises(ImageReadError, match="is a folder"):
         read_image(tmp_path)
+
+
+def test_wide_integers_holding_8_or_16_bit_pixels_are_not_read_as_black():
+    """Issue 33: a signed int64 zarr of 0..255 pixels was read as all black (scaled by 2**63)."""
+    import warnings
+
+    from napari_rmt.data.errors import DataWarning
+
+    for dtype in (np.int64, np.int32, np.uint32, np.uint64):
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            out = to_uint8_rgb(np.array([[0, 128, 255]], dtype=dtype))
+        assert out[0, :, 0].tolist() == [0, 128, 255]
+        assert any(issubclass(w.category, DataWarning) and "8-bit" in str(w.message) for w in seen)
+    with pytest.warns(DataWarning, match="12-bit"):
+        assert to_uint8_rgb(np.array([[0, 4095]], dtype=np.int64))[0, :, 0].tolist() == [0, 255]

@@ -32,7 +32,9 @@ def to_uint8_rgb(array: np.ndarray, where: str = "image") -> np.ndarray:
        dtype range (uint16: divided by 257, so 65535 -> 255), never stretched per image,
        so that the colours of tiles from one slide stay comparable; signed integers are
        clipped at 0 and scaled likewise, except 16-bit data that fits 10, 12 or 14 bits
-       (a camera's depth), scaled by that depth, with a warning; floats are taken as 0..1
+       (a camera's depth), scaled by that depth, with a warning, and 32- or 64-bit integers
+       whose values fit 8 to 16 bits, scaled by the smallest such depth, with a warning
+       (numpy's default int holds 8-bit pixels); floats are taken as 0..1
        when their maximum is at most 1, else as 0..255, and clipped (with a warning when
        values fall outside).
     3. Alpha is composited over white, the colour of empty glass in brightfield H&E.
@@ -81,6 +83,18 @@ def _to_unit_float(a: np.ndarray, where: str) -> np.ndarray:
                         f"{where}: {a.dtype} values reach only {hi}; read as {bits}-bit data "
                         f"(0..{2**bits - 1} -> 0..255)"
                     ),
+                    stacklevel=3,
+                )
+                top = float(2**bits - 1)
+        elif a.dtype.itemsize > 2:
+            # 32- and 64-bit integers (numpy's default int, a zarr written from one) hold 8- or
+            # 16-bit pixels: scaled by 2**63 they read as black. Scaled by the smallest
+            # common depth that holds the data, with a warning.
+            bits = next((b for b in (8, 10, 12, 14, 16) if hi < 2**b), None)
+            if bits is not None:
+                warnings.warn(
+                    DataWarning(f"{where}: {a.dtype} values reach {hi}; read as {bits}-bit data "
+                                f"(0..{2**bits - 1} -> 0..255)"),
                     stacklevel=3,
                 )
                 top = float(2**bits - 1)
