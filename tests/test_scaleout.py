@@ -148,3 +148,21 @@ def test_a_failed_window_task_is_retried_and_threads_do_not_race(tmp_path, monke
     assert failures and seen[-1][0] == seen[-1][1] == 9
     np.testing.assert_allclose(got.xyxy, want.xyxy, atol=1e-3)
     np.testing.assert_allclose(got.scores, want.scores, atol=1e-5)
+
+
+def test_an_unreachable_scheduler_is_one_line(tmp_path, capsys, monkeypatch):
+    """Issue 33: an unreachable --dask-scheduler waited 30 s, then raised OSError with a
+    traceback. One line now, after a shorter wait."""
+    import numpy as np
+
+    from napari_rmt.cli import main
+    from napari_rmt.data.large import write_zarr_image
+    from napari_rmt.model import dask_wholeimage
+
+    monkeypatch.setattr(dask_wholeimage, "CONNECT_TIMEOUT_S", 1.0)
+    img = tmp_path / "img.zarr"
+    write_zarr_image(np.zeros((600, 600, 3), np.uint8), img)
+    rc = main(["predict", "--model", "nucleus", str(img), "--dask-scheduler", "tcp://127.0.0.1:9",
+               "--out", str(tmp_path / "p.json")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "no scheduler answered there" in err and "Traceback" not in err

@@ -79,6 +79,10 @@ def _batch_task(
             )
 
 
+#: How long a client waits for a scheduler that does not answer (distributed's own default is 30 s).
+CONNECT_TIMEOUT_S = 10.0
+
+
 def client_for(scheduler: str | None = None, workers: int = 0):
     """A client of a running scheduler (``ADDRESS``), or of a local cluster of ``workers``
     processes, each running one task at a time (the torch threads per worker are the
@@ -90,7 +94,13 @@ def client_for(scheduler: str | None = None, workers: int = 0):
             "prediction across Dask workers needs dask.distributed: pip install 'napari-rmt[scale]'"
         ) from exc
     if scheduler:
-        return Client(scheduler)
+        try:
+            return Client(scheduler, timeout=CONNECT_TIMEOUT_S)
+        except (OSError, TimeoutError, ValueError) as exc:
+            raise NapariRmtError(
+                f"--dask-scheduler {scheduler}: no scheduler answered there within {CONNECT_TIMEOUT_S:g} s "
+                f"({type(exc).__name__}: {exc}); start one (dask scheduler) or check the address"
+            ) from exc
     if workers < 1:
         raise NapariRmtError(f"--workers {workers}: give at least 1 worker")
     cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None)
