@@ -334,3 +334,22 @@ def test_an_objectness_floor_lifts_every_count_limit():
     assert len(raised[0]) == 1000
     assert model.rpn.score_thresh == 0.0 and model.rpn.post_nms_top_n() == 300  # restored
     assert model.rpn.per_cell is None
+
+
+def test_a_damaged_zarr_chunk_is_a_clear_error(tmp_path, capsys):
+    """Issue 33: a zarr whose chunk holds garbage raised the codec's error with a traceback."""
+    from napari_rmt.cli import main
+    from napari_rmt.data.errors import ImageReadError
+    from napari_rmt.data.large import open_large_image, write_zarr_image
+
+    store = tmp_path / "img.zarr"
+    write_zarr_image(np.full((300, 300, 3), 200, np.uint8), store)
+    chunks = [p for p in store.rglob("*") if p.is_file() and not p.name.startswith((".", "zarr"))]
+    assert chunks
+    for c in chunks:
+        c.write_bytes(b"\x00garbage" * 7)
+    with pytest.raises(ImageReadError, match="cannot be read.*damaged"):
+        open_large_image(store).read(0, 0, 64, 64)
+    rc = main(["predict", "--model", "nucleus", str(store), "--out", str(tmp_path / "p.json")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "cannot be read" in err and "Traceback" not in err

@@ -166,7 +166,14 @@ class LargeImage:
                 index.append(slice(None))
             else:
                 index.append(0)
-        raw = np.asarray(self.array[tuple(index)])
+        try:
+            raw = np.asarray(self.array[tuple(index)])
+        except (OSError, ValueError, RuntimeError, TypeError, KeyError) as exc:
+            # a damaged chunk of a zarr store, a truncated TIFF strip: the codec's own error
+            raise ImageReadError(
+                f"{self.path or self.name}: the region x={x} y={y} {width}x{height} cannot be read "
+                f"({type(exc).__name__}: {exc}); the file may be damaged there"
+            ) from exc
         kept = [a for a in self.axes if a in "yxc"]
         order = [kept.index(a) for a in "yxc" if a in kept]
         raw = np.transpose(raw, order)  # (h, w[, c])
