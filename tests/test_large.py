@@ -348,7 +348,7 @@ def test_a_damaged_zarr_chunk_is_a_clear_error(tmp_path, capsys):
     assert chunks
     for c in chunks:
         c.write_bytes(b"\x00garbage" * 7)
-    with pytest.raises(ImageReadError, match="cannot be read.*damaged"):
+    with pytest.raises(ImageReadError, match=r"cannot be read.*damaged"):
         open_large_image(store).read(0, 0, 64, 64)
     rc = main(["predict", "--model", "nucleus", str(store), "--out", str(tmp_path / "p.json")])
     err = capsys.readouterr().err
