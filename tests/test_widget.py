@@ -66,6 +66,8 @@ def test_annotate_train_review_export_reopen(widget, tmp_path):
     assert w.last_error is None, w.last_error
     assert w.model_state is not None and (w.project.folder / "model.pt").is_file()
     assert w.progress.value() == w.progress.maximum()  # the bar ends full
+    # the loss plot marks where the unlabelled terms arrive (burn-in 1 of 2 iterations)
+    assert [it for it, _ in w.training.plot.marks] == [1]
     # something new on screen: a tile with predictions (the current one was labelled)
     assert len(s.tile.predictions) > 0 and not s.tile.is_labelled
     unl = [i for i, t in enumerate(ts) if not t.is_labelled]
