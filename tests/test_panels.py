@@ -297,3 +297,20 @@ def test_review_moves_between_tiles_and_suggests(state):
     ts[target].predictions = Boxes([[1, 1, 9, 9], [20, 20, 30, 30]], [1, 1], scores=[0.5, 0.45])
     panel.suggest_btn.click()
     assert state.session.index == target  # the only tile with predictions in doubt
+
+
+def test_image_layer_of_the_sample_keeps_its_boxes(state):
+    """Issue 34: File > Open Sample, then 'Image layer', gave 16 empty unlabelled tiles
+    while the sample's boxes peeked out under the tile."""
+    viewer = state.viewer
+    viewer.open_sample("napari-rmt", "consep")
+    image, boxes = viewer.layers[0], viewer.layers[1]
+    panel = TilesPanel(state)
+    viewer.layers.selection.active = image
+    panel.open_image_layer()
+    ts = state.project.tileset
+    assert len(ts) == 16 and sum(len(t.boxes) for t in ts) == len(boxes.data) == 1100
+    assert ts.classes.names == ["tumor", "stromal", "lymphocyte", "other"]
+    assert all(t.is_labelled for t in ts) and "labelled — " in panel.tile_list.item(0).text()
+    assert not image.visible and not boxes.visible  # the widget's own layers show them now
+    assert state.session.image.data.shape == (256, 256, 3)

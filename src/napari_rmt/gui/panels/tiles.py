@@ -155,11 +155,47 @@ class TilesPanel(QGroupBox):
             raise NapariRmtError("select an image layer first")
         data = np.asarray(layer.data)
         planes = [data] if (data.ndim == 2 or (data.ndim == 3 and layer.rgb)) else list(data)
-        tiles = [
-            Tile(id=i + 1, name=f"{layer.name} [{i}]", width=p.shape[1], height=p.shape[0], loader=(lambda a=p: a))
-            for i, p in enumerate(planes)
-        ]
-        self.state.open(TileSet(tiles), layer.name)
+        tileset = self._boxes_beside(layer, planes)
+        if tileset is None:
+            tiles = [
+                Tile(id=i + 1, name=f"{layer.name} [{i}]", width=p.shape[1], height=p.shape[0], loader=(lambda a=p: a))
+                for i, p in enumerate(planes)
+            ]
+            tileset = TileSet(tiles)
+        self.state.open(tileset, layer.name)
+
+    def _boxes_beside(self, image_layer, planes: list) -> TileSet | None:
+        """The tiles, boxes and statuses of the plugin's Shapes layers that came with this
+        image (a sample, a reader's COCO or folder): the boxes layer whose tile records fit
+        the image's planes, its predictions layer too. Those layers are hidden: the widget's
+        own layers show the same boxes. None when there is no such layer."""
+        from ..layers import META_KEY, tileset_from_shapes
+
+        def fits(lay) -> bool:
+            recs = (lay.metadata or {}).get(META_KEY) if isinstance(lay, napari.layers.Shapes) else None
+            return bool(recs) and len(recs["tiles"]) == len(planes) and all(
+                (r["height"], r["width"]) == p.shape[:2] for r, p in zip(recs["tiles"], planes, strict=True)
+            )
+
+        def as_tiles(lay) -> TileSet:
+            return tileset_from_shapes(lay.data, {"features": lay.features, "metadata": lay.metadata,
+                                                  "scale": lay.scale, "translate": lay.translate, "name": lay.name})
+
+        shapes = [lay for lay in self.state.viewer.layers if fits(lay)]
+        boxes = next((lay for lay in shapes if not lay.name.endswith("predictions")), None)
+        if boxes is None:
+            return None
+        tileset = as_tiles(boxes)
+        preds = next((lay for lay in shapes if lay.name.endswith("predictions")), None)
+        if preds is not None:
+            for t, p in zip(tileset, as_tiles(preds), strict=True):
+                t.predictions = p.boxes
+        for t, pixels in zip(tileset, planes, strict=True):
+            if t.path is None or not Path(t.path).exists():
+                t.path, t.window, t.loader = None, False, (lambda a=pixels: a)
+        for lay in (image_layer, *shapes):
+            lay.visible = False
+        return tileset
 
     def _ask_folder(self) -> None:
         d = QFileDialog.getExistingDirectory(self, "Folder of tiles")
