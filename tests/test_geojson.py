@@ -160,3 +160,69 @@ def test_a_refused_file_adds_no_class(coco_file, tmp_path):
     assert ts.classes.names == [*names, "mitosis"]
     mitosis = ts.classes.by_name("mitosis").id
     assert sum(int((t.boxes.class_ids == mitosis).sum()) for t in ts) == 2
+
+
+def qupath_would_accept(fc: dict, width: int, height: int) -> None:
+    """The rules QuPath applies on File > Import objects: a FeatureCollection of closed,
+    non-degenerate polygons inside the image, each with an objectType and a
+    classification holding a name and an [r, g, b] colour."""
+    assert fc["type"] == "FeatureCollection"
+    for f in fc["features"]:
+        ring = f["geometry"]["coordinates"][0]
+        assert f["geometry"]["type"] == "Polygon" and ring[0] == ring[-1] and len(ring) >= 4
+        xs, ys = [p[0] for p in ring], [p[1] for p in ring]
+        assert 0 <= min(xs) < max(xs) <= width and 0 <= min(ys) < max(ys) <= height
+        props = f["properties"]
+        assert props["objectType"] in ("annotation", "detection")
+        c = props["classification"]
+        assert isinstance(c["name"], str) and c["name"]
+        assert len(c["color"]) == 3 and all(isinstance(v, int) and 0 <= v <= 255 for v in c["color"])
+
+
+def test_one_geojson_per_image_opens_over_its_image_and_round_trips(coco_file, tmp_path):
+    """Issue 34: one FeatureCollection of every tile laid every tile's boxes over whichever
+    image QuPath opened. One file per image now, in its own pixel coordinates."""
+    from napari_rmt.data.geojson import read_geojson, write_geojson_per_image
+
+    ts = read_coco(coco_file)
+    ts.by_id(1).predictions = Boxes(np.array([[1.0, 1, 6, 7]]), [3], [0.75], [BoxSource.PREDICTED])
+    files = write_geojson_per_image(ts, tmp_path / "qupath")
+    assert [f.name for f in files] == ["tile_0.geojson", "tile_1.geojson", "tile_2.geojson"]
+    for f, t in zip(files, ts, strict=True):
+        fc = json.loads(f.read_text())
+        assert len(fc["features"]) == len(t.boxes)
+        qupath_would_accept(fc, t.width, t.height)
+    det = write_geojson_per_image(ts, tmp_path / "det", predictions=True)
+    qupath_would_accept(json.loads(det[0].read_text()), 48, 32)
+    fresh = read_coco(coco_file)
+    for t in fresh:
+        t.boxes = Boxes()
+    for f in [*files, *det]:
+        read_geojson(f, fresh)
+    for a, b in zip(ts, fresh, strict=True):
+        np.testing.assert_allclose(a.boxes.xyxy, b.boxes.xyxy)
+        assert a.boxes.class_ids.tolist() == b.boxes.class_ids.tolist()
+    assert fresh.by_id(1).predictions.scores.tolist() == [0.75]
+
+
+def test_the_windows_of_a_large_image_share_one_file_in_whole_image_coordinates(tmp_path):
+    from napari_rmt.data import ClassList, TileSet
+    from napari_rmt.data.geojson import read_geojson, write_geojson_per_image
+    from napari_rmt.data.large import write_zarr_image
+    from napari_rmt.data.tiles import grid_tiles
+
+    store = tmp_path / "slide.zarr"
+    write_zarr_image(np.full((300, 500, 3), 220, np.uint8), store)
+    tiles = grid_tiles(store, tile=256)
+    ts = TileSet(tiles, ClassList.default())
+    right = next(t for t in ts if t.origin == (256, 0))
+    right.boxes = Boxes([[10, 20, 30, 40]], [2])
+    files = write_geojson_per_image(ts, tmp_path / "out")
+    assert [f.name for f in files] == ["slide.geojson"]
+    fc = json.loads(files[0].read_text())
+    qupath_would_accept(fc, 500, 300)
+    assert fc["features"][0]["geometry"]["coordinates"][0][0] == [266.0, 20.0]  # whole-image pixels
+    again = TileSet(grid_tiles(store, tile=256), ClassList.default())
+    read_geojson(files[0], again)
+    back = next(t for t in again if t.origin == (256, 0))
+    assert back.boxes.xyxy.tolist() == [[10, 20, 30, 40]] and back.is_partial

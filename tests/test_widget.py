@@ -125,6 +125,11 @@ def test_annotate_train_review_export_reopen(widget, tmp_path):
     assert ts[unl[1]].status is TileStatus.PARTIAL  # boxes, not complete
     w.score_slider.setValue(0)
 
+    files = w.export_geojson(tmp_path / "qupath")  # one per image, as QuPath imports them
+    assert len(files) == len(ts) and {f.stem for f in files} == {t.path.stem for t in ts}
+    import json
+
+    assert sum(len(json.loads(f.read_text())["features"]) for f in files) == sum(len(t.boxes) for t in ts)
     out = w.export_annotations(tmp_path / "export.json")
     coco = COCO(str(out))
     assert len(coco.getAnnIds()) == sum(len(t.boxes) for t in ts)

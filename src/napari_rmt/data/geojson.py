@@ -78,6 +78,32 @@ def geojson_extent(path: str | os.PathLike) -> tuple[float, float]:
     return x1, y1
 
 
+def write_geojson_per_image(
+    tileset: TileSet, folder: str | os.PathLike, predictions: bool = False
+) -> list[Path]:
+    """QuPath's convention: one GeoJSON per image, in that image's pixel coordinates, named
+    after it (``<image stem>.geojson``), so that *Import objects* on an image lays exactly
+    its boxes over it. A tile that is its own file gets its own file; the windows of one
+    large image share one file in whole-image coordinates. Returns the files written."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise NapariRmtError(f"{folder}: is a file; give a folder for the per-image GeoJSON files")
+    groups: dict[tuple, list[Tile]] = {}
+    for t in tileset:
+        key = ("image", str(t.path)) if t.window and t.path is not None else ("tile", t.id)
+        groups.setdefault(key, []).append(t)
+    used: set[str] = set()
+    written = []
+    for tiles in groups.values():
+        first = tiles[0]
+        stem = Path(first.path).stem if first.path is not None else Path(first.name).stem
+        stem = "".join(c if c.isalnum() or c in "-_. " else "_" for c in stem).strip() or f"tile_{first.id}"
+        name = stem if stem not in used else f"{stem}-{first.id}"
+        used.add(name)
+        written.append(write_geojson(tileset, folder / f"{name}.geojson", tiles=tiles, predictions=predictions))
+    return written
+
+
 def read_geojson(path: str | os.PathLike, tileset: TileSet) -> TileSet:
     """Import QuPath GeoJSON (File > Export objects) onto the tiles it covers.
 
@@ -171,7 +197,7 @@ def read_geojson(path: str | os.PathLike, tileset: TileSet) -> TileSet:
         xyxy, cid_a, sc = np.array(boxes, dtype=np.float64), np.array(cids), np.array(scores)
         if (~det_a).any():
             tile.boxes = Boxes.concatenate([tile.boxes, Boxes(xyxy[~det_a], cid_a[~det_a], sc[~det_a])])
-            tile.status = said.get(tile.id, TileStatus.of_boxes(tile.status, len(tile.boxes)))
+            tile.status = TileStatus.of_boxes(said.get(tile.id, tile.status), len(tile.boxes))
         if det_a.any():
             found = Boxes(xyxy[det_a], cid_a[det_a], sc[det_a], np.full(int(det_a.sum()), BoxSource.PREDICTED, dtype=np.int8))
             tile.predictions = Boxes.concatenate([tile.predictions, found])

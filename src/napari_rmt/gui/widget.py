@@ -223,8 +223,8 @@ class RMTWidget(QWidget):
     def export_annotations(self, path: str | Path) -> Path:
         return self.export.export_annotations(path)
 
-    def export_geojson(self, path: str | Path, predictions: bool = False) -> Path:
-        return self.export.export_geojson(path, predictions)
+    def export_geojson(self, folder: str | Path, predictions: bool = False) -> list[Path]:
+        return self.export.export_geojson(folder, predictions)
 
     def export_predictions(self, path: str | Path) -> Path:
         return self.export.export_predictions(path)

@@ -8,7 +8,7 @@ from qtpy.QtWidgets import QFileDialog, QGridLayout, QGroupBox, QPushButton
 
 from ...data.coco import write_coco, write_coco_results
 from ...data.errors import NapariRmtError
-from ...data.geojson import write_geojson
+from ...data.geojson import write_geojson_per_image
 from ..state import AppState
 from .common import ask_save
 
@@ -36,9 +36,11 @@ class ExportPanel(QGroupBox):
         self.state.session.pull()
         return write_coco(self.state.project.tileset, path)
 
-    def export_geojson(self, path: str | Path, predictions: bool = False) -> Path:
+    def export_geojson(self, folder: str | Path, predictions: bool = False) -> list[Path]:
+        """One GeoJSON per image into ``folder``, as QuPath imports them (its image's pixel
+        coordinates; the windows of a large image share one, in whole-image coordinates)."""
         self.state.session.pull()
-        return write_geojson(self.state.project.tileset, path, predictions=predictions)
+        return write_geojson_per_image(self.state.project.tileset, folder, predictions=predictions)
 
     def export_predictions(self, path: str | Path) -> Path:
         self.state.session.pull()
@@ -96,7 +98,12 @@ class ExportPanel(QGroupBox):
         self._ask_save("Export annotations", "COCO json (*.json)", self.export_annotations)
 
     def _ask_export_geojson(self) -> None:
-        self._ask_save("Export GeoJSON (QuPath)", "GeoJSON (*.geojson *.json)", self.export_geojson)
+        if self.state.session is None:
+            return
+        d = QFileDialog.getExistingDirectory(self, "Export GeoJSON (QuPath): a folder for one file per image")
+        if d:
+            self.state.guarded(lambda: self.state.say(
+                f"wrote {len(self.export_geojson(d))} GeoJSON files (one per image) into {d}"))
 
     def _ask_export_predictions(self) -> None:
         self._ask_save("Export predictions", "COCO results (*.json)", self.export_predictions)
