@@ -81,14 +81,15 @@ def in_range(low: float, high: float, low_open: bool = False, integer: bool = Fa
     return parse
 
 
-def add_training_options(p: argparse.ArgumentParser) -> None:
+def add_training_options(p: argparse.ArgumentParser, method: bool = True) -> None:
     """Training options. Unset ones take the method's default (``TrainConfig.for_method``),
     so ``--method rmt`` is the paper's method and ``--method rmt+`` the recommended recipe."""
     from ..model.bundled import LICENSE_NOTE
     from ..model.config import BACKBONES
     from ..train.config import INITS, METHODS, PRESETS, RECOMMENDED, SCHEDULES
 
-    p.add_argument("--method", choices=METHODS, default=None, help=f"default {RECOMMENDED}")
+    if method:  # experiment has its own --methods
+        p.add_argument("--method", choices=METHODS, default=None, help=f"default {RECOMMENDED}")
     p.add_argument(
         "--preset", choices=PRESETS, default="recipe",
         help="recipe (default): every method on the product's recipe (cross-entropy head, cosine "
@@ -119,12 +120,17 @@ def add_training_options(p: argparse.ArgumentParser) -> None:
         help="ResNet stages under the FPN: 3 ends at stride 16 (resnet18's default), 4 at 32 (the paper's)",
     )
     p.add_argument("--box-head-dim", type=at_least(16), default=None, help="box head width (default: resnet18 512, else 1024)")
-    p.add_argument("--norm", choices=("auto", "batch", "group", "frozen"), default=None)
+    p.add_argument(
+        "--norm", choices=("auto", "batch", "group", "frozen"), default=None,
+        help="the backbone's normalisation (default auto: trainable BatchNorm from random init or the nucleus "
+        "model, frozen with --weights)",
+    )
     p.add_argument("--focal-gamma", type=in_range(0, 10), default=None, help="box head focal gamma (0: cross-entropy)")
     p.add_argument("--batch", type=at_least(1), default=None, help="labelled and unlabelled images per step")
     p.add_argument("--semi-lr", type=float, default=None, help="lr after burn-in (default: --lr)")
-    p.add_argument("--lr-schedule", choices=SCHEDULES, default=None)
-    p.add_argument("--warmup", type=int, default=None)
+    p.add_argument("--lr-schedule", choices=SCHEDULES, default=None,
+                   help="constant after warm-up, or cosine down to 5%% (default: the method's; cosine for the recipe)")
+    p.add_argument("--warmup", type=int, default=None, help="steps of linear lr warm-up (default 100)")
     for t in CLI_TUNABLES:  # the widget's advanced form offers the same, from the same table
         if t.kind == "bool":
             p.add_argument(t.option, action=argparse.BooleanOptionalAction, default=None, help=t.help)
@@ -133,8 +139,9 @@ def add_training_options(p: argparse.ArgumentParser) -> None:
         else:
             p.add_argument(t.option, type=in_range(t.low, t.high, integer=t.kind == "int"), default=None, help=t.help)
     p.add_argument("--seed", type=int, default=None, help="default 0")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--checkpoint-every", type=at_least(0), default=0)
+    p.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu, cuda or cuda:N")
+    p.add_argument("--checkpoint-every", type=at_least(0), default=0,
+                   help="also checkpoint every N steps (default 0: every 5 minutes and at the end)")
 
 
 def _share(method: str) -> str:

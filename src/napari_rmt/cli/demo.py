@@ -19,7 +19,7 @@ def add_parser(sub) -> None:
         "demo", help="train rmt+ briefly on the bundled sample, from the bundled nucleus model, and write predictions"
     )
     demo.add_argument("--out", default="demo_out", help="output folder (default: demo_out)")
-    demo.add_argument("--iterations", type=at_least(1), default=60)
+    demo.add_argument("--iterations", type=at_least(1), default=60, help="training steps (default 60)")
     demo.add_argument("--init", choices=("nucleus", "none"), default="nucleus", help="default: the bundled nucleus model")
     demo.add_argument("--overwrite", action="store_true", help="replace the files of an earlier demo (or run) in --out")
     demo.set_defaults(func=run)

@@ -12,9 +12,11 @@ def add_parser(sub) -> None:
     ev.add_argument("--gt", required=True, help="COCO json with the true boxes")
     ev.add_argument("--pred", required=True, help="COCO results json (with scores)")
     ev.add_argument("--match", choices=("iou", "centre"), default="iou")
-    ev.add_argument("--iou", type=in_range(0, 1, low_open=True), default=0.5)
+    ev.add_argument("--iou", type=in_range(0, 1, low_open=True), default=0.5,
+                    help="IoU from which a prediction matches a true box (default 0.5, the paper's)")
     ev.add_argument("--radius", type=in_range(0, 1e6, low_open=True), default=6.0, help="centre distance in pixels (--match centre)")
-    ev.add_argument("--score-threshold", type=in_range(0, 1), default=0.5)
+    ev.add_argument("--score-threshold", type=in_range(0, 1), default=0.5,
+                    help="predictions scoring above this count (default 0.5, the paper's)")
     ev.add_argument("--json", default=None, help="also write the numbers to this json")
     ev.set_defaults(func=run)
 

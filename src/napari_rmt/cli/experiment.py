@@ -33,7 +33,7 @@ def add_parser(sub) -> None:
         help="test predictions kept above this score for F1 (the paper: 0.5)",
     )
     ex.add_argument("--out", required=True)
-    add_training_options(ex)
+    add_training_options(ex, method=False)
     ex.set_defaults(func=run)
 
 
