@@ -20,7 +20,7 @@ def test_demo_trains_and_writes_predictions(tmp_path, capsys):
     assert (tmp_path / "model.pt").is_file()
     from PIL import Image
 
-    assert Image.open(tmp_path / "prediction.png").size == (2 * 512 + 8, 512)  # truth | predictions
+    assert Image.open(tmp_path / "prediction.png").size == (2 * 512 + 8, 512 + 22)  # truth | predictions, legend
     said = capsys.readouterr().out
     assert "predicted boxes" in said and "F1 against them" in said
 

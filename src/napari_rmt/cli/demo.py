@@ -101,7 +101,14 @@ def picture(tile, classes, path: Path, cut: float = 0.5) -> Path:
     pixels = Image.fromarray(tile.pixels()).convert("RGB")
     w, h = pixels.size
     scale = 2  # 256 px tiles are small on a screen
-    canvas = Image.new("RGB", (2 * w * scale + 8, h * scale), "white")
+    legend = 22  # a strip under the panels: which colour is which class
+    canvas = Image.new("RGB", (2 * w * scale + 8, h * scale + legend), "white")
+    key = ImageDraw.Draw(canvas)
+    x = 6
+    for c in classes:
+        key.rectangle([x, h * scale + 5, x + 12, h * scale + 17], outline=c.hex, width=3)
+        key.text((x + 18, h * scale + 5), c.name, fill="black")
+        x += 18 + 7 * len(c.name) + 16
     for k, boxes in enumerate((tile.boxes, tile.predictions[tile.predictions.scores > cut])):
         panel = pixels.resize((w * scale, h * scale), Image.NEAREST)
         draw = ImageDraw.Draw(panel)

@@ -408,9 +408,17 @@ class Session:
         )
         overlay.visible = True
         t = self.tile
-        overlay.text = f"{t.name}  ({self.index + 1}/{len(self.tileset)}, {t.status.value})"
+        overlay.text = f"{t.name}  ({self.index + 1}/{len(self.tileset)}, {status_word(t)})"
 
     def _changed(self) -> None:
         self._caption()
         if self.on_change is not None:
             self.on_change()
+
+
+def status_word(t: Tile) -> str:
+    """How a tile's state reads in the list and on the canvas (one word, the same in both):
+    its status, or "predicted" for an unlabelled tile that has predictions."""
+    if t.status is TileStatus.UNLABELLED and len(t.predictions):
+        return "predicted"
+    return t.status.value

@@ -28,6 +28,7 @@ from ...data.errors import NapariRmtError
 from ...data.project import TRAINING, Project
 from ...data.sample import load_sample
 from ...data.tiles import FEW_BOXES, Tile, TileSet, TileStatus
+from ..session import status_word
 from ..state import AppState
 
 
@@ -414,10 +415,7 @@ class ClassesPanel(QWidget):
 
 
 def row_text(t: Tile) -> str:
-    status = t.status.value
-    if t.status is TileStatus.UNLABELLED and len(t.predictions):
-        status = "predicted"
-    text = f"{t.name} — {status} — {len(t.boxes)} boxes"
+    text = f"{t.name} — {status_word(t)} — {len(t.boxes)} boxes"
     if len(t.predictions):
         text += f", {len(t.predictions)} predicted"
     return text
