@@ -1,43 +1,27 @@
 """Screenshots of each step of the workflow, for the README and docs/.
 
-Opens a few CoNSeP test tiles (half marked fully annotated, the rest unlabelled with
-their boxes removed) in the widget, optionally loads a trained model (warm start),
-trains in the widget's thread worker, then reviews and accepts predictions.
+Opens the bundled CoNSeP sample (its own classes: tumor, stromal, lymphocyte, other) in
+the widget, keeps the boxes of half of its tiles (fully annotated) and clears the others
+(unlabelled), optionally loads a trained model (warm start), trains in the widget's thread
+worker, then reviews and accepts predictions (the tile becomes partly annotated).
 
-    xvfb-run -a python scripts/screenshot_workflow.py --model runs/learn/supervised/model.pt
+    xvfb-run -a python scripts/screenshot_workflow.py
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
 from pathlib import Path
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "consep"
 OUT = Path(__file__).resolve().parents[1] / "docs" / "images"
-
-
-def subset(n: int, folder: Path) -> Path:
-    coco = json.loads((DATA / "annotations.json").read_text())
-    imgs = [i for i in coco["images"] if i["source_tile"] in ("test_3", "test_7")][:n]
-    ids = {i["id"] for i in imgs}
-    for k, img in enumerate(imgs):
-        img["file_name"] = str(DATA / img["file_name"])
-        img["napari_rmt_status"] = "labelled" if k % 2 == 0 else "unlabelled"
-    unl = {i["id"] for i in imgs if i["napari_rmt_status"] == "unlabelled"}
-    anns = [a for a in coco["annotations"] if a["image_id"] in ids and a["image_id"] not in unl]
-    path = folder / "subset.json"
-    path.write_text(json.dumps({**coco, "images": imgs, "annotations": anns}))
-    return path
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default=None)
     ap.add_argument("--iterations", type=int, default=20)
-    ap.add_argument("--tiles", type=int, default=16)
     ap.add_argument("--method", default="rmt+")
     ap.add_argument("--threshold", type=float, default=None, help="pseudo-label threshold (default: the method's)")
     ap.add_argument("--show-score", type=float, default=None, help="score slider for the review shots")
@@ -55,7 +39,13 @@ def main() -> None:
     viewer.window.resize(1600, 1000)
     w = wm.RMTWidget(viewer)
     viewer.window.add_dock_widget(w, name="Cell detection (RMT)")
-    w.open_coco(subset(args.tiles, tmp), allow_outside=True)  # the tiles stay in shared/data
+    w.open_sample()
+    from napari_rmt.data import Boxes, TileStatus
+
+    for k, t in enumerate(w.project.tileset):
+        if k % 2:
+            t.boxes, t.status = Boxes(), TileStatus.UNLABELLED
+    w.show_tile(0)
     if args.model:
         w.load_model(args.model)
 
@@ -76,7 +66,7 @@ def main() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     # Annotation by correction: the bundled nucleus model's boxes on an empty tile.
     w.show_tile(next(i for i, t in enumerate(w.project.tileset) if not t.is_labelled))
-    w.set_class("inflammatory")
+    w.set_class("lymphocyte")
     w.detect_nuclei(synchronous=True)
     viewer.layers.selection.active = w.session.predictions
     shot("workflow-0-detect.png")

@@ -318,7 +318,7 @@ class TrainPanel(QGroupBox):
             # In the status line, not a notification: napari's toast over the canvas makes
             # software OpenGL redraw the whole scene (a 270-300 ms stall, measured).
             if ev.phase in ("semi-supervised", "stac-student"):
-                self.plot.mark(ev.iteration, "burn-in ends: unlabelled terms from here")
+                self.plot.mark(ev.iteration, "burn-in ends")
             if ev.phase == "warning":
                 self.state.warn(ev.message)  # kept in sight: the next step's line replaces this one
             self.state.say(ev.message)
