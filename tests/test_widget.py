@@ -136,7 +136,8 @@ def test_annotate_train_review_export_reopen(widget, tmp_path):
     res = coco.loadRes(str(w.export_predictions(tmp_path / "pred.json")))
     assert len(res.getAnnIds()) == sum(len(t.predictions) for t in ts)
 
-    # The autosaved project reopens with tiles, boxes, statuses and the model.
+    # The autosaved project reopens with tiles, boxes, statuses, the model and the score cut.
+    w.score_slider.setValue(37)
     w.save_project()
     folder = w.project.folder
     statuses = [t.status for t in ts]
@@ -146,6 +147,7 @@ def test_annotate_train_review_export_reopen(widget, tmp_path):
     ts2 = w2.project.tileset
     assert [t.status for t in ts2] == statuses and [len(t.boxes) for t in ts2] == counts
     assert w2.model_state is not None
+    assert w2.score_slider.value() == 37 and w2.session.score_threshold == 0.37
 
     # Save and load the model by hand; a model for other classes is refused by name.
     saved = w2.save_model(tmp_path / "exported.pt")

@@ -52,6 +52,8 @@ class Project:
         self.folder = Path(folder) if folder is not None else None
         #: What opening could not restore (a damaged file, a missing image), in words.
         self.problems: list[str] = []
+        #: The user's view settings saved with the state (the review's score cut), JSON values.
+        self.settings: dict = {}
         self._version = 0
 
     @property
@@ -76,7 +78,8 @@ class Project:
         previous = {k: manifest[k] for k in ("annotations", "predictions")} if manifest else None
         atomic_write_json(
             self.folder / MANIFEST,
-            {"format": FORMAT, "version": version, "annotations": ann, "predictions": pred, "previous": previous},
+            {"format": FORMAT, "version": version, "annotations": ann, "predictions": pred, "previous": previous,
+             "settings": self.settings},
             indent=1,
         )
         self._version = version
@@ -154,6 +157,8 @@ class Project:
             warnings.warn(DataWarning(f"{folder}: {p}"), stacklevel=2)
         project = cls(tileset, folder)
         project.problems = problems
+        settings = manifest.get("settings") if manifest else None
+        project.settings = dict(settings) if isinstance(settings, dict) else {}
         project._version = int(manifest.get("version", 0)) if manifest else 0
         return project
 

@@ -103,13 +103,15 @@ class AppState(QObject):
             self.say("")
 
     # ------------------------------------------------------------------ project
-    def open(self, tileset: TileSet, name: str, folder: Path | None = None) -> None:
-        """Make ``tileset`` the open project (in ``folder``, or a fresh one) and show it."""
+    def open(self, tileset: TileSet, name: str, folder: Path | None = None, settings: dict | None = None) -> None:
+        """Make ``tileset`` the open project (in ``folder``, or a fresh one, with the view
+        ``settings`` it was saved with) and show it."""
         if len(tileset) == 0:
             raise NapariRmtError("there are no tiles to open")
         self.flush()
         folder = folder or self.projects_root / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
         self.project = Project(tileset, folder)
+        self.project.settings = dict(settings or {})
         self.model_state = None
         self.session = self._new_session()
         self._attach_whole(tileset)

@@ -75,13 +75,22 @@ class ReviewPanel(QGroupBox):
         row.addWidget(self.detect_all_btn)
         rl.addLayout(row)
         state.moved.connect(self.update_score_label)
+        state.opened.connect(self._restore_cut)
         state.predictions_arrived.connect(self._on_predictions)
         state.busy_changed.connect(self._update_enabled)
         self._update_enabled()
 
     # ------------------------------------------------------------------ the score cut
+    def _restore_cut(self) -> None:
+        """A reopened project shows its predictions at the cut it was left at."""
+        cut = self.state.project.settings.get("score_cut")
+        if isinstance(cut, (int, float)) and 0 <= cut <= 1:
+            self.score_slider.setValue(round(100 * cut))
+
     def _on_score(self, value: int) -> None:
         state = self.state
+        if state.project is not None:
+            state.project.settings["score_cut"] = value / 100  # saved with the next autosave
         if state.session is not None:
             state.session.set_score_threshold(value / 100)
         self.update_score_label()

@@ -121,7 +121,7 @@ class TilesPanel(QGroupBox):
 
         state = self.state
         project = Project.open(folder)
-        state.open(project.tileset, Path(folder).name, folder=Path(folder))
+        state.open(project.tileset, Path(folder).name, folder=Path(folder), settings=project.settings)
         if project.problems:
             show_info("opened with problems: " + "; ".join(project.problems))
         interrupted = Path(folder) / TRAINING
