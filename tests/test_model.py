@@ -313,3 +313,15 @@ def test_a_tile_too_small_to_see_gets_no_boxes_and_a_warning():
     with pytest.warns(PredictionWarning, match="'dot.png' is 2x2 px"):
         out = predict_tiles(model, [dot], ClassList.default(), store=False, score_threshold=0.0)
     assert len(out) == 1 and len(out[0]) == 0
+
+
+def test_prediction_chooses_its_device_without_the_trainer():
+    from napari_rmt.model.predict import DeviceError, resolve_device
+
+    assert resolve_device("cpu").type == "cpu"
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(DeviceError, match="not a valid torch device"):
+        resolve_device("gpu-please")
+    if not torch.cuda.is_available():
+        with pytest.raises(DeviceError, match="CUDA is not available"):
+            resolve_device("cuda:7")

@@ -86,9 +86,8 @@ def run(args: argparse.Namespace) -> int:
     from ..data.imageio import image_size
     from ..data.large import is_zarr_path, open_large_image, tile_grid
     from ..data.tiles import Tile, TileSet
-    from ..model.predict import predict_tiles
+    from ..model.predict import predict_tiles, resolve_device
     from ..model.wholeimage import predict_large_image
-    from ..train.trainer import resolve_device
 
     # Every output is checked before hours of work, and none may be (inside) an input.
     inputs = [p for p in (args.model, args.coco, *(args.paths or [])) if p]

@@ -11,7 +11,26 @@ from torchvision.ops import batched_nms, nms
 
 from ..data.boxes import Boxes, BoxSource
 from ..data.classes import ClassList
+from ..data.errors import NapariRmtError
 from ..data.tiles import Tile
+
+
+class DeviceError(NapariRmtError):
+    """The device asked for cannot be used here."""
+
+
+def resolve_device(name: str) -> torch.device:
+    """``"auto"`` (a GPU when there is one), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``, checked:
+    prediction and training alike choose their device here."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError as exc:
+        raise DeviceError(f"device {name!r} is not a valid torch device") from exc
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise DeviceError(f"device {name!r} asked for, but CUDA is not available here")
+    return dev
 
 
 def image_tensor(pixels: np.ndarray) -> torch.Tensor:

@@ -44,7 +44,7 @@ from ..data.classes import ClassList
 from ..data.errors import NapariRmtError
 from ..data.tiles import Tile
 from ..model.detector import build_detector
-from ..model.predict import predict_images
+from ..model.predict import DeviceError, predict_images, resolve_device
 from .augment import VIEW_FLIPS, flip_boxes, flip_image, hflip, strong_view, turn
 from .checkpoint import (
     MODEL_FILE,
@@ -142,18 +142,6 @@ def running_stats_frozen(model: nn.Module) -> Iterator[None]:
                 m.num_batches_tracked.copy_(count)
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(name)
-    except RuntimeError as exc:
-        raise TrainingError(f"device {name!r} is not a valid torch device") from exc
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise TrainingError(f"device {name!r} asked for, but CUDA is not available here")
-    return dev
-
-
 class Trainer:
     """Trains a detector on labelled and unlabelled tiles with one of the five methods."""
 
@@ -186,7 +174,10 @@ class Trainer:
                 f"method {self.cfg.method!r} needs unlabelled or partly annotated tiles, and every tile is "
                 "fully annotated; use method 'supervised' or leave some tiles unlabelled"
             )
-        self.device = resolve_device(self.cfg.device)
+        try:
+            self.device = resolve_device(self.cfg.device)
+        except DeviceError as exc:
+            raise TrainingError(str(exc)) from exc
         self.validate_fn = validate
         #: Periodic checkpoints write the training state to ``checkpoint_path`` and, when
         #: given, the predicting model to ``model_path`` (a run folder's two files).
