@@ -1,5 +1,6 @@
 import json
 
+import pytest
 from pycocotools.coco import COCO
 
 from napari_rmt.cli import main
@@ -343,3 +344,31 @@ def test_holdout_reports_each_class_on_annotated_images_the_run_never_saw(tmp_pa
     capsys.readouterr()
     assert main([*args, "--holdout", "0.25", "--resume", str(run), "--out", str(run)]) == 2
     assert "a resumed run keeps its own" in capsys.readouterr().err
+
+
+def test_evaluate_names_images_the_predictions_do_not_cover(tmp_path, capsys):
+    """Issue 34: one image's predictions against a set of three scored 'F1 4.2 %' without a
+    word. The images with no prediction are named and left out unless --all-images."""
+    from conftest import make_coco
+
+    coco = make_coco(tmp_path / "d", n_images=3, size=(32, 48))
+    pred = tmp_path / "pred.json"
+    pred.write_text(json.dumps([
+        {"image_id": 1, "category_id": 1, "bbox": [2.0, 3.0, 8.5, 6.25], "score": 0.9},
+        {"image_id": 1, "category_id": 2, "bbox": [12.0, 3.0, 8.5, 6.25], "score": 0.9},
+    ]))
+    out = tmp_path / "e.json"
+    assert main(["evaluate", "--gt", str(coco), "--pred", str(pred), "--json", str(out)]) == 0
+    captured = capsys.readouterr()
+    assert "2 of 3 images have no prediction at all (tile_1.png, tile_2.png); scored on the other 1" in captured.err
+    assert json.loads(out.read_text())["classes"]["any"]["f1"] == 1.0
+    out.unlink()
+    assert main(["evaluate", "--gt", str(coco), "--pred", str(pred), "--all-images", "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["classes"]["any"]["recall"] == pytest.approx(2 / 6)
+    # a path-mode index says an image was predicted even when it got no box
+    images = sorted((tmp_path / "d" / "images").glob("*.png"))
+    (tmp_path / "pred.images.json").write_text(json.dumps([{"id": 9, "file_name": str(images[1])}]))
+    out.unlink()
+    capsys.readouterr()
+    assert main(["evaluate", "--gt", str(coco), "--pred", str(pred), "--json", str(out)]) == 0
+    assert "1 of 3 images have no prediction at all (tile_2.png)" in capsys.readouterr().err

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import json
+import sys
+from pathlib import Path
 
+from ..data.errors import NapariRmtError
 from .common import in_range
 
 
@@ -18,6 +22,11 @@ def add_parser(sub) -> None:
     ev.add_argument("--score-threshold", type=in_range(0, 1), default=0.5,
                     help="predictions scoring above this count (default 0.5, the paper's)")
     ev.add_argument("--json", default=None, help="also write the numbers to this json")
+    ev.add_argument(
+        "--all-images", action="store_true",
+        help="score every image of --gt; by default images the predictions do not cover at all (no box, "
+        "and not in the results' .images.json index) are named and left out",
+    )
     ev.set_defaults(func=run)
 
 
@@ -31,6 +40,18 @@ def run(args: argparse.Namespace) -> int:
     dataset = read_coco(args.gt, check_files=False)
     read_coco_results(args.pred, dataset)
     tiles = list(dataset)
+    covered = {t.id for t in tiles if len(t.predictions)} | predicted_by_index(Path(args.pred), dataset)
+    uncovered = [t for t in tiles if t.id not in covered]
+    if uncovered and not args.all_images:
+        names = ", ".join(t.name for t in uncovered[:5]) + (" …" if len(uncovered) > 5 else "")
+        print(
+            f"napari-rmt: {len(uncovered)} of {len(tiles)} images have no prediction at all ({names}); "
+            f"scored on the other {len(tiles) - len(uncovered)} (--all-images scores every image)",
+            file=sys.stderr,
+        )
+        tiles = [t for t in tiles if t.id in covered]
+        if not tiles:
+            raise NapariRmtError(f"{args.pred}: no prediction on any image of {args.gt}; nothing to score")
     pairs = [(t.boxes, t.predictions) for t in tiles]
     radius = args.radius if args.match == "centre" else None
     counts = f1_scores(
@@ -83,3 +104,22 @@ def run(args: argparse.Namespace) -> int:
         )
         print(f"wrote {args.json}")
     return 0
+
+
+def predicted_by_index(pred: Path, dataset) -> set[int]:
+    """The images a path-mode results file says it predicted (its ``.images.json`` index),
+    as ids of ``dataset`` matched by file: an image predicted with no box is covered."""
+    from ..data.coco import tile_of_file, tiles_by_file
+
+    index = pred.with_suffix(".images.json")
+    if not index.is_file():
+        return set()
+    try:
+        records = json.loads(index.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise NapariRmtError(f"{index}: the results' image index cannot be read ({exc})") from exc
+    if not isinstance(records, list):
+        raise NapariRmtError(f"{index}: the results' image index is not a list")
+    by_file = tiles_by_file(dataset)
+    return {tile_of_file(r.get("file_name") if isinstance(r, dict) else None, by_file, f"{index}: [{i}]")
+            for i, r in enumerate(records)}

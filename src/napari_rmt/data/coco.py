@@ -392,7 +392,7 @@ def write_coco_results(
     return atomic_write_json(path, coco_results(tileset, tiles, file_names))
 
 
-def _tiles_by_file(tileset: TileSet) -> dict[str, list[int]]:
+def tiles_by_file(tileset: TileSet) -> dict[str, list[int]]:
     """Tile ids by their image file: the resolved path and the bare file name."""
     out: dict[str, list[int]] = {}
     for t in tileset:
@@ -402,7 +402,7 @@ def _tiles_by_file(tileset: TileSet) -> dict[str, list[int]]:
     return out
 
 
-def _tile_of_file(file_name: Any, by_file: dict[str, list[int]], where: str) -> int:
+def tile_of_file(file_name: Any, by_file: dict[str, list[int]], where: str) -> int:
     if not isinstance(file_name, str) or not file_name:
         raise AnnotationError(f"{where}: file_name {file_name!r} is not a file name")
     for key in (str(Path(file_name).resolve()), Path(file_name).name):
@@ -429,7 +429,7 @@ def read_coco_results(path: str | os.PathLike, tileset: TileSet) -> TileSet:
     if not isinstance(data, list):
         raise AnnotationError(f"{path}: a COCO results file is a list of detections")
     per_tile: dict[int, list[tuple[list[float], int, float]]] = {t.id: [] for t in tileset}
-    by_file = _tiles_by_file(tileset)
+    by_file = tiles_by_file(tileset)
     for i, rec in enumerate(data):
         where = f"{path}: detection [{i}]"
         if not isinstance(rec, Mapping):
@@ -438,7 +438,7 @@ def read_coco_results(path: str | os.PathLike, tileset: TileSet) -> TileSet:
         if "file_name" in rec:
             # results of image files (``predict`` on paths) number the images their own way:
             # the file they name decides, never an id that may be another image's
-            image_id = _tile_of_file(rec["file_name"], by_file, where)
+            image_id = tile_of_file(rec["file_name"], by_file, where)
         if image_id not in per_tile:
             raise AnnotationError(f"{where}: image_id {image_id} is not one of the dataset's images")
         cid = _field(rec, "category_id", where, int)
