@@ -314,3 +314,29 @@ def test_image_layer_of_the_sample_keeps_its_boxes(state):
     assert all(t.is_labelled for t in ts) and "labelled — " in panel.tile_list.item(0).text()
     assert not image.visible and not boxes.visible  # the widget's own layers show them now
     assert state.session.image.data.shape == (256, 256, 3)
+
+
+def test_review_keys_move_and_accept(state):
+    from napari.utils.key_bindings import KeyBinding
+
+    from napari_rmt.gui.panels.review import SHORTCUTS
+
+    panel = ReviewPanel(state, lambda: "tumor")
+    state.open(load_sample(), "sample")
+    keymap = state.viewer.keymap
+
+    def press(key):
+        keymap[KeyBinding.from_str(key)](state.viewer)
+
+    assert set(SHORTCUTS) == {"Shift-A", "Shift-Right", "Shift-Left", "Shift-N"}
+    press("Shift-Right")
+    assert state.session.index == 1
+    press("Shift-Left")
+    assert state.session.index == 0
+    t = state.project.tileset[0]
+    t.status, t.boxes = TileStatus.UNLABELLED, Boxes()
+    t.predictions = Boxes([[1, 1, 9, 9]], [1], scores=[0.9])
+    state.session.refresh()
+    press("Shift-A")
+    assert len(t.boxes) == 1 and t.is_partial
+    assert "Shift+A" in panel.accept_tile_btn.toolTip()

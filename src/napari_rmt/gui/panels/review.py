@@ -11,6 +11,13 @@ from ...model.bundled import LICENSE_NOTE
 from ..state import AppState
 
 HOVER_HINT = "point at a box for its class and score"
+#: Keys of the review loop, bound on the viewer: key -> (method of the panel, its arguments).
+SHORTCUTS = {
+    "Shift-A": ("accept_tile",),
+    "Shift-Right": ("go", 1),
+    "Shift-Left": ("go", -1),
+    "Shift-N": ("suggest_next",),
+}
 
 
 class ReviewPanel(QGroupBox):
@@ -36,7 +43,7 @@ class ReviewPanel(QGroupBox):
         row = QHBoxLayout()
         self.accept_tile_btn = QPushButton("Accept tile")
         self.accept_tile_btn.setToolTip(
-            "Shown predictions become annotations and the tile becomes partly annotated (cells without "
+            "(Shift+A) Shown predictions become annotations and the tile becomes partly annotated (cells without "
             "a box are not taught as background); tick 'This tile is fully annotated' once every cell "
             "has a box. Predictions hidden by the score cut stay predictions"
         )
@@ -49,13 +56,13 @@ class ReviewPanel(QGroupBox):
         # moving on without a trip back to the Tiles tab
         row = QHBoxLayout()
         self.prev_btn = QPushButton("◀")
-        self.prev_btn.setToolTip("previous tile")
+        self.prev_btn.setToolTip("previous tile (Shift+←)")
         self.prev_btn.clicked.connect(lambda: self.go(-1))
         self.next_btn = QPushButton("▶")
-        self.next_btn.setToolTip("next tile")
+        self.next_btn.setToolTip("next tile (Shift+→)")
         self.next_btn.clicked.connect(lambda: self.go(1))
         self.suggest_btn = QPushButton("Suggest next")
-        self.suggest_btn.setToolTip("go to the tile whose predictions the model is least sure of")
+        self.suggest_btn.setToolTip("go to the tile whose predictions the model is least sure of (Shift+N)")
         self.suggest_btn.clicked.connect(self.suggest_next)
         for b in (self.prev_btn, self.next_btn):
             row.addWidget(b)
@@ -76,6 +83,9 @@ class ReviewPanel(QGroupBox):
         rl.addLayout(row)
         state.moved.connect(self.update_score_label)
         state.opened.connect(self._restore_cut)
+        # review without the mouse: the viewer's keys (the layers keep 1-9 for classes)
+        for key, action in SHORTCUTS.items():
+            state.viewer.bind_key(key, lambda _viewer, a=action: getattr(self, a[0])(*a[1:]), overwrite=True)
         state.predictions_arrived.connect(self._on_predictions)
         state.busy_changed.connect(self._update_enabled)
         self._update_enabled()
