@@ -105,7 +105,6 @@ def test_every_method_trains_on_partial_tiles(tiny_tiles, method):
     trainer = Trainer(full, unl, CLASSES, tiny(method), partial=part)
     assert len(trainer._labelled) == 4 and trainer._n_full == 2
     assert set(trainer._known) == (set() if method == "supervised" else {2, 3})
-    _, targets = trainer._labelled_batch()
     trainer._lab_cycle.order, trainer._lab_cycle.pos = [0, 2, 1, 3], 0
     _, targets = trainer._labelled_batch()
     assert [PARTIAL_KEY in t for t in targets] == [False, True]
@@ -163,9 +162,12 @@ def test_class_balance_by_hand():
 def test_class_balance_in_a_run(tiny_tiles):
     """With both on, the labelled passes hold the rare-class tiles more often and the run
     trains; a resumed run keeps the balanced order."""
+    for t in tiny_tiles[1:]:  # class 3 on one tile of six: f = 1/6, r = sqrt(6), 2 repeats
+        t.boxes = t.boxes[t.boxes.class_ids != 3]
     cfg = tiny("supervised", class_balance=1.0, class_weight_beta=0.99)
     trainer = Trainer(tiny_tiles, [], CLASSES, cfg)
-    assert trainer._lab_cycle.n >= len(tiny_tiles) and trainer._class_weights is not None
+    assert sorted(trainer._lab_cycle.pool) == [0, 0, 1, 2, 3, 4, 5] and trainer._lab_cycle.n == 7
+    assert trainer._class_weights[3] > trainer._class_weights[1]  # the rare class weighs more
     assert len([e for e in trainer.run() if isinstance(e, IterationEvent)]) == 4
     with pytest.raises(Exception, match="class_balance"):
         TrainConfig.for_method("supervised", class_balance=2.0)
