@@ -158,7 +158,8 @@ def test_project_state_is_one_unit_with_a_backup(tmp_path):
     n_before = len(first.boxes)
     first.boxes = Boxes(np.vstack([first.boxes.xyxy, [[1, 1, 9, 9]]]), [*first.boxes.class_ids, 1])
     first.predictions = Boxes()
-    from napari_rmt.data.coco import write_coco, write_coco_results
+    from napari_rmt.data.coco import write_coco
+    from napari_rmt.data.results import write_coco_results
 
     write_coco(project.tileset, folder / "annotations.3.json")  # the crash: manifest not switched
     write_coco_results(project.tileset, folder / "predictions.3.json")

@@ -27,8 +27,9 @@ def add_parser(sub) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..data.atomic import check_output
-    from ..data.coco import write_coco, write_coco_results
+    from ..data.coco import write_coco
     from ..data.geojson import write_geojson
+    from ..data.results import write_coco_results
     from ..data.sample import load_sample
     from ..evaluate.metrics import f1_scores
     from ..model.bundled import LICENSE_NOTE

@@ -32,7 +32,8 @@ def add_parser(sub) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..data.atomic import atomic_write_json, check_output
-    from ..data.coco import read_coco, read_coco_results
+    from ..data.coco import read_coco
+    from ..data.results import read_coco_results
     from ..evaluate.metrics import coco_map, f1_scores
 
     if args.json:
@@ -109,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
 def predicted_by_index(pred: Path, dataset) -> set[int]:
     """The images a path-mode results file says it predicted (its ``.images.json`` index),
     as ids of ``dataset`` matched by file: an image predicted with no box is covered."""
-    from ..data.coco import tile_of_file, tiles_by_file
+    from ..data.results import tile_of_file, tiles_by_file
 
     index = pred.with_suffix(".images.json")
     if not index.is_file():

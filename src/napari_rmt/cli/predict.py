@@ -82,9 +82,9 @@ def _classes_by_name(model_classes, data_classes, where: str):
 def run(args: argparse.Namespace) -> int:
     from ..data.atomic import atomic_write_json, check_output
     from ..data.boxstore import write_boxes_zarr
-    from ..data.coco import write_coco_results
     from ..data.imageio import image_size
     from ..data.large import is_zarr_path, open_large_image, tile_grid
+    from ..data.results import write_coco_results
     from ..data.tiles import Tile, TileSet
     from ..model.predict import predict_tiles, resolve_device
     from ..model.wholeimage import predict_large_image

@@ -4,16 +4,14 @@ from .boxes import Boxes, BoxSource, CellBox, sanitize_boxes
 from .classes import CellClass, ClassList
 from .coco import (
     coco_dict,
-    coco_results,
     parse_coco,
     read_coco,
-    read_coco_results,
     write_coco,
-    write_coco_results,
 )
 from .errors import AnnotationError, ClassListError, DataWarning, ImageReadError, NapariRmtError
 from .geojson import read_geojson, write_geojson
 from .imageio import read_image, to_uint8_rgb
+from .results import coco_results, read_coco_results, write_coco_results
 from .tiles import Tile, TileSet, TileStatus
 
 __all__ = [

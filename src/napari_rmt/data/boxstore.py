@@ -101,8 +101,8 @@ def write_whole_image_boxes(
 ) -> Path:
     """One large image's boxes, in whole-image pixels, in the format the suffix names:
     a zarr box store (``.zarr``), QuPath GeoJSON (``.geojson``) or COCO results (else)."""
-    from .coco import write_coco_results
     from .geojson import write_geojson
+    from .results import write_coco_results
     from .tiles import Tile, TileSet
 
     path = Path(path)

@@ -31,8 +31,9 @@ from pathlib import Path
 from PIL import Image
 
 from .atomic import atomic_write, atomic_write_json
-from .coco import read_coco, read_coco_results, write_coco, write_coco_results
+from .coco import read_coco, write_coco
 from .errors import AnnotationError, DataWarning, NapariRmtError
+from .results import read_coco_results, write_coco_results
 from .tiles import TileSet
 
 MANIFEST = "project.json"

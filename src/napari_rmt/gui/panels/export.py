@@ -6,9 +6,10 @@ from pathlib import Path
 
 from qtpy.QtWidgets import QFileDialog, QGridLayout, QGroupBox, QPushButton
 
-from ...data.coco import write_coco, write_coco_results
+from ...data.coco import write_coco
 from ...data.errors import NapariRmtError
 from ...data.geojson import write_geojson_per_image
+from ...data.results import write_coco_results
 from ..state import AppState
 from .common import ask_save
 
