@@ -1,7 +1,7 @@
 """How right is the training ETA? (issue 16: within 20 % from the first minute)
 
 Replays the step times of real runs through the trainer's own ETA rule
-(``Trainer._eta``: the mean of the last ``ETA_WINDOW`` steps of each phase, a semi-supervised step
+(``Schedule.eta``: the mean of the last ``ETA_WINDOW`` steps of each phase, a semi-supervised step
 counted as ``SEMI_STEP_COST`` burn-in steps until five are measured) as if the run had been bounded by
 its number of iterations instead of the clock, and compares each step's ETA with the
 time the remaining steps actually took. A run is a supervised run's events up to the
@@ -17,12 +17,11 @@ import argparse
 import json
 from collections import deque
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 
-from napari_rmt.train import TrainConfig, Trainer
-from napari_rmt.train.trainer import ETA_WINDOW
+from napari_rmt.train import TrainConfig
+from napari_rmt.train.schedule import ETA_WINDOW, Schedule
 
 
 def step_times(supervised: Path, branch: Path | None) -> tuple[list[float], int]:
@@ -37,20 +36,19 @@ def step_times(supervised: Path, branch: Path | None) -> tuple[list[float], int]
 def replay(times: list[float], burn_in: int, method: str) -> list[tuple[float, float, float]]:
     """(elapsed, ETA said, time the rest took) after each step."""
     cfg = TrainConfig.for_method(method, iterations=len(times), burn_in=max(1, burn_in))
-    me = SimpleNamespace(cfg=cfg, iteration=0, teacher=None, elapsed_s=0.0, SEMI_STEP_COST=Trainer.SEMI_STEP_COST)
+    schedule = Schedule(cfg)
+    elapsed, teacher = 0.0, False
     recent: deque[float] = deque(maxlen=ETA_WINDOW)
     recent_semi: deque[float] = deque(maxlen=ETA_WINDOW)
     left = float(np.sum(times))
     out = []
     for i, dt in enumerate(times, start=1):
         semi = cfg.uses_teacher and i > burn_in
-        if semi:
-            me.teacher = object()  # the teacher exists once burn-in is over
-        me.iteration = i
-        me.elapsed_s += dt
+        teacher = teacher or semi  # the teacher exists once burn-in is over
+        elapsed += dt
         (recent_semi if semi else recent).append(dt)
         left -= dt
-        out.append((me.elapsed_s, Trainer._eta(me, recent, recent_semi), left))
+        out.append((elapsed, schedule.eta(i, elapsed, teacher, recent, recent_semi), left))
     return out
 
 

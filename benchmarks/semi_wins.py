@@ -21,7 +21,7 @@ that fraction of the budget: until burn-in every method takes the supervised ste
 Every step of a semi-supervised phase also logs its pseudo-boxes per unlabelled tile and
 their recall / precision against the tiles' hidden truth (``pseudo.jsonl``);
 ``plot`` draws them. ``branch --oracle all|matched`` hands the student pseudo-labels made
-from that hidden truth instead (``OracleTrainer``): how much better could a teacher do?
+from that hidden truth instead (``OracleLabeller``): how much better could a teacher do?
 ``--set seed=N`` with its own ``--tag`` reruns a pair under another training seed (the split
 and the labelled pick stay the seed's); ``pairs --tags ...`` sets each supervised run beside
 its branch, with the lead's mean and spread over the tags.
@@ -30,6 +30,7 @@ its branch, with the lead's mean and spread over the tags.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import subprocess
@@ -47,6 +48,8 @@ from napari_rmt.model.config import BOX_SCORES
 from napari_rmt.model.predict import predict_tiles
 from napari_rmt.train import FinishedEvent, IterationEvent, PhaseEvent, TrainConfig, Trainer
 from napari_rmt.train.augment import flip_boxes
+from napari_rmt.train.batches import load_labelled
+from napari_rmt.train.teacher import PseudoLabeller
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 DATA = SHARED / "data" / "consep" / "annotations.json"
@@ -109,7 +112,7 @@ def pseudo_quality(trainer: Trainer, unlabelled) -> dict:
     for i, flipped, boxes, _labels in trainer.last_pseudo:
         truth = torch.from_numpy(unlabelled[i].boxes.xyxy)
         if flipped:
-            height, width = trainer._unlabelled[i].shape[-2:]
+            height, width = trainer.data.unlabelled[i].shape[-2:]
             truth = flip_boxes(truth, width, height, True, False)
         n_gt += len(truth)
         n_pseudo += len(boxes)
@@ -185,8 +188,8 @@ def at_cuts(model, tiles, classes, cuts) -> dict:
     return out
 
 
-class OracleTrainer(Trainer):
-    """A trainer whose teacher is helped by the unlabelled tiles' hidden truth, for
+class OracleLabeller(PseudoLabeller):
+    """A pseudo-labeller whose teacher is helped by the unlabelled tiles' hidden truth, for
     ``branch --oracle``: the ceiling of any teacher ("all": the true boxes, score 1, in
     place of its detections), or of a teacher that is never wrong but finds no more cells
     than this one ("matched": each pseudo-box that matches a true cell at IoU >= 0.5
@@ -197,24 +200,15 @@ class OracleTrainer(Trainer):
     negatives), the strong views, mixing, the stain prior and the loss weights are unchanged.
     """
 
-    def __init__(self, labelled, unlabelled, *args, oracle: str = "all", **kwargs) -> None:
-        super().__init__(labelled, unlabelled, *args, **kwargs)
-        self.oracle = oracle
-        # (boxes, labels) as a labelled tile's are read: the model's labels, no empty boxes
-        self._truth = [self._load_labelled(tile)[1:] for tile in unlabelled]
-        self._share: list[tuple[int, bool]] = []
+    def __init__(self, base: PseudoLabeller, truth: list, oracle: str) -> None:
+        super().__init__(**{f.name: getattr(base, f.name) for f in dataclasses.fields(base)})
+        self.truth, self.oracle = truth, oracle
 
-    def _own_share(self, cycle, batch):
-        share = super()._own_share(cycle, batch)
-        if cycle is self._unl_cycle:
-            self._share = share
-        return share
-
-    def _teacher_predict(self, views, threshold, keep_features=False):
-        dets, caught = super()._teacher_predict(views, threshold, keep_features)
+    def detect(self, teacher, views, share, threshold, keep_features=False):
+        dets, caught = super().detect(teacher, views, share, threshold, keep_features)
         out = []
-        for (i, flip), view, det in zip(self._share, views, dets, strict=True):
-            boxes, labels = self._truth[i]
+        for (i, flip), view, det in zip(share, views, dets, strict=True):
+            boxes, labels = self.truth[i]
             if flip:
                 boxes = flip_boxes(boxes, view.shape[-1], view.shape[-2], True, False)
             if self.oracle == "all":
@@ -227,6 +221,14 @@ class OracleTrainer(Trainer):
                         "labels": torch.cat([labels[hits], det["labels"][doubt]]),
                         "scores": torch.cat([torch.ones(len(hits)), det["scores"][doubt]])})
         return out, caught
+
+
+def with_oracle(trainer: Trainer, unlabelled, oracle: str) -> Trainer:
+    """``trainer`` with its teacher helped by the hidden truth of ``unlabelled`` (the boxes
+    and labels as a labelled tile's are read: the model's labels, no empty boxes)."""
+    truth = [load_labelled(tile, trainer.classes, trainer.cfg.model.aspect_ratios)[1:] for tile in unlabelled]
+    trainer.labeller = OracleLabeller(trainer.labeller, truth, oracle)
+    return trainer
 
 
 def base_config(args, method: str) -> TrainConfig:
@@ -277,7 +279,7 @@ def main() -> None:
     ap.add_argument("--tag", default="", help="run names end with it; a branch starts from supervised<tag>")
     ap.add_argument("--variant", default="", help="branch: a suffix naming this branch's --set overrides")
     ap.add_argument("--oracle", choices=["all", "matched"],
-                    help="branch: pseudo-labels from the unlabelled tiles' hidden truth (OracleTrainer); "
+                    help="branch: pseudo-labels from the unlabelled tiles' hidden truth (OracleLabeller); "
                     "name the run by --variant")
     ap.add_argument("--tags", nargs="*", default=[""],
                     help="pairs: the tags whose supervised run and branch to set side by side")
@@ -342,10 +344,9 @@ def main() -> None:
         cfg = with_overrides(base_config(args, args.method), args.set)
         cfg.burn_in = int(ckpt["iteration"])
         cfg.validate()
+        trainer = Trainer.resume(state, lab, unl, config=cfg)
         if args.oracle:
-            trainer = OracleTrainer.resume(state, lab, unl, config=cfg, oracle=args.oracle)
-        else:
-            trainer = Trainer.resume(state, lab, unl, config=cfg)
+            trainer = with_oracle(trainer, unl, args.oracle)
         wall = drive(trainer, run, unl)
     trainer.save(run / "state_100.pt")  # the final networks, for scoring at other cuts
     res = result(trainer, run.name, test, ts.classes, wall)

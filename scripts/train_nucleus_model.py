@@ -151,7 +151,9 @@ def main() -> None:
     ap.add_argument("--init-from", default=None, help="start from this nucleus model (a model.pt)")
     ap.add_argument("--resume", action="store_true", help="continue from --work/model.pt")
     ap.add_argument("--export", default=None, help="write the fp16 model here and stop")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads (1 leaves a core free)")
     args = ap.parse_args()
+    torch.set_num_threads(args.threads)
     work = Path(args.work)
     if args.export:
         export(work, Path(args.export))
@@ -195,5 +197,4 @@ def _plain(v) -> bool:
 
 
 if __name__ == "__main__":
-    torch.set_num_threads(2)
     main()

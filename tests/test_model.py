@@ -97,7 +97,7 @@ def test_weak_flip_moves_boxes_with_the_image(tiny_tiles):
 
     cfg = TrainConfig.for_method("supervised", iterations=1, model={"backbone": "resnet18"})
     trainer = Trainer(tiny_tiles[:3], [], ClassList.default(), cfg)
-    flips = sum(flip for _ in range(100) for _, flip in trainer._own_share(trainer._lab_cycle, 2))
+    flips = sum(flip for _ in range(100) for _, flip in trainer.data.own_share(trainer.data.lab_cycle, 2))
     assert 60 < flips < 140  # about half of 200
 
 

@@ -103,15 +103,15 @@ def test_every_method_trains_on_partial_tiles(tiny_tiles, method):
     for t in part:
         t.boxes, t.status = t.boxes[[0]], TileStatus.PARTIAL
     trainer = Trainer(full, unl, CLASSES, tiny(method), partial=part)
-    assert len(trainer._labelled) == 4 and trainer._n_full == 2
-    assert set(trainer._known) == (set() if method == "supervised" else {2, 3})
-    trainer._lab_cycle.order, trainer._lab_cycle.pos = [0, 2, 1, 3], 0
-    _, targets = trainer._labelled_batch()
+    assert len(trainer.data.labelled) == 4 and trainer.data.n_full == 2
+    assert set(trainer.data.known) == (set() if method == "supervised" else {2, 3})
+    trainer.data.lab_cycle.order, trainer.data.lab_cycle.pos = [0, 2, 1, 3], 0
+    _, targets = trainer.data.labelled_batch()
     assert [PARTIAL_KEY in t for t in targets] == [False, True]
     events = [e for e in trainer.run() if isinstance(e, IterationEvent)]
     assert len(events) == 4 and all(math.isfinite(e.losses["total"]) for e in events)
     if method in ("ubt", "rmt", "rmt-noreg", "rmt+"):
-        user = {i: trainer._known[i][0] for i in trainer._known}
+        user = {i: trainer.data.known[i][0] for i in trainer.data.known}
         for i, flip, boxes, _labels in trainer.last_pseudo:
             if i in user:
                 mine = user[i] if not flip else torch.stack(
@@ -166,8 +166,8 @@ def test_class_balance_in_a_run(tiny_tiles):
         t.boxes = t.boxes[t.boxes.class_ids != 3]
     cfg = tiny("supervised", class_balance=1.0, class_weight_beta=0.99)
     trainer = Trainer(tiny_tiles, [], CLASSES, cfg)
-    assert sorted(trainer._lab_cycle.pool) == [0, 0, 1, 2, 3, 4, 5] and trainer._lab_cycle.n == 7
-    assert trainer._class_weights[3] > trainer._class_weights[1]  # the rare class weighs more
+    assert sorted(trainer.data.lab_cycle.pool) == [0, 0, 1, 2, 3, 4, 5] and trainer.data.lab_cycle.n == 7
+    assert trainer.data.class_weights[3] > trainer.data.class_weights[1]  # the rare class weighs more
     assert len([e for e in trainer.run() if isinstance(e, IterationEvent)]) == 4
     with pytest.raises(Exception, match="class_balance"):
         TrainConfig.for_method("supervised", class_balance=2.0)

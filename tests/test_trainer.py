@@ -315,7 +315,7 @@ def test_labelled_view_draws_its_symmetries_and_boxes_stay_on_their_cells(view, 
     trainer = Trainer([tile], [], CLASSES, cfg)
     seen = set()
     for _ in range(30):
-        images, targets = trainer._labelled_batch()
+        images, targets = trainer.data.labelled_batch()
         for im, t in zip(images, targets, strict=True):
             x0, y0, x1, y1 = (int(v) for v in t["boxes"][0].tolist())
             dark = im[0] < 0.5

@@ -15,6 +15,8 @@ from napari_rmt.train import IterationEvent, TrainConfig, Trainer
 from napari_rmt.train.checkpoint import CheckpointError
 from napari_rmt.train.losses import ema_update, roi_class_weights
 from napari_rmt.train.pseudo import ScoreBuffer, gmm_threshold, select_pseudo, top_count
+from napari_rmt.train.teacher import frozen_copy, teacher_detect
+from napari_rmt.train.weighting import roi_weighting
 
 CLASSES = ClassList.default()
 
@@ -119,7 +121,7 @@ def test_rpn_leaves_anchors_on_ignored_boxes_out():
     assert labels[0].tolist() == [1, 0, -1, -1]  # IoU 1 and 0.68 with the ignored box
 
 
-def test_rmt_plus_end_to_end(tiny_tiles):
+def test_rmt_plus_end_to_end(tiny_tiles, monkeypatch):
     cfg = TrainConfig.for_method(
         "rmt+", iterations=5, burn_in=2, warmup=1, labelled_batch=2, unlabelled_batch=2, lr=0.01,
         pseudo_rule="gmm", gmm_min_scores=5, model={"backbone": "resnet18"},
@@ -131,14 +133,16 @@ def test_rmt_plus_end_to_end(tiny_tiles):
     assert cfg.uses_mixing and cfg.uses_reg and cfg.pseudo_rule == "gmm" and cfg.soft_negatives
     trainer = Trainer(tiny_tiles[:3], tiny_tiles[3:], CLASSES, cfg)
     calls = []
-    real = trainer._teacher_background
+    from napari_rmt.train import trainer as engine
 
-    def spy(view, proposals):
-        out = real(view, proposals)
-        calls.append((sum(len(p) for p in proposals), out))
+    real = engine.class_probabilities
+
+    def spy(teacher, view, proposals):
+        out = real(teacher, view, proposals)
+        calls.append((sum(len(p) for p in proposals), out[:, 0]))
         return out
 
-    trainer._teacher_background = spy
+    monkeypatch.setattr(engine, "class_probabilities", spy)
     events = [e for e in trainer.run() if isinstance(e, IterationEvent)]
     semi = [e for e in events if e.phase == "semi-supervised"]
     assert len(semi) == 3
@@ -161,11 +165,11 @@ def test_time_budget_ends_the_run_and_cosine_schedule(tiny_tiles):
     assert len(events) == 1 and events[0].elapsed > 0  # one step, then the budget is spent
     # cosine: 0.05 + 0.95 * (1 + cos(pi * progress)) / 2 of the rate
     trainer.elapsed_s, trainer.cfg.time_budget_s, trainer.iteration = 0.0, 100.0, 0
-    assert trainer._set_lr() == pytest.approx(cfg.lr)
+    assert trainer.lr() == pytest.approx(cfg.lr)
     trainer.elapsed_s = 50.0
-    assert trainer._set_lr() == pytest.approx(cfg.lr * 0.525)
+    assert trainer.lr() == pytest.approx(cfg.lr * 0.525)
     trainer.iteration = 900  # iterations may be further along than time
-    assert trainer._set_lr() == pytest.approx(cfg.lr * (0.05 + 0.95 * (1 + math.cos(0.9 * math.pi)) / 2))
+    assert trainer.lr() == pytest.approx(cfg.lr * (0.05 + 0.95 * (1 + math.cos(0.9 * math.pi)) / 2))
 
 
 def test_burn_in_by_share_of_the_budget(tiny_tiles):
@@ -175,9 +179,9 @@ def test_burn_in_by_share_of_the_budget(tiny_tiles):
     )
     trainer = Trainer(tiny_tiles[:3], tiny_tiles[3:], CLASSES, cfg)
     trainer.elapsed_s = 49.0
-    assert trainer._phase_transition() is None
+    assert trainer.make_teacher() is None
     trainer.elapsed_s = 50.0
-    assert trainer._phase_transition().phase == "semi-supervised" and trainer.teacher is not None
+    assert trainer.make_teacher().phase == "semi-supervised" and trainer.teacher is not None
 
 
 def test_resume_under_another_method_continues_the_same_state(tiny_tiles, tmp_path):
@@ -243,16 +247,16 @@ def test_eta_counts_the_dearer_semi_supervised_steps_during_burn_in(tiny_tiles):
     trainer = Trainer(tiny_tiles[:3], tiny_tiles[3:], CLASSES, cfg)
     trainer.iteration = 1
     # 3 burn-in steps left at 2 s, then 6 semi-supervised steps at 1.85 x 2 s
-    assert trainer._eta(deque([2.0, 2.0])) == pytest.approx(3 * 2.0 + 6 * 2.0 * Trainer.SEMI_STEP_COST)
+    assert trainer.eta(deque([2.0, 2.0])) == pytest.approx(3 * 2.0 + 6 * 2.0 * Trainer.SEMI_STEP_COST)
     trainer.cfg.time_budget_s, trainer.elapsed_s = 20.0, 5.0
-    assert trainer._eta(deque([2.0])) == pytest.approx(15.0)  # the budget ends it sooner
+    assert trainer.eta(deque([2.0])) == pytest.approx(15.0)  # the budget ends it sooner
     sup = Trainer(tiny_tiles[:3], [], CLASSES, TrainConfig.for_method("supervised", iterations=10))
     sup.iteration = 1
-    assert sup._eta(deque([2.0])) == pytest.approx(18.0)
+    assert sup.eta(deque([2.0])) == pytest.approx(18.0)
     # after burn-in: the semi-supervised steps' own mean once five are measured
     trainer.cfg.time_budget_s, trainer.iteration, trainer.teacher = 0.0, 6, trainer.student
-    assert trainer._eta(deque([2.0]), deque([3.0] * 4)) == pytest.approx(4 * 2.0 * Trainer.SEMI_STEP_COST)
-    assert trainer._eta(deque([2.0]), deque([3.0] * 5)) == pytest.approx(4 * 3.0)
+    assert trainer.eta(deque([2.0]), deque([3.0] * 4)) == pytest.approx(4 * 2.0 * Trainer.SEMI_STEP_COST)
+    assert trainer.eta(deque([2.0]), deque([3.0] * 5)) == pytest.approx(4 * 3.0)
 
 
 def test_method_defaults_set_burn_in_and_the_predicting_network(tiny_tiles, tmp_path):
@@ -345,21 +349,23 @@ def test_soft_class_targets_by_hand():
     )
 
 
-def test_rmt_plus_with_soft_class_targets_end_to_end(tiny_tiles):
+def test_rmt_plus_with_soft_class_targets_end_to_end(tiny_tiles, monkeypatch):
     cfg = TrainConfig.for_method(
         "rmt+", iterations=4, burn_in=2, warmup=1, labelled_batch=2, unlabelled_batch=2,
         soft_targets=True, soft_temperature=0.5, model={"backbone": "resnet18"},
     )
     trainer = Trainer(tiny_tiles[:3], tiny_tiles[3:], CLASSES, cfg)
     seen = []
-    real = trainer._teacher_class_probs
+    from napari_rmt.train import trainer as engine
 
-    def spy(view, proposals):
-        out = real(view, proposals)
+    real = engine.class_probabilities
+
+    def spy(teacher, view, proposals):
+        out = real(teacher, view, proposals)
         seen.append(out)
         return out
 
-    trainer._teacher_class_probs = spy
+    monkeypatch.setattr(engine, "class_probabilities", spy)
     semi = [e for e in trainer.run() if isinstance(e, IterationEvent) and e.phase == "semi-supervised"]
     assert len(semi) == 2 and all(math.isfinite(v) for e in semi for v in e.losses.values())
     # one teacher pass per step over every sampled RoI, a distribution over bg + classes
@@ -377,10 +383,10 @@ def test_teacher_predict_is_the_eval_forward_and_catches_its_features(tiny_tiles
 
     cfg = TrainConfig.for_method("rmt+", iterations=3, burn_in=1, warmup=1, model={"backbone": "resnet18"})
     trainer = Trainer(tiny_tiles[:3], tiny_tiles[3:], CLASSES, cfg)
-    trainer.teacher = trainer._frozen_copy(trainer.student.state_dict())
+    trainer.teacher = frozen_copy(trainer.student.state_dict(), len(CLASSES), cfg.model, trainer.device)
     views = [image_tensor(t.pixels()) for t in tiny_tiles[3:5]]
     teacher = trainer.teacher
-    dets, view = trainer._teacher_predict(views, 0.0, keep_features=True)
+    dets, view = teacher_detect(teacher, views, 0.0, trainer.cfg, trainer.device, keep_features=True)
     teacher.roi_heads.score_thresh = 0.0
     own = teacher.roi_heads.score_by  # the model's own scoring, for prediction
     teacher.roi_heads.score_by = "class"  # what pseudo_score "class" asks of the forward
@@ -395,7 +401,7 @@ def test_teacher_predict_is_the_eval_forward_and_catches_its_features(tiny_tiles
     assert all(torch.allclose(view["features"][k], feats[k]) for k in feats)
     assert teacher.roi_heads.score_by == own == "foreground" and not teacher.rpn._forward_pre_hooks  # put back
     trainer.cfg.pseudo_score = "foreground"
-    fg, none = trainer._teacher_predict(views, 0.3)
+    fg, none = teacher_detect(teacher, views, 0.3, trainer.cfg, trainer.device)
     with torch.no_grad():
         ref = teacher.roi_heads.foreground_detections(feats, teacher.rpn(images, feats)[0], images.image_sizes, 0.3)
     assert none == {} and all(torch.equal(a["scores"], b["scores"]) for a, b in zip(fg, ref, strict=True))
@@ -432,7 +438,7 @@ def test_loose_rois_of_a_pseudo_box_get_no_class_loss(tiny_tiles):
     iou = box_iou(props, pseudo)[:, 0]
     assert iou[1] > 0.7 and 0.5 < iou[2] < 0.7
     labels = torch.tensor([1, 1, 1, 0])
-    with trainer._roi_weighting({}):
+    with roi_weighting(trainer.student, trainer.cfg, None):
         w = trainer.student.roi_heads.roi_weighting([props], [labels], [{"boxes": pseudo, "labels": torch.tensor([1])}])
     assert w.tolist() == [1.0, 1.0, 0.0, 1.0]
     assert trainer.student.roi_heads.roi_weighting is None
@@ -472,7 +478,7 @@ def test_teacher_with_four_views_end_to_end(tiny_tiles):
                                  threshold=0.0, model={"backbone": "resnet18"})
     trainer = Trainer(tiny_tiles[:3], tiny_tiles[3:], CLASSES, cfg)
     calls = []
-    import napari_rmt.train.trainer as tm
+    import napari_rmt.train.teacher as tm
 
     original = tm.predict_images
 
@@ -499,7 +505,7 @@ def test_split_normalisation_is_set_for_the_unlabelled_forward_only(tiny_tiles):
                                  soft_negatives=False, ignore_low=None, model={"backbone": "resnet18"})
     trainer = Trainer(tiny_tiles[:3], tiny_tiles[3:], CLASSES, cfg)
     heads = trainer.student.roi_heads
-    with trainer._roi_weighting({}):
+    with roi_weighting(trainer.student, trainer.cfg, None):
         assert heads.split_normalise
         w = heads.roi_weighting([torch.tensor([[0.0, 0.0, 9.0, 9.0]])], [torch.tensor([0])],
                                 [{"boxes": torch.zeros((0, 4)), "labels": torch.zeros(0, dtype=torch.int64)}])
@@ -564,7 +570,7 @@ def test_stain_prior_in_the_unlabelled_forward(tiny_tiles):
               "stain_integral": stain_integral(tile)}
     props = torch.tensor([[20.0, 30.0, 30.0, 40.0], [40.0, 0.0, 60.0, 20.0]])
     rpn, heads = trainer.student.rpn, trainer.student.roi_heads
-    with trainer._roi_weighting({}):
+    with roi_weighting(trainer.student, trainer.cfg, None):
         assert heads.roi_weighting([props], [torch.tensor([0, 0])], [target]).tolist() == [0.0, 1.0]
         labels, _ = rpn.assign_targets_to_anchors([props], [target])
         assert labels[0].tolist() == [-1.0, 0.0]
@@ -577,5 +583,5 @@ def test_stain_prior_in_the_unlabelled_forward(tiny_tiles):
     # 0 is off, as None (the command line's way to turn off a recipe's default)
     off = Trainer(tiny_tiles[:3], tiny_tiles[3:], CLASSES, TrainConfig.for_method(
         "rmt+", iterations=3, burn_in=1, unsup_stain_ignore=0.0, model={"backbone": "resnet18"}))
-    with off._roi_weighting({}):
+    with roi_weighting(off.student, off.cfg, None):
         assert off.student.rpn.anchor_unknown is None

@@ -117,8 +117,8 @@ def test_annotate_train_review_export_reopen(widget, tmp_path):
 
     probe = Trainer(ts.labelled, ts.unlabelled, ts.classes, tiny(method="supervised"), partial=ts.partial)
     k = len(ts.labelled) + ts.partial.index(ts[unl[1]])
-    probe._lab_cycle.order, probe._lab_cycle.pos = [k], 0
-    assert PARTIAL_KEY in probe._labelled_batch()[1][0]  # its target carries the partial rule
+    probe.data.lab_cycle.order, probe.data.lab_cycle.pos = [k], 0
+    assert PARTIAL_KEY in probe.data.labelled_batch()[1][0]  # its target carries the partial rule
     w.labelled_box.setChecked(True)  # the user's word makes it fully annotated
     assert ts[unl[1]].status is TileStatus.LABELLED
     w.labelled_box.setChecked(False)

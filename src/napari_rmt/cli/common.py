@@ -200,14 +200,9 @@ def training_overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def config_from_args(args: argparse.Namespace):
-    from ..train.config import RECOMMENDED, TrainConfig, burn_in_for
+    from ..train.config import RECOMMENDED, TrainConfig
 
-    values = training_overrides(args)
-    method = args.method or RECOMMENDED
-    if method == "stac":
-        burn = values.get("burn_in", burn_in_for(values["iterations"]))
-        values["burn_in"] = min(max(1, burn), values["iterations"] - 1)
-    return TrainConfig.for_method(method, preset=args.preset, **values)
+    return TrainConfig.for_method(args.method or RECOMMENDED, preset=args.preset, **training_overrides(args))
 
 
 def resume_config(args: argparse.Namespace, ckpt: dict[str, Any]):

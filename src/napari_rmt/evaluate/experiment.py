@@ -129,12 +129,9 @@ def run_experiment(
 
 
 def _run_config(cfg: ExperimentConfig, method: str, seed: int) -> TrainConfig:
-    tcfg = TrainConfig.for_method(
+    return TrainConfig.for_method(
         method, preset=cfg.preset, **{**cfg.train_overrides, "seed": seed, "checkpoint_every": cfg.checkpoint_every}
     )
-    if method == "stac" and not 0 < tcfg.burn_in < tcfg.iterations:
-        tcfg.burn_in = tcfg.iterations // 2
-    return tcfg
 
 
 def _check_same_run(done: dict, tcfg: TrainConfig, where: Path) -> None:

@@ -9,8 +9,8 @@ from typing import Any
 
 from ..data.errors import NapariRmtError
 from ..model.config import LEGACY, ModelConfig
+from .methods import METHODS, TABLE, Method
 
-METHODS = ("supervised", "stac", "ubt", "rmt", "rmt-noreg", "rmt+")
 #: The method the GUI and ``napari-rmt train`` use unless told otherwise.
 RECOMMENDED = "rmt+"
 PSEUDO_RULES = ("fixed", "gmm", "topk")
@@ -249,8 +249,8 @@ class TrainConfig:
             bad(f"iterations {self.iterations} must be at least 1")
         if self.burn_in < 0:
             bad(f"burn_in {self.burn_in} must be >= 0")
-        if self.method == "stac" and not 0 < self.burn_in < self.iterations:
-            bad("stac needs 0 < burn_in < iterations (burn_in steps train its fixed teacher)")
+        if self.method in TABLE and self.spec.needs_burn_in and not 0 < self.burn_in < self.iterations:
+            bad(f"{self.method} needs 0 < burn_in < iterations (burn_in steps train its fixed teacher)")
         if self.labelled_batch < 1 or self.unlabelled_batch < 1:
             bad("batch sizes must be at least 1")
         for name in ("threshold", "stac_threshold"):
@@ -310,21 +310,27 @@ class TrainConfig:
             bad(f"predict_with {self.predict_with!r} is not 'teacher', 'student' or 'auto'")
 
     @property
+    def spec(self) -> Method:
+        """The method's row of the table (``train/methods.py``)."""
+        return TABLE[self.method]
+
+    @property
     def uses_unlabelled(self) -> bool:
         """Whether the unlabelled tiles are read at all (every front end asks this)."""
-        return self.method != "supervised"
+        return self.spec.uses_unlabelled
 
     @property
     def uses_teacher(self) -> bool:
-        return self.method in ("ubt", "rmt", "rmt-noreg", "rmt+")
+        """Whether an EMA teacher follows the student after burn-in."""
+        return self.spec.teacher == "ema"
 
     @property
     def uses_mixing(self) -> bool:
-        return self.method in ("rmt", "rmt-noreg", "rmt+")
+        return self.spec.mixing
 
     @property
     def uses_reg(self) -> bool:
-        return self.method in ("rmt", "rmt+")
+        return self.spec.regulariser
 
     @classmethod
     def for_method(cls, method: str, preset: str = "recipe", **overrides: Any) -> TrainConfig:
@@ -336,7 +342,9 @@ class TrainConfig:
         """
         if preset not in PRESETS:
             raise NapariRmtError(f"training config: preset {preset!r} is not one of {PRESETS}")
-        defaults = METHOD_DEFAULTS.get(method, {}) if preset == "recipe" or method == "rmt+" else {}
+        spec = TABLE.get(method)
+        paper = preset == "paper" and spec is not None and spec.in_paper
+        defaults = {} if paper else METHOD_DEFAULTS.get(method, {})
         values: dict[str, Any] = {k: v for k, v in defaults.items() if k != "model"}
         if "burn_in" not in overrides:
             iterations = overrides.get("iterations", TrainConfig.iterations)
@@ -350,6 +358,10 @@ class TrainConfig:
         values.update(overrides)
         if values.get("time_budget_s") and values.get("burn_in_fraction") is None:
             values["burn_in_fraction"] = 0.5  # a time-limited run leaves burn-in by time too
+        if spec is not None and spec.needs_burn_in:
+            # the fixed teacher trains first and the student needs steps after it
+            iterations = values.get("iterations", TrainConfig.iterations)
+            values["burn_in"] = min(max(1, values["burn_in"]), iterations - 1)
         return cls(method=method, model=model, **values)
 
     def to_dict(self) -> dict[str, Any]:

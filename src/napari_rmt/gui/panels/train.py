@@ -225,8 +225,6 @@ class TrainPanel(QGroupBox):
             # warm start: the teacher is already trained; else the method's own rule
             values["burn_in"] = burn_in_for(iterations, warm_start=True)
             values["burn_in_fraction"] = 0.1
-        if method == "stac":
-            values["burn_in"] = min(max(1, values.get("burn_in", burn_in_for(iterations))), iterations - 1)
         cfg = TrainConfig.for_method(method, **values)
         if cfg.uses_teacher and cfg.burn_in >= cfg.iterations:
             # a time limit could end burn-in sooner, but a run this short never reaches it
