@@ -316,7 +316,8 @@ def test_an_objectness_floor_lifts_every_count_limit():
     """Counts are global to an input (a whole image would lose cells a window keeps);
     with a floor, no count per input binds (a count per cell of the input may)."""
     from napari_rmt.model import ModelConfig, build_detector
-    from napari_rmt.model.wholeimage import detection_limits
+    from napari_rmt.model.options import detecting
+    from napari_rmt.model.wholeimage import detect_options
 
     torch.manual_seed(0)
     model = build_detector(1, ModelConfig(backbone="resnet18")).eval()
@@ -325,15 +326,14 @@ def test_an_objectness_floor_lifts_every_count_limit():
         batch, _ = model.transform(image)
         feats = model.backbone(batch.tensors)
         counted, _ = model.rpn(batch, feats)
-        with detection_limits(model, per_image=10, objectness=0.0, per_cell=1 << 20):
+        with detecting(detect_options(per_image=10, objectness=0.0, per_cell=1 << 20)):
             floored, _ = model.rpn(batch, feats)
-        with detection_limits(model, per_image=1000, objectness=None):
+        with detecting(detect_options(per_image=1000, objectness=None)):
             raised, _ = model.rpn(batch, feats)
     assert len(counted[0]) == model.rpn.post_nms_top_n() == 300
     assert len(floored[0]) > 1000
     assert len(raised[0]) == 1000
-    assert model.rpn.score_thresh == 0.0 and model.rpn.post_nms_top_n() == 300  # restored
-    assert model.rpn.per_cell is None
+    assert model.rpn.post_nms_top_n() == 300  # the call's options end with it; the model never changed
 
 
 def test_a_damaged_zarr_chunk_is_a_clear_error(tmp_path, capsys):

@@ -177,8 +177,8 @@ def test_proposals_are_capped_per_cell_by_score():
 
 
 def test_local_rpn_keeps_the_tile_density_of_proposals_on_a_large_input():
+    from napari_rmt.model.options import DetectOptions, detecting
     from napari_rmt.model.proposals import LocalRPN
-    from napari_rmt.model.wholeimage import detection_limits
 
     torch.manual_seed(0)
     model = build_detector(1, ModelConfig(backbone="resnet18")).eval()
@@ -187,7 +187,7 @@ def test_local_rpn_keeps_the_tile_density_of_proposals_on_a_large_input():
         batch, _ = model.transform([torch.rand(3, 512, 512)])
         feats = model.backbone(batch.tensors)
         counted, _ = model.rpn(batch, feats)
-        with detection_limits(model, None, objectness=0.0):
+        with detecting(DetectOptions(objectness=0.0)):
             local, _ = model.rpn(batch, feats)
     assert len(counted[0]) == 300  # torchvision's count: 300 for the whole 512 px input
     p = local[0]

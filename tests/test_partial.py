@@ -11,13 +11,14 @@ import torch
 
 from napari_rmt.data import Boxes, ClassList, Tile, TileSet, TileStatus
 from napari_rmt.model.heads import weighted_focal_loss
+from napari_rmt.model.options import with_spec
 from napari_rmt.train import IterationEvent, TrainConfig, Trainer
 from napari_rmt.train.augment import STAIN_VECTORS
 from napari_rmt.train.partial import (
     PARTIAL_KEY,
     effective_number_weights,
     mark_partial,
-    partial_rule,
+    partial_spec,
     repeat_factors,
     with_known_boxes,
 )
@@ -57,12 +58,14 @@ def test_an_unboxed_nucleus_is_no_background_on_a_partial_tile_and_is_on_a_full_
     labels = torch.tensor([1, 0, 0])
     # p(class 1) = 1/2 for the cell; p(background) = 1/2 over the nucleus; 1/4 over tissue
     logits = torch.tensor([[0.0, math.log(3), 0.0, 0.0], [math.log(3), 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]])
-    heads, rpn = trainer.student.roi_heads, trainer.student.rpn
-    with partial_rule(trainer.student, 0.3):
-        w_full = heads.roi_weighting([rois], [labels], [full])
-        w_partial = heads.roi_weighting([rois], [labels], [partial])
-        anchors_full = rpn.assign_targets_to_anchors([rois], [full])[0][0]
-        anchors_partial = rpn.assign_targets_to_anchors([rois], [partial])[0][0]
+    rpn = trainer.student.rpn
+    spec = partial_spec(0.3)
+    w_full = spec.roi_weighting([rois], [labels], [full])
+    w_partial = spec.roi_weighting([rois], [labels], [partial])
+    # the RPN reads the spec from the forward's targets
+    anchors_full = rpn.assign_targets_to_anchors([rois], with_spec([full], spec))[0][0]
+    anchors_partial = rpn.assign_targets_to_anchors([rois], with_spec([partial], spec))[0][0]
+    assert rpn.assign_targets_to_anchors([rois], [partial])[0][0].tolist() == [1.0, 0.0, 0.0]  # no spec: as full
     assert w_full.tolist() == [1.0, 1.0, 1.0]
     assert w_partial.tolist() == [1.0, 0.0, 1.0]
     ln2, ln4 = math.log(2), math.log(4)
@@ -72,9 +75,7 @@ def test_an_unboxed_nucleus_is_no_background_on_a_partial_tile_and_is_on_a_full_
     assert anchors_full.tolist() == [1.0, 0.0, 0.0]
     assert anchors_partial.tolist() == [1.0, -1.0, 0.0]
     # off (0): the partial tile is taught as a full one
-    with partial_rule(trainer.student, 0.0):
-        assert heads.roi_weighting([rois], [labels], [partial]).tolist() == [1.0, 1.0, 1.0]
-    assert heads.roi_weighting is None and rpn.anchor_unknown is None
+    assert partial_spec(0.0).roi_weighting([rois], [labels], [partial]).tolist() == [1.0, 1.0, 1.0]
 
 
 def test_the_teachers_pseudo_labels_of_a_partial_tile_keep_the_users_boxes():

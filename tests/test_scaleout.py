@@ -139,11 +139,13 @@ def test_a_failed_window_task_is_retried_and_threads_do_not_race(tmp_path, monke
         return real(p)
 
     monkeypatch.setattr(dw, "cached_large_image", flaky)
-    # two Dask threads in one worker: batches would race over the model's proposal limits
-    # were they not run one at a time (they gave other boxes before the worker's lock)
+    # two Dask threads in one worker share its model: each batch's proposal limits are its
+    # own call's, never set on the model (set on it, they raced: other boxes, issue 35)
+    from napari_rmt.train.checkpoint import model_from_checkpoint
+
     with distributed.Client(processes=False, n_workers=1, threads_per_worker=2, dashboard_address=None) as client:
         seen = []
-        got = dw.predict_large_image_dask(client, payload, image, classes, window=128, context=64,
+        got = dw.predict_large_image_dask(client, payload, model_from_checkpoint, image, classes, window=128, context=64,
                                           threads_per_worker=0, progress=lambda d, n: seen.append((d, n)))
     assert failures and seen[-1][0] == seen[-1][1] == 9
     np.testing.assert_allclose(got.xyxy, want.xyxy, atol=1e-3)

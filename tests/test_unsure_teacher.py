@@ -11,12 +11,13 @@ from napari_rmt.data.errors import NapariRmtError
 from napari_rmt.model import ModelConfig
 from napari_rmt.model.detector import build_detector
 from napari_rmt.model.heads import focal_loss, weighted_focal_loss
+from napari_rmt.model.options import with_spec
 from napari_rmt.train import IterationEvent, TrainConfig, Trainer
 from napari_rmt.train.checkpoint import CheckpointError
 from napari_rmt.train.losses import ema_update, roi_class_weights
 from napari_rmt.train.pseudo import ScoreBuffer, gmm_threshold, select_pseudo, top_count
 from napari_rmt.train.teacher import frozen_copy, teacher_detect
-from napari_rmt.train.weighting import roi_weighting
+from napari_rmt.train.weighting import unlabelled_spec
 
 CLASSES = ClassList.default()
 
@@ -371,7 +372,7 @@ def test_rmt_plus_with_soft_class_targets_end_to_end(tiny_tiles, monkeypatch):
     # one teacher pass per step over every sampled RoI, a distribution over bg + classes
     assert len(seen) == 2 and all(p.shape[1] == len(CLASSES) + 1 for p in seen)
     assert all(torch.allclose(p.sum(1), torch.ones(len(p))) for p in seen)
-    assert trainer.student.roi_heads.roi_soft_targets is None  # removed after each forward
+    assert not hasattr(trainer.student.roi_heads, "roi_soft_targets")  # a forward's spec, never the model's
     with pytest.raises(NapariRmtError, match="soft_temperature"):
         TrainConfig.for_method("rmt+", soft_temperature=0.0)
 
@@ -438,10 +439,9 @@ def test_loose_rois_of_a_pseudo_box_get_no_class_loss(tiny_tiles):
     iou = box_iou(props, pseudo)[:, 0]
     assert iou[1] > 0.7 and 0.5 < iou[2] < 0.7
     labels = torch.tensor([1, 1, 1, 0])
-    with roi_weighting(trainer.student, trainer.cfg, None):
-        w = trainer.student.roi_heads.roi_weighting([props], [labels], [{"boxes": pseudo, "labels": torch.tensor([1])}])
+    spec = unlabelled_spec(trainer.cfg, 0.5, None)
+    w = spec.roi_weighting([props], [labels], [{"boxes": pseudo, "labels": torch.tensor([1])}])
     assert w.tolist() == [1.0, 1.0, 0.0, 1.0]
-    assert trainer.student.roi_heads.roi_weighting is None
     with pytest.raises(NapariRmtError, match="unsup_min_iou"):
         TrainConfig.for_method("rmt+", unsup_min_iou=0.3)
 
@@ -504,13 +504,12 @@ def test_split_normalisation_is_set_for_the_unlabelled_forward_only(tiny_tiles):
     cfg = TrainConfig.for_method("rmt+", iterations=3, burn_in=1, warmup=1, unsup_normalise="split",
                                  soft_negatives=False, ignore_low=None, model={"backbone": "resnet18"})
     trainer = Trainer(tiny_tiles[:3], tiny_tiles[3:], CLASSES, cfg)
-    heads = trainer.student.roi_heads
-    with roi_weighting(trainer.student, trainer.cfg, None):
-        assert heads.split_normalise
-        w = heads.roi_weighting([torch.tensor([[0.0, 0.0, 9.0, 9.0]])], [torch.tensor([0])],
-                                [{"boxes": torch.zeros((0, 4)), "labels": torch.zeros(0, dtype=torch.int64)}])
-        assert w.tolist() == [1.0]
-    assert not heads.split_normalise and heads.roi_weighting is None
+    spec = unlabelled_spec(trainer.cfg, 0.5, None)
+    assert spec.split_normalise
+    w = spec.roi_weighting([torch.tensor([[0.0, 0.0, 9.0, 9.0]])], [torch.tensor([0])],
+                           [{"boxes": torch.zeros((0, 4)), "labels": torch.zeros(0, dtype=torch.int64)}])
+    assert w.tolist() == [1.0]
+    assert not unlabelled_spec(TrainConfig.for_method("rmt+"), 0.5, None).split_normalise  # joint by default
     events = [e for e in trainer.run() if isinstance(e, IterationEvent)]
     assert [e.phase for e in events][-1] == "semi-supervised"
     assert all(math.isfinite(e.losses["total"]) for e in events)
@@ -569,13 +568,12 @@ def test_stain_prior_in_the_unlabelled_forward(tiny_tiles):
     target = {"boxes": torch.zeros((0, 4)), "labels": torch.zeros(0, dtype=torch.int64),
               "stain_integral": stain_integral(tile)}
     props = torch.tensor([[20.0, 30.0, 30.0, 40.0], [40.0, 0.0, 60.0, 20.0]])
-    rpn, heads = trainer.student.rpn, trainer.student.roi_heads
-    with roi_weighting(trainer.student, trainer.cfg, None):
-        assert heads.roi_weighting([props], [torch.tensor([0, 0])], [target]).tolist() == [0.0, 1.0]
-        labels, _ = rpn.assign_targets_to_anchors([props], [target])
-        assert labels[0].tolist() == [-1.0, 0.0]
-    assert rpn.anchor_unknown is None and heads.roi_weighting is None
-    assert rpn.assign_targets_to_anchors([props], [target])[0][0].tolist() == [0.0, 0.0]
+    rpn = trainer.student.rpn
+    spec = unlabelled_spec(trainer.cfg, 0.5, None)
+    assert spec.roi_weighting([props], [torch.tensor([0, 0])], [target]).tolist() == [0.0, 1.0]
+    labels, _ = rpn.assign_targets_to_anchors([props], with_spec([target], spec))
+    assert labels[0].tolist() == [-1.0, 0.0]
+    assert rpn.assign_targets_to_anchors([props], [target])[0][0].tolist() == [0.0, 0.0]  # another forward
     events = [e for e in trainer.run() if isinstance(e, IterationEvent)]
     assert events[-1].phase == "semi-supervised" and all(math.isfinite(e.losses["total"]) for e in events)
     with pytest.raises(NapariRmtError, match="unsup_stain_ignore"):
@@ -583,5 +581,4 @@ def test_stain_prior_in_the_unlabelled_forward(tiny_tiles):
     # 0 is off, as None (the command line's way to turn off a recipe's default)
     off = Trainer(tiny_tiles[:3], tiny_tiles[3:], CLASSES, TrainConfig.for_method(
         "rmt+", iterations=3, burn_in=1, unsup_stain_ignore=0.0, model={"backbone": "resnet18"}))
-    with roi_weighting(off.student, off.cfg, None):
-        assert off.student.rpn.anchor_unknown is None
+    assert unlabelled_spec(off.cfg, 0.5, None).anchor_unknown is None

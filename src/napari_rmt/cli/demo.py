@@ -33,6 +33,7 @@ def run(args: argparse.Namespace) -> int:
     from ..data.sample import load_sample
     from ..evaluate.metrics import f1_scores
     from ..model.bundled import LICENSE_NOTE
+    from ..model.config import PREDICTION_FLOOR
     from ..model.detector import ModelConfig
     from ..model.predict import predict_tiles
     from ..train.config import TrainConfig, burn_in_for
@@ -72,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
     )
     trainer = Trainer(labelled, unlabelled, tileset.classes, cfg)
     run_training(trainer, out)
-    predict_tiles(trainer.model, unlabelled, tileset.classes, score_threshold=0.05)
+    predict_tiles(trainer.model, unlabelled, tileset.classes, score_threshold=PREDICTION_FLOOR)
     write_coco(tileset, out / "annotations.json", tiles=labelled)
     write_coco_results(tileset, out / "predictions.json", tiles=unlabelled)
     write_geojson(tileset, out / "predictions.geojson", tiles=unlabelled, predictions=True)
@@ -84,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
         f"{c.name} {100 * counts[str(c.id)].f1:.0f} %" for c in tileset.classes if counts[str(c.id)].n_gt
     )
     print(
-        f"napari-rmt demo: {n} predicted boxes (score > 0.05; {n50} above 0.5) on the 12 unlabelled tiles, "
+        f"napari-rmt demo: {n} predicted boxes (score > {PREDICTION_FLOOR}; {n50} above 0.5) on the 12 unlabelled tiles, "
         f"which hold {truth} annotated cells. F1 against them (IoU 0.5, score > 0.5): any class "
         f"{100 * counts['any'].f1:.0f} %; {per_class}"
     )

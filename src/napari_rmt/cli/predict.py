@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 from ..data.errors import NapariRmtError
-from ..model.config import BOX_SCORES
+from ..model.config import BOX_SCORES, PREDICTION_FLOOR
 from .common import ProgressBar, at_least, in_range, load_dataset
 
 
@@ -26,7 +26,7 @@ def add_parser(sub) -> None:
         "--overwrite", action="store_true",
         help="replace outputs that exist already (--out, its .images.json, --zarr stores); refused by default",
     )
-    pred.add_argument("--score-threshold", type=in_range(0, 1), default=0.05)
+    pred.add_argument("--score-threshold", type=in_range(0, 1), default=PREDICTION_FLOOR)
     pred.add_argument(
         "--box-score", choices=BOX_SCORES, default=None,
         help="what a box's score is: foreground (1 - p(background), its most probable class) or class "
@@ -162,7 +162,7 @@ def run(args: argparse.Namespace) -> int:
 
                 # full-precision weights: the same boxes as the single-process path
                 t.predictions = predict_large_image_dask(
-                    client, model_payload(ckpt, half=False), image, classes,
+                    client, model_payload(ckpt, half=False), model_from_checkpoint, image, classes,
                     threads_per_worker=args.threads_per_worker, **options,
                 )
             else:

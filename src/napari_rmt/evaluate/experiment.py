@@ -26,6 +26,7 @@ from ..data.coco import read_coco
 from ..data.errors import NapariRmtError
 from ..data.split import pick_labelled, split_by_group
 from ..data.tiles import Tile
+from ..model.config import PREDICTION_FLOOR
 from ..model.predict import predict_tiles
 from ..train.checkpoint import MODEL_FILE, TRAINING_FILE
 from ..train.config import METHODS, TrainConfig
@@ -64,7 +65,7 @@ def run_id(method: str, fraction: float, seed: int) -> str:
 
 
 def evaluate_model(model, tiles: Sequence[Tile], classes: ClassList, cfg: ExperimentConfig, device) -> dict:
-    preds = predict_tiles(model, tiles, classes, score_threshold=0.05, store=False, device=device)
+    preds = predict_tiles(model, tiles, classes, score_threshold=PREDICTION_FLOOR, store=False, device=device)
     pairs = [(t.boxes, p) for t, p in zip(tiles, preds, strict=True)]
     counts = f1_scores(pairs, classes.ids, iou=cfg.iou, score_threshold=cfg.score_threshold)
     names = {str(c.id): c.name for c in classes}

@@ -24,6 +24,12 @@ LEGACY = {"fpn_channels": 256, "resnet_stages": 4, "box_head_dim": 1024}
 SIZED_FIELDS = tuple(LEGACY)
 
 
+#: The lowest score a prediction keeps, everywhere (the box head's floor, ``predict``,
+#: evaluation, the demo): boxes under it are noise that no score cut shows, and the cut a
+#: user moves (the slider, ``--score-threshold`` of evaluate) works above it.
+PREDICTION_FLOOR = 0.05
+
+
 @dataclass
 class ModelConfig:
     """Everything that fixes the detector's architecture (saved with every checkpoint)."""
@@ -39,7 +45,7 @@ class ModelConfig:
     light_heads: bool = True
     focal_gamma: float = 1.5
     detections_per_img: int = 300
-    box_score_thresh: float = 0.05
+    box_score_thresh: float = PREDICTION_FLOOR
     box_nms_thresh: float = 0.5
     #: IoU from which an anchor is a positive of a true box for the RPN (torchvision: 0.7).
     #: An anchor grid an octave apart seldom reaches 0.7 on a 10-16 px nucleus: such a cell

@@ -29,28 +29,31 @@ from ..data.boxes import Boxes
 from ..data.classes import ClassList
 from ..data.errors import NapariRmtError
 from ..data.large import LargeImage, Window, cached_large_image
+from .config import PREDICTION_FLOOR
 from .wholeimage import DEFAULT_OBJECTNESS
 
-#: Detectors built on this worker process, by the payload's digest.
+#: Detectors built on this worker process, by the payload's digest: built once per worker,
+#: not per task. Tasks in several threads of one worker share it safely: a prediction's
+#: limits are its own call's (``model/options.py``), never set on the model.
 _MODELS: dict[str, torch.nn.Module] = {}
-#: One batch at a time per worker process: ``detection_limits`` sets the model's proposal
-#: limits for the duration of a batch, and a second batch running beside it in another
-#: Dask thread would see them restored half-way (measured: 18,676 boxes instead of 13,419
-#: with two Dask threads in one worker). Torch parallelises within the batch instead.
-_LOCK = threading.Lock()
+_BUILDING = threading.Lock()  # two first tasks build one model, not two
 
 
-def _worker_model(payload: bytes, digest: str, threads: int) -> torch.nn.Module:
+#: Builds the detector from a read model checkpoint: ``train.checkpoint.model_from_checkpoint``
+#: in the product, handed down by the front end (this layer does not import training).
+ModelBuilder = Callable[[dict[str, Any]], tuple[torch.nn.Module, Any, Any]]
+
+
+def _worker_model(payload: bytes, digest: str, threads: int, build: ModelBuilder) -> torch.nn.Module:
     if threads > 0 and torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
-    model = _MODELS.get(digest)
-    if model is None:
-        from ..train.checkpoint import model_from_checkpoint
-
-        ckpt = torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
-        model = model_from_checkpoint(ckpt)[0].to(_worker_device())
-        _MODELS.clear()  # one model per worker at a time
-        _MODELS[digest] = model
+    with _BUILDING:
+        model = _MODELS.get(digest)
+        if model is None:
+            ckpt = torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
+            model = build(ckpt)[0].to(_worker_device()).eval()
+            _MODELS.clear()  # one model per worker at a time
+            _MODELS[digest] = model
     return model
 
 
@@ -68,15 +71,14 @@ def _batch_task(
     options: dict[str, Any],
 ) -> list[tuple[Window, torch.Tensor, torch.Tensor, torch.Tensor]]:
     """One batch of windows on a worker: the windows' owned boxes."""
-    from .wholeimage import detection_limits, predict_window_batch
+    from .wholeimage import detect_options, predict_window_batch
 
-    with _LOCK:
-        model = _worker_model(payload, digest, options["threads"])
-        image = cached_large_image(image_path)
-        with detection_limits(model, limit, options["objectness"], options["per_cell"]):
-            return predict_window_batch(
-                model, image, batch, options["score_threshold"], options["nms_iou"], _worker_device()
-            )
+    model = _worker_model(payload, digest, options["threads"], options["build"])
+    image = cached_large_image(image_path)
+    limits = detect_options(limit, options["objectness"], options["per_cell"])
+    return predict_window_batch(
+        model, image, batch, options["score_threshold"], options["nms_iou"], _worker_device(), limits
+    )
 
 
 #: How long a client waits for a scheduler that does not answer (distributed's own default is 30 s).
@@ -119,13 +121,14 @@ def close_client(client) -> None:
 def predict_large_image_dask(
     client,
     model_payload: dict[str, Any],
+    build: ModelBuilder,
     image: LargeImage,
     classes: ClassList,
     window: int = 512,
     overlap: int = 0,
     context: int = 128,
     batch_size: int = 4,
-    score_threshold: float = 0.05,
+    score_threshold: float = PREDICTION_FLOOR,
     nms_iou: float = 0.5,
     objectness: float | None = DEFAULT_OBJECTNESS,
     per_cell: int | None = None,
@@ -136,7 +139,9 @@ def predict_large_image_dask(
     """``wholeimage.predict_large_image`` with the batches computed by ``client``'s workers.
 
     ``model_payload`` is a checkpoint dict (``checkpoint.model_payload`` or a read
-    ``model.pt``); ``image`` must have been opened from a path the workers can read.
+    ``model.pt``) and ``build`` makes the detector of it on each worker (a module-level
+    function: it travels by name); ``image`` must have been opened from a path the
+    workers can read.
     """
     from distributed import as_completed
 
@@ -154,7 +159,7 @@ def predict_large_image_dask(
     plan = plan_windows(image, window, overlap, context, batch_size)
     options = {
         "score_threshold": score_threshold, "nms_iou": nms_iou, "threads": threads_per_worker,
-        "objectness": objectness, "per_cell": per_cell,
+        "objectness": objectness, "per_cell": per_cell, "build": build,
     }
     # the model goes to every worker once; each task carries only its windows
     [sent] = client.scatter([payload], broadcast=True, hash=False)

@@ -1,21 +1,22 @@
 """The box head's training losses: focal classification (as in Unbiased Teacher), smooth L1 boxes.
 
-torchvision's ``RoIHeads`` hard-wires cross-entropy; this subclass reuses its sampling,
-pooling and post-processing and replaces only the loss. It also keeps the class logits
-of the last training forward, which the sparse regulariser (Eq. 5) needs, and at
-inference runs the box head over the proposals in chunks, so that a large window with
-tens of thousands of proposals does not hold all their pooled features at once.
+torchvision's ``RoIHeads`` hard-wires cross-entropy; this subclass reuses its sampling and
+pooling and replaces the loss. A training forward weighs its RoIs as the ``LossSpec`` on
+its targets says and leaves its class logits there for the sparse regulariser (Eq. 5); an
+eval forward keeps boxes as the call's ``DetectOptions`` say (``model/options.py``), and
+runs the box head over the proposals in chunks, so that a large window with tens of
+thousands of proposals does not hold all their pooled features at once.
 """
 
 from __future__ import annotations
-
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torchvision.models.detection.roi_heads import RoIHeads
 from torchvision.ops import boxes as box_ops
+
+from .options import LossSpec, current, spec_of
 
 
 def focal_loss(logits: Tensor, labels: Tensor, gamma: float = 1.5) -> Tensor:
@@ -98,56 +99,40 @@ class FocalRoIHeads(RoIHeads):
     def __init__(self, *args, gamma: float = 1.5, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.gamma = gamma
-        self.last_class_logits: Tensor | None = None
-        #: Set by the trainer for an unlabelled forward: ``(proposals, labels, targets)`` of
-        #: the sampled RoIs -> one classification weight per RoI (soft negatives, ignore band).
-        self.roi_weighting: Callable[[list[Tensor], list[Tensor], list[dict]], Tensor] | None = None
-        #: Set by the trainer for an unlabelled forward with soft class targets: the same
-        #: arguments -> ``(targets (N, C), use_soft (N,))``: a probability vector per sampled
-        #: RoI, used where ``use_soft`` (the RoI's hard label elsewhere).
-        self.roi_soft_targets: Callable[[list[Tensor], list[Tensor], list[dict]], tuple[Tensor, Tensor]] | None = None
-        #: What an eval forward scores a box by: "class" (torchvision's one detection per
-        #: class) or "foreground" (``foreground_detections``); the teacher's pseudo-label
-        #: choice sets it (``TrainConfig.pseudo_score``), prediction keeps "class".
+        #: What an eval forward scores a box by unless the call says otherwise
+        #: (``DetectOptions.score_by``): "class" (one detection per class) or "foreground"
+        #: (``foreground_detections``); the model's ``box_score``.
         self.score_by = "class"
-        #: Set by the trainer for an unlabelled forward: average the classification loss
-        #: over foreground and background RoIs apart (``weighted_mean``).
-        self.split_normalise = False
 
     def forward(self, features, proposals, image_shapes, targets=None):  # type: ignore[override]
         if not self.training:
-            self.last_class_logits = None
-            if self.score_by == "foreground":
-                return self.foreground_detections(features, proposals, image_shapes, self.score_thresh), {}
-            if sum(len(p) for p in proposals) <= self.eval_chunk:
-                return super().forward(features, proposals, image_shapes, targets)
+            opts = current()
+            thresh = self.score_thresh if opts.score_thresh is None else opts.score_thresh
+            limit = max(self.detections_per_img, opts.per_image or 0) if opts.objectness is None else None
+            if (opts.score_by or self.score_by) == "foreground":
+                return self.foreground_detections(features, proposals, image_shapes, thresh, limit), {}
             class_logits, box_regression = self._chunked_outputs(features, proposals, image_shapes)
-            boxes, scores, labels = self.postprocess_detections(
-                class_logits, box_regression, proposals, image_shapes
-            )
-            return [
-                {"boxes": b, "labels": lab, "scores": s}
-                for b, s, lab in zip(boxes, scores, labels, strict=True)
-            ], {}
+            return self.class_detections(class_logits, box_regression, proposals, image_shapes, thresh, limit), {}
         if targets is None:
             raise ValueError("targets are needed in training mode")
+        spec = spec_of(targets) or LossSpec()
         proposals, _, labels, regression_targets = self.select_training_samples(proposals, targets)
         pooled = self.box_roi_pool(features, proposals, image_shapes)
         class_logits, box_regression = self.box_predictor(self.box_head(pooled))
         labels_t = torch.cat(labels, dim=0)
         targets_t = torch.cat(regression_targets, dim=0)
-        self.last_class_logits = class_logits
-        if self.roi_soft_targets is not None:
-            soft, use_soft = self.roi_soft_targets(proposals, labels, targets)
+        spec.class_logits = class_logits
+        if spec.roi_soft_targets is not None:
+            soft, use_soft = spec.roi_soft_targets(proposals, labels, targets)
             weights = (
-                self.roi_weighting(proposals, labels, targets)
-                if self.roi_weighting is not None
+                spec.roi_weighting(proposals, labels, targets)
+                if spec.roi_weighting is not None
                 else torch.ones_like(labels_t, dtype=class_logits.dtype)
             )
-            cls_loss = soft_target_loss(class_logits, labels_t, soft, use_soft, weights, self.split_normalise)
-        elif self.roi_weighting is not None:
-            weights = self.roi_weighting(proposals, labels, targets)
-            cls_loss = weighted_focal_loss(class_logits, labels_t, weights, self.gamma, self.split_normalise)
+            cls_loss = soft_target_loss(class_logits, labels_t, soft, use_soft, weights, spec.split_normalise)
+        elif spec.roi_weighting is not None:
+            weights = spec.roi_weighting(proposals, labels, targets)
+            cls_loss = weighted_focal_loss(class_logits, labels_t, weights, self.gamma, spec.split_normalise)
         else:
             cls_loss = focal_loss(class_logits, labels_t, self.gamma)
         losses = {
@@ -155,6 +140,32 @@ class FocalRoIHeads(RoIHeads):
             "loss_box_reg": box_regression_loss(box_regression, labels_t, targets_t),
         }
         return [], losses
+
+    def class_detections(
+        self, class_logits: Tensor, box_regression: Tensor, proposals: list[Tensor], image_shapes,
+        score_thresh: float, limit: int | None,
+    ) -> list[dict[str, Tensor]]:
+        """One detection per proposal and class: the class's probability and its regressed
+        box, those over ``score_thresh`` and not tiny, NMS within each class at
+        ``nms_thresh``, the best ``limit`` per image (all with None)."""
+        counts = [len(p) for p in proposals]
+        boxes_all = self.box_coder.decode(box_regression, proposals)
+        probs_all = F.softmax(class_logits, -1)
+        out = []
+        for boxes, probs, shape in zip(boxes_all.split(counts), probs_all.split(counts), image_shapes, strict=True):
+            boxes = box_ops.clip_boxes_to_image(boxes, shape)[:, 1:].reshape(-1, 4)  # background left out
+            n_cls = probs.shape[1] - 1
+            labels = torch.arange(1, n_cls + 1, device=probs.device).repeat(len(probs))
+            scores = probs[:, 1:].reshape(-1)
+            keep = torch.where(scores > score_thresh)[0]
+            boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
+            keep = box_ops.remove_small_boxes(boxes, min_size=1e-2)
+            boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
+            keep = box_ops.batched_nms(boxes, scores, labels, self.nms_thresh)
+            if limit is not None:
+                keep = keep[:limit]
+            out.append({"boxes": boxes[keep], "labels": labels[keep], "scores": scores[keep]})
+        return out
 
     def class_probabilities(self, features, boxes: list[Tensor], image_shapes) -> Tensor:
         """The class distribution (background first) for each of the given boxes of each
@@ -189,7 +200,7 @@ class FocalRoIHeads(RoIHeads):
 
     @torch.no_grad()
     def foreground_detections(
-        self, features, proposals: list[Tensor], image_shapes, score_thresh: float
+        self, features, proposals: list[Tensor], image_shapes, score_thresh: float, limit: int | None = -1
     ) -> list[dict[str, Tensor]]:
         """One detection per proposal scored by how sure the head is that it is a cell.
 
@@ -198,7 +209,10 @@ class FocalRoIHeads(RoIHeads):
         class-agnostic NMS at ``nms_thresh``. A nucleus whose probability the head splits
         between two classes (0.4 / 0.35) scores 0.75 here but under 0.5 per class, which is
         what the teacher's pseudo-label choice needs to see (``TrainConfig.pseudo_score``).
+        At most ``limit`` per image (-1: ``detections_per_img``; None: all).
         """
+        if limit == -1:
+            limit = self.detections_per_img
         counts = [len(p) for p in proposals]
         if sum(counts) == 0:
             empty = proposals[0].new_zeros((0, 4)) if proposals else torch.zeros(0, 4)
@@ -215,7 +229,9 @@ class FocalRoIHeads(RoIHeads):
             boxes = box_ops.clip_boxes_to_image(boxes, shape)
             keep = torch.where(fg > score_thresh)[0]
             keep = keep[box_ops.remove_small_boxes(boxes[keep], min_size=1e-2)]
-            keep = keep[box_ops.nms(boxes[keep], fg[keep], self.nms_thresh)][: self.detections_per_img]
+            keep = keep[box_ops.nms(boxes[keep], fg[keep], self.nms_thresh)]
+            if limit is not None:
+                keep = keep[:limit]
             out.append({"boxes": boxes[keep], "labels": labels[keep], "scores": fg[keep]})
         return out
 

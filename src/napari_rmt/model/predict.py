@@ -13,6 +13,8 @@ from ..data.boxes import Boxes, BoxSource
 from ..data.classes import ClassList
 from ..data.errors import NapariRmtError
 from ..data.tiles import Tile
+from .config import PREDICTION_FLOOR
+from .options import DetectOptions, detecting
 
 
 class DeviceError(NapariRmtError):
@@ -77,23 +79,26 @@ def predict_images(
     images: Sequence[torch.Tensor],
     batch_size: int = 4,
     device: torch.device | str = "cpu",
+    options: DetectOptions | None = None,
 ) -> list[dict[str, torch.Tensor]]:
-    """Raw detector outputs (boxes, scores, model labels 1..K) per image, on the CPU."""
+    """Raw detector outputs (boxes, scores, model labels 1..K) per image, on the CPU; the
+    detector keeps what ``options`` says (its own settings where they say None)."""
     was_training = model.training
     model.eval()
     out: list[dict[str, torch.Tensor]] = []
     try:
-        for i in range(0, len(images), batch_size):
-            batch = [im.to(device) for im in images[i : i + batch_size]]
-            for det in model(batch):
-                out.append({k: v.detach().cpu() for k, v in det.items()})
+        with detecting(options):
+            for i in range(0, len(images), batch_size):
+                batch = [im.to(device) for im in images[i : i + batch_size]]
+                for det in model(batch):
+                    out.append({k: v.detach().cpu() for k, v in det.items()})
     finally:
         model.train(was_training)
     return out
 
 
 #: Tiles larger than this many pixels are predicted one at a time under the local proposal
-#: rule of whole images (``wholeimage.detection_limits``): the per-image counts sized for
+#: rule of whole images (``wholeimage.detect_options``): the per-image counts sized for
 #: 256 px tiles (150 proposals, 300 boxes) would silently cap a 1000 px tile of dense tissue
 #: (298 boxes for 818 nuclei, measured) where its windows find them all.
 LARGE_TILE = 320 * 320
@@ -122,7 +127,7 @@ def predict_tiles(
     tiles: Iterable[Tile],
     classes: ClassList,
     batch_size: int = 4,
-    score_threshold: float = 0.05,
+    score_threshold: float = PREDICTION_FLOOR,
     nms_iou: float | None = 0.5,
     class_agnostic: bool = True,
     device: torch.device | str = "cpu",
@@ -136,7 +141,7 @@ def predict_tiles(
     the detector's cap warns (``CapWarning``) naming it."""
     import warnings
 
-    from .wholeimage import DEFAULT_OBJECTNESS, detection_limits
+    from .wholeimage import DEFAULT_OBJECTNESS
 
     tiles = list(tiles)
     results: list[Boxes] = []
@@ -158,8 +163,8 @@ def predict_tiles(
             elif k in dets:
                 det = dets[k]
             else:
-                with detection_limits(model, None, DEFAULT_OBJECTNESS):
-                    det = predict_images(model, [image_tensor(tile.pixels())], 1, device)[0]
+                whole = DetectOptions(objectness=DEFAULT_OBJECTNESS)
+                det = predict_images(model, [image_tensor(tile.pixels())], 1, device, options=whole)[0]
             if cap is not None and k in dets and len(det["boxes"]) >= cap and float(det["scores"].min()) >= CAP_WARN_SCORE:
                 warnings.warn(CapWarning(
                     f"tile {tile.name!r}: {len(det['boxes'])} boxes, the detector's cap per tile; some cells may "

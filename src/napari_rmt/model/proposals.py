@@ -18,12 +18,12 @@ the area, like the count it replaces.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 from torch import Tensor
 from torchvision.models.detection.rpn import RegionProposalNetwork
 from torchvision.ops import boxes as box_ops
+
+from .options import current, spec_of
 
 
 def top_per_cell(boxes: Tensor, scores: Tensor, groups: Tensor | None, cell: int, k: int) -> Tensor:
@@ -47,16 +47,34 @@ def top_per_cell(boxes: Tensor, scores: Tensor, groups: Tensor | None, cell: int
     return keep[torch.argsort(scores[keep], descending=True, stable=True)]
 
 
+def tile_density_per_cell(cell: int, per_tile: int, tile: int = 256) -> int:
+    """Proposals per ``cell`` px cell at the density of ``per_tile`` per ``tile`` px tile
+    (light heads: 300 per 256 px tile, 19 per 64 px cell).
+
+    Measured on a MoNuSeg field with a briefly trained ResNet-18 (docs/benchmarks.md):
+    its box head scores nuclei well from proposals the RPN ranks low, so caps matter;
+    the density the model is used with on tiles keeps whole images consistent with them.
+    """
+    return max(1, round(per_tile * cell**2 / tile**2))
+
+
 class LocalRPN(RegionProposalNetwork):
-    """``RegionProposalNetwork`` that, at inference with ``per_cell`` set, caps proposals
-    per cell of the input instead of per input (see the module's docstring)."""
+    """``RegionProposalNetwork`` that, at inference under an objectness floor
+    (``DetectOptions.objectness``), caps proposals per cell of the input instead of per
+    input (see the module's docstring); in training, leaves out the anchors that a
+    forward's ``LossSpec`` or its ignored boxes say are not known to be background."""
 
     cell = 64
-    per_cell: int | None = None
-    #: Set by the trainer for an unlabelled forward: ``(anchors, target) -> bool`` per
-    #: anchor, the anchors that would be background but may be a cell the teacher missed
-    #: (``TrainConfig.unsup_stain_ignore``); they are left out like those on ignored boxes.
-    anchor_unknown: Callable[[Tensor, dict], Tensor] | None = None
+
+    def pre_nms_top_n(self) -> int:
+        n = self._pre_nms_top_n["training" if self.training else "testing"]
+        opts = current()
+        return max(n, 16 * opts.per_image) if not self.training and opts.per_image else n
+
+    def post_nms_top_n(self) -> int:
+        n = self._post_nms_top_n["training" if self.training else "testing"]
+        opts = current()
+        return max(n, opts.per_image) if not self.training and opts.per_image else n
 
     @classmethod
     def from_rpn(cls, rpn: RegionProposalNetwork) -> LocalRPN:
@@ -81,12 +99,14 @@ class LocalRPN(RegionProposalNetwork):
         A target may carry ``ignore_boxes`` (the teacher's doubtful detections, SPEC §5):
         an anchor that would be background but overlaps one of them by at least the
         background IoU threshold is neither positive nor negative (label -1); so is one
-        that ``anchor_unknown`` names.
+        that the forward's ``LossSpec.anchor_unknown`` names.
         """
         labels, matched = super().assign_targets_to_anchors(anchors, targets)
+        spec = spec_of(targets)
+        unknown = spec.anchor_unknown if spec is not None else None
         for lab, anchors_i, target in zip(labels, anchors, targets, strict=True):
-            if self.anchor_unknown is not None:
-                lab[(lab == 0) & self.anchor_unknown(anchors_i, target)] = -1.0
+            if unknown is not None:
+                lab[(lab == 0) & unknown(anchors_i, target)] = -1.0
             ignore = target.get("ignore_boxes")
             if ignore is None or ignore.numel() == 0:
                 continue
@@ -95,8 +115,10 @@ class LocalRPN(RegionProposalNetwork):
         return labels, matched
 
     def filter_proposals(self, proposals, objectness, image_shapes, num_anchors_per_level):  # type: ignore[override]
-        if self.training or self.per_cell is None:
+        opts = current()
+        if self.training or opts.objectness is None:
             return super().filter_proposals(proposals, objectness, image_shapes, num_anchors_per_level)
+        per_cell = opts.per_cell or tile_density_per_cell(self.cell, self._post_nms_top_n["testing"])
         n_images = proposals.shape[0]
         prob = torch.sigmoid(objectness.detach().reshape(n_images, -1))
         levels = torch.cat(
@@ -107,15 +129,15 @@ class LocalRPN(RegionProposalNetwork):
         )
         final_boxes, final_scores = [], []
         for boxes, scores, shape in zip(proposals, prob, image_shapes, strict=True):
-            keep = torch.where(scores >= self.score_thresh)[0]
+            keep = torch.where(scores >= opts.objectness)[0]
             boxes, scores, lvl = box_ops.clip_boxes_to_image(boxes[keep], shape), scores[keep], levels[keep]
             keep = box_ops.remove_small_boxes(boxes, self.min_size)
             boxes, scores, lvl = boxes[keep], scores[keep], lvl[keep]
-            keep = top_per_cell(boxes, scores, lvl, self.cell, 4 * self.per_cell)
+            keep = top_per_cell(boxes, scores, lvl, self.cell, 4 * per_cell)
             boxes, scores, lvl = boxes[keep], scores[keep], lvl[keep]
             keep = box_ops.batched_nms(boxes, scores, lvl, self.nms_thresh)
             boxes, scores = boxes[keep], scores[keep]
-            keep = top_per_cell(boxes, scores, None, self.cell, self.per_cell)
+            keep = top_per_cell(boxes, scores, None, self.cell, per_cell)
             final_boxes.append(boxes[keep])
             final_scores.append(scores[keep])
         return final_boxes, final_scores

@@ -27,8 +27,7 @@ window sees its pixels in phase with the whole-image pass.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,8 +40,9 @@ from ..data.boxes import Boxes
 from ..data.classes import ClassList
 from ..data.errors import NapariRmtError
 from ..data.large import LargeImage, Window, tile_grid
+from .config import PREDICTION_FLOOR
+from .options import DetectOptions
 from .predict import detections_to_boxes, image_tensor, predict_images, select
-from .proposals import LocalRPN
 
 # A floor on RPN objectness for windows and whole images. Measured on a 768 px MoNuSeg
 # window with a CoNSeP-trained ResNet-18: 0.01 kept every box that scored >= 0.3 without
@@ -50,65 +50,24 @@ from .proposals import LocalRPN
 DEFAULT_OBJECTNESS = 0.01
 
 
-@contextlib.contextmanager
-def detection_limits(
-    model: nn.Module,
-    per_image: int | None,
-    objectness: float | None = None,
-    per_cell: int | None = None,
-) -> Iterator[None]:
-    """Let the RPN and the box head keep what a large input needs, by a local rule.
+def detect_options(
+    per_image: int | None, objectness: float | None = None, per_cell: int | None = None
+) -> DetectOptions:
+    """What the RPN and the box head keep of a large input, by a local rule.
 
     Count limits are global to an input: which proposals survive a count depends on the
     rest of the window, so a cell could be found in a window and lost in a whole-image
     pass. With ``objectness`` (a floor on the RPN's proposal probability) the rule is
     local: the floor, and at most ``per_cell`` proposals per cell of the input
-    (``model.proposals.LocalRPN``); every count per input is lifted. By default
-    ``per_cell`` gives a window the density of proposals that the model keeps on a
-    256 px tile (``tile_density_per_cell``), so whole images are judged as tiles are.
-    Without a floor, ``per_image`` is the least number each stage may keep
-    (torchvision's counts).
+    (``model.proposals.LocalRPN``); no count per input applies. By default ``per_cell``
+    gives a window the density of proposals that the model keeps on a 256 px tile
+    (``proposals.tile_density_per_cell``), so whole images are judged as tiles are.
+    Without a floor, ``per_image`` is the least number each stage may keep (torchvision's
+    counts).
     """
-    if not hasattr(model, "rpn") or (per_image is None and objectness is None):
-        yield
-        return
-    rpn, heads = model.rpn, model.roi_heads
-    saved = (dict(rpn._pre_nms_top_n), dict(rpn._post_nms_top_n), heads.detections_per_img, rpn.score_thresh)
-    saved_cell = getattr(rpn, "per_cell", None)
-    try:
-        if objectness is not None:
-            rpn.score_thresh = objectness
-            if isinstance(rpn, LocalRPN):
-                rpn.per_cell = per_cell or tile_density_per_cell(rpn, saved[1]["testing"])
-            pre = post = det = _UNLIMITED
-        else:
-            assert per_image is not None
-            pre, post, det = 16 * per_image, per_image, per_image
-        rpn._pre_nms_top_n["testing"] = max(saved[0]["testing"], pre)
-        rpn._post_nms_top_n["testing"] = max(saved[1]["testing"], post)
-        heads.detections_per_img = max(saved[2], det)
-        yield
-    finally:
-        rpn._pre_nms_top_n, rpn._post_nms_top_n = saved[0], saved[1]
-        heads.detections_per_img = saved[2]
-        rpn.score_thresh = saved[3]
-        if isinstance(rpn, LocalRPN):
-            rpn.per_cell = saved_cell
-
-
-def tile_density_per_cell(rpn: LocalRPN, per_tile: int, tile: int = 256) -> int:
-    """Proposals per ``rpn.cell`` cell at the density of ``per_tile`` per ``tile`` px tile
-    (light heads: 300 per 256 px tile, 19 per 64 px cell).
-
-    Measured on a MoNuSeg field with a briefly trained ResNet-18 (docs/benchmarks.md):
-    its box head scores nuclei well from proposals the RPN ranks low, so caps matter;
-    the density the model is used with on tiles keeps whole images consistent with them.
-    """
-    return max(1, round(per_tile * rpn.cell**2 / tile**2))
-
-
-# Counts that never bind (torchvision takes min(count, anchors) before NMS).
-_UNLIMITED = 1 << 40
+    if objectness is not None:
+        return DetectOptions(objectness=objectness, per_cell=per_cell)
+    return DetectOptions(per_image=per_image)
 
 
 def limit_for_area(width: int, height: int) -> int:
@@ -117,7 +76,7 @@ def limit_for_area(width: int, height: int) -> int:
 
     Nuclei at 40x are 12-30 px across (CoNSeP: one per ~1,500 px²), so this is several
     times the densest tissue's cells, though a weak model's proposals can outnumber it
-    (see ``detection_limits``).
+    (see ``detect_options``).
     """
     return max(300, (width * height) // 256)
 
@@ -246,7 +205,7 @@ def iter_predict_large_image(
     overlap: int = 0,
     context: int = 128,
     batch_size: int = 4,
-    score_threshold: float = 0.05,
+    score_threshold: float = PREDICTION_FLOOR,
     nms_iou: float = 0.5,
     device: torch.device | str = "cpu",
     per_window_limit: int | None = None,
@@ -267,19 +226,19 @@ def iter_predict_large_image(
     ``window - overlap`` and a ``context`` that are multiples of 64 px keep every
     window in phase with the network's feature grid and with the cells of the
     proposal rule: an objectness floor (``objectness``) and at most ``per_cell``
-    proposals per 64 px cell (``detection_limits``), so that which proposals a cell gets
+    proposals per 64 px cell (``detect_options``), so that which proposals a cell gets
     does not depend on the window that sees it. With ``objectness=None`` torchvision's
     per-input counts apply instead, raised to ``per_window_limit``.
     """
     plan = plan_windows(image, window, overlap, context, batch_size, per_window_limit)
     stitcher = plan.stitcher(nms_iou)
     done = 0
-    with detection_limits(model, plan.limit, objectness, per_cell):
-        for batch in plan.batches:
-            for found in predict_window_batch(model, image, batch, score_threshold, nms_iou, device):
-                stitcher.add(*found)
-            done += len(batch)
-            yield done, plan.n_windows
+    options = detect_options(plan.limit, objectness, per_cell)
+    for batch in plan.batches:
+        for found in predict_window_batch(model, image, batch, score_threshold, nms_iou, device, options):
+            stitcher.add(*found)
+        done += len(batch)
+        yield done, plan.n_windows
     return stitched_boxes(stitcher, classes)
 
 
@@ -337,11 +296,12 @@ def predict_window_batch(
     score_threshold: float,
     nms_iou: float,
     device: torch.device | str = "cpu",
+    options: DetectOptions | None = None,
 ) -> list[tuple[Window, torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """Each window's owned boxes (whole-image coordinates) for one batch of windows; the
-    model must be inside ``detection_limits`` for the plan's limit."""
+    """Each window's owned boxes (whole-image coordinates) for one batch of windows, the
+    detector keeping what ``options`` says (``detect_options`` of the plan's limit)."""
     tensors = [image_tensor(image.read(*region)) for _, region in batch]
-    dets = predict_images(model, tensors, batch_size=len(batch), device=device)
+    dets = predict_images(model, tensors, batch_size=len(batch), device=device, options=options)
     return [
         (w, *_window_boxes(det, w, region, image, score_threshold, nms_iou, touch_px=1.0))
         for (w, region), det in zip(batch, dets, strict=True)
@@ -377,7 +337,7 @@ def predict_whole_at_once(
     model: nn.Module,
     pixels: np.ndarray,
     classes: ClassList,
-    score_threshold: float = 0.05,
+    score_threshold: float = PREDICTION_FLOOR,
     nms_iou: float = 0.5,
     device: torch.device | str = "cpu",
     limit: int | None = None,
@@ -389,7 +349,7 @@ def predict_whole_at_once(
     The reference that windowed prediction is checked against.
     """
     h, w = pixels.shape[:2]
-    with detection_limits(model, limit or limit_for_area(w, h), objectness, per_cell):
-        det = predict_images(model, [image_tensor(pixels)], batch_size=1, device=device)[0]
+    options = detect_options(limit or limit_for_area(w, h), objectness, per_cell)
+    det = predict_images(model, [image_tensor(pixels)], batch_size=1, device=device, options=options)[0]
     keep = select(det["boxes"], det["scores"], det["labels"], score_threshold, nms_iou)
     return detections_to_boxes(det["boxes"][keep], det["scores"][keep], det["labels"][keep], classes)

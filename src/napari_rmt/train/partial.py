@@ -20,13 +20,11 @@ The same region on a LABELLED tile is background: the user said every cell is bo
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
-
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from torchvision.ops import boxes as box_ops
 
+from ..model.options import LossSpec
 from .losses import roi_class_weights
 from .stain_prior import stain_integral, stain_unknown
 
@@ -55,15 +53,11 @@ def partial_unknown(target: dict[str, Tensor], regions: Tensor, min_cover: float
     return stain_unknown(integral, regions, target["boxes"], min_cover)
 
 
-@contextlib.contextmanager
-def partial_rule(
-    model: nn.Module, min_cover: float | None, class_weights: Tensor | None = None
-) -> Iterator[None]:
-    """During a labelled forward of ``model``: background RoIs and RPN anchors that may be
-    an unboxed nucleus of a partly annotated image get no loss, and (with
+def partial_spec(min_cover: float | None, class_weights: Tensor | None = None) -> LossSpec:
+    """How a labelled forward weighs its losses: background RoIs and RPN anchors that may
+    be an unboxed nucleus of a partly annotated image get no loss, and (with
     ``class_weights``, index = label, background first) each RoI's classification loss is
-    weighted by its label's weight. A no-op on a batch with neither."""
-    heads, rpn = model.roi_heads, model.rpn
+    weighted by its label's weight. Fully annotated images are unchanged by it."""
 
     def weighting(proposals: list[Tensor], labels: list[Tensor], targets: list[dict]) -> Tensor:
         out = []
@@ -78,13 +72,7 @@ def partial_rule(
     def anchor_unknown(anchors: Tensor, target: dict) -> Tensor:
         return partial_unknown(target, anchors, min_cover or 0.0)
 
-    heads.roi_weighting = weighting
-    rpn.anchor_unknown = anchor_unknown
-    try:
-        yield
-    finally:
-        heads.roi_weighting = None
-        rpn.anchor_unknown = None
+    return LossSpec(roi_weighting=weighting, anchor_unknown=anchor_unknown)
 
 
 def with_known_boxes(

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from ..model.config import ModelConfig
 from ..model.detector import build_detector
+from ..model.options import DetectOptions
 from ..model.predict import predict_images
 from .augment import VIEW_FLIPS, flip_boxes, flip_image, hflip
 from .batches import TrainingData
@@ -54,18 +55,16 @@ def teacher_detect(
     ``cfg.teacher_views`` flipped looks. With ``keep_features``, also the feature maps the
     forward computed (for soft negatives and soft targets), caught on their way into the
     RPN."""
-    heads = teacher.roi_heads
     caught: dict[str, Any] = {}
 
     def catch(_rpn: nn.Module, args: tuple) -> None:
         caught["features"], caught["image_sizes"] = args[1], args[0].image_sizes
 
-    saved = heads.score_thresh, heads.score_by
-    heads.score_thresh, heads.score_by = threshold, cfg.pseudo_score
+    options = DetectOptions(score_thresh=threshold, score_by=cfg.pseudo_score)
     hook = teacher.rpn.register_forward_pre_hook(catch) if keep_features else None
     try:
         batch = max(1, len(views))
-        dets = predict_images(teacher, views, batch_size=batch, device=device)
+        dets = predict_images(teacher, views, batch, device, options)
         if hook is not None:
             hook.remove()
             hook = None
@@ -73,11 +72,11 @@ def teacher_detect(
             looks = [[d] for d in dets]
             for flip in VIEW_FLIPS[1 : int(cfg.teacher_views)]:
                 turned = [flip_image(v, *flip) for v in views]
-                for look, v, d in zip(looks, views, predict_images(teacher, turned, batch, device), strict=True):
+                for look, v, d in zip(looks, views, predict_images(teacher, turned, batch, device, options),
+                                      strict=True):
                     look.append({**d, "boxes": flip_boxes(d["boxes"], v.shape[-1], v.shape[-2], *flip)})
             dets = [merge_views(look) for look in looks]
     finally:
-        heads.score_thresh, heads.score_by = saved
         if hook is not None:
             hook.remove()
     return dets, caught

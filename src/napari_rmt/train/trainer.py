@@ -39,6 +39,7 @@ from torch import Tensor, nn
 from ..data.classes import ClassList
 from ..data.tiles import Tile
 from ..model.detector import build_detector
+from ..model.options import with_spec
 from ..model.predict import DeviceError, resolve_device
 from .augment import strong_view
 from .batches import MIN_SIDE, TrainingData, TrainingError
@@ -48,12 +49,12 @@ from .distributed import any_rank, current_world, from_main, sync_buffers, wrap
 from .events import CheckpointEvent, Event, FinishedEvent, IterationEvent, PhaseEvent, ValidationEvent
 from .losses import ema_update, sparse_regulariser, supervised_loss, total_loss, unsupervised_loss
 from .mixing import PatchBank
-from .partial import PARTIAL_KEY, partial_rule
+from .partial import PARTIAL_KEY, partial_spec
 from .pseudo import ScoreBuffer
 from .resume import init_nucleus, resume_trainer, warm_start
 from .schedule import ETA_WINDOW, SEMI_STEP_COST, Schedule
 from .teacher import PseudoLabeller, class_probabilities, frozen_copy
-from .weighting import roi_weighting, running_stats_frozen
+from .weighting import running_stats_frozen, unlabelled_spec
 
 __all__ = ["ETA_WINDOW", "MIN_SIDE", "Trainer", "TrainingError", "running_stats_frozen"]
 
@@ -315,10 +316,8 @@ class Trainer:
         images, targets = self.data.labelled_batch()
         self._check_cancel()
         if self.data.class_weights is not None or any(PARTIAL_KEY in t for t in targets):
-            with partial_rule(self.student, cfg.partial_stain_ignore, self.data.class_weights):
-                sup_terms = self._forward(images, targets)
-        else:
-            sup_terms = self._forward(images, targets)
+            targets = with_spec(targets, partial_spec(cfg.partial_stain_ignore, self.data.class_weights))
+        sup_terms = self._forward(images, targets)
         l_sup = supervised_loss(sup_terms)
         zero = l_sup.new_zeros(())
         l_unsup, l_reg = zero, zero
@@ -365,12 +364,14 @@ class Trainer:
         def class_probs(proposals: list[Tensor]) -> Tensor:
             return class_probabilities(teacher, teacher_view, proposals)
 
-        with running_stats_frozen(self.student), roi_weighting(self.student, self.cfg, class_probs):
-            terms = self.student(u_images, u_targets)
+        fg_iou = self.student.roi_heads.proposal_matcher.high_threshold
+        spec = unlabelled_spec(self.cfg, fg_iou, class_probs)
+        with running_stats_frozen(self.student):
+            terms = self.student(u_images, with_spec(u_targets, spec))
         l_unsup = unsupervised_loss(terms, self.cfg.unsup_objectness)
         l_reg = terms["loss_classifier"].new_zeros(())
         if self.cfg.uses_reg:
-            l_reg = sparse_regulariser(self.student.roi_heads.last_class_logits, self.cfg.p_norm)
+            l_reg = sparse_regulariser(spec.class_logits, self.cfg.p_norm)
         return terms, l_unsup, l_reg, info
 
     def _fixed_teacher_terms(self) -> tuple[dict[str, Tensor], Tensor, Tensor, dict[str, Any]]:

@@ -1,5 +1,6 @@
 """How the student's unlabelled forward weighs its RoIs and anchors (the rules for an
-unsure teacher, SPEC §5), and BatchNorm statistics kept off strongly augmented batches."""
+unsure teacher, SPEC §5), as a ``LossSpec`` its targets carry, and BatchNorm statistics
+kept off strongly augmented batches."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import torch
 from torch import Tensor, nn
 from torchvision.ops import boxes as box_ops
 
+from ..model.options import LossSpec
 from .config import TrainConfig
 from .losses import roi_class_weights
 from .stain_prior import stain_unknown
@@ -56,37 +58,30 @@ def weighs_rois(cfg: TrainConfig, fg_iou: float) -> bool:
     )
 
 
-@contextlib.contextmanager
-def roi_weighting(student: nn.Module, cfg: TrainConfig, class_probs: ClassProbs | None) -> Iterator[None]:
-    """During the student's unlabelled forward, weight its sampled RoIs' classification
-    loss by the teacher's background probability (soft negatives) and drop the RoIs on
-    ignored boxes (ignore band); a no-op when no rule is on. ``unsup_normalise`` "split"
-    averages the foreground and the background RoIs apart. With the stain prior,
-    background RoIs and RPN anchors that may be missed cells get no loss.
+def unlabelled_spec(cfg: TrainConfig, fg_iou: float, class_probs: ClassProbs | None) -> LossSpec:
+    """How the student's unlabelled forward weighs its losses: its sampled RoIs'
+    classification loss by the teacher's background probability (soft negatives), none on
+    ignored boxes (ignore band); ``unsup_normalise`` "split" averages the foreground and
+    the background RoIs apart. With the stain prior, background RoIs and RPN anchors that
+    may be missed cells get no loss. Every RoI weighs 1 when no rule is on.
 
     With soft class targets instead, every RoI matched to no pseudo-box (those on ignored
     boxes too) learns the teacher's class distribution for its box, weight 1.
-    ``class_probs`` is the teacher's, needed by soft negatives and soft targets.
+    ``class_probs`` is the teacher's, needed by soft negatives and soft targets; ``fg_iou``
+    the box head's foreground IoU.
     """
-    heads, rpn = student.roi_heads, student.rpn
-    heads.split_normalise = cfg.unsup_normalise == "split"
+    spec = LossSpec(split_normalise=cfg.unsup_normalise == "split")
     if cfg.unsup_stain_ignore:
 
         def anchor_unknown(anchors: Tensor, target: dict) -> Tensor:
             return stain_unknown(target["stain_integral"], anchors, target["boxes"], cfg.unsup_stain_ignore)
 
-        rpn.anchor_unknown = anchor_unknown
-    try:
-        if cfg.soft_targets:
-            heads.roi_soft_targets = _soft_targets(cfg, class_probs)
-        elif weighs_rois(cfg, heads.proposal_matcher.high_threshold):
-            heads.roi_weighting = _weights(cfg, heads.proposal_matcher.high_threshold, class_probs)
-        yield
-    finally:
-        heads.split_normalise = False
-        heads.roi_soft_targets = None
-        heads.roi_weighting = None
-        rpn.anchor_unknown = None
+        spec.anchor_unknown = anchor_unknown
+    if cfg.soft_targets:
+        spec.roi_soft_targets = _soft_targets(cfg, class_probs)
+    elif weighs_rois(cfg, fg_iou):
+        spec.roi_weighting = _weights(cfg, fg_iou, class_probs)
+    return spec
 
 
 def _soft_targets(cfg: TrainConfig, class_probs: ClassProbs | None):
