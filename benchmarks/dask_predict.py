@@ -22,9 +22,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+from common import MONUSEG_IMAGES as FIELDS
 from PIL import Image
-
-FIELDS = Path(__file__).resolve().parents[2] / "shared" / "data" / "monuseg" / "images"
 
 
 def make(path: Path, side: int = 4) -> None:

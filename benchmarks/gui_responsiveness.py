@@ -19,8 +19,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "consep" / "annotations.json"
+from common import CONSEP as DATA
 
 
 class _StackSampler:

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from common import CONSEP, CPM15
 from PIL import Image
 
 from napari_rmt.data import Boxes
@@ -40,8 +41,7 @@ from napari_rmt.model.bundled import NUCLEUS, nucleus_path
 from napari_rmt.model.predict import predict_tiles
 from napari_rmt.train import load_model
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "consep" / "annotations.json"
-CPM15 = DATA.parents[1] / "cpm15" / "annotations.json"
+DATA = CONSEP
 LAST_THREE = ("test_12", "test_13", "test_14")
 
 

@@ -30,14 +30,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from semi_wins import drive, result, split
+from common import drive, result, split
 
 from napari_rmt.data import Boxes, TileStatus
 from napari_rmt.train import TrainConfig, Trainer

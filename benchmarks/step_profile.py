@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import torch
+from common import CONSEP
 from torch.utils.flop_counter import FlopCounterMode
 
 from napari_rmt.data import read_coco
@@ -27,7 +28,7 @@ from napari_rmt.model import ModelConfig, build_detector
 from napari_rmt.model.predict import image_tensor, predict_images
 from napari_rmt.train import IterationEvent, TrainConfig, Trainer
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "consep" / "annotations.json"
+DATA = CONSEP
 ARCHS = {
     "old (256-ch FPN, C2-C5, 1024 head)": {
         "fpn_channels": 256, "resnet_stages": 4, "box_head_dim": 1024, "anchor_sizes": (8, 16, 32, 64, 128)},

@@ -20,13 +20,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from common import MONUSEG_IMAGES
 
 from napari_rmt.data.large import open_large_image
 from napari_rmt.evaluate.metrics import iou_matrix
 from napari_rmt.model.wholeimage import predict_large_image, predict_whole_at_once
 from napari_rmt.train.checkpoint import load_model
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "monuseg" / "images"
+DATA = MONUSEG_IMAGES
 
 
 def within_1px(a: np.ndarray, b: np.ndarray) -> float:

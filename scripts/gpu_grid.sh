@@ -3,7 +3,7 @@
 # ResNet-50-FPN at native 256 px with the paper's proposal counts (--full-heads), CoNSeP split
 # 7:1:2 by source tile. Resumable: rerun the same command after an interruption.
 #
-#   bash benchmarks/gpu_grid.sh [OUT_DIR] [ITERATIONS]
+#   bash scripts/gpu_grid.sh [OUT_DIR] [ITERATIONS]
 #
 # Not run in CI. Add --weights FILE (a local torchvision ResNet-50 state dict) to start from
 # ImageNet weights as the paper does.
