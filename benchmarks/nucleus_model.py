@@ -35,11 +35,14 @@ from PIL import Image
 
 from napari_rmt.data import Boxes
 from napari_rmt.data.coco import read_coco
+from napari_rmt.data.scale import scale_factor
 from napari_rmt.data.split import split_by_group
 from napari_rmt.evaluate.metrics import f1_scores
 from napari_rmt.model.bundled import NUCLEUS, nucleus_path
+from napari_rmt.model.config import PREDICTION_FLOOR
 from napari_rmt.model.predict import predict_tiles
 from napari_rmt.train import load_model
+from napari_rmt.train.checkpoint import native_pixel_size, read_checkpoint
 
 DATA = CONSEP
 LAST_THREE = ("test_12", "test_13", "test_14")
@@ -55,9 +58,12 @@ def scaled(tile, factor: float):
     return dataclasses.replace(tile, loader=lambda: small, path=None, width=size[0], height=size[1], boxes=boxes)
 
 
-def score(model, classes, tiles) -> dict:
+def score(model, classes, tiles, scale: float = 1.0) -> dict:
+    """Class-agnostic F1 of the model on ``tiles`` (predicted resampled by ``scale``, as
+    ``predict --pixel-size`` does, boxes back in the tiles' pixels)."""
     t0 = time.perf_counter()
-    preds = predict_tiles(model, tiles, classes, score_threshold=0.05, store=False, batch_size=8 if tiles[0].width <= 512 else 1)
+    preds = predict_tiles(model, tiles, classes, score_threshold=PREDICTION_FLOOR, store=False,
+                          batch_size=8 if tiles[0].width <= 512 else 1, scale=scale)
     seconds = time.perf_counter() - t0
     nucleus = classes.ids[0]
     pairs = [(Boxes(xyxy=t.boxes.xyxy, class_ids=np.full(len(t.boxes), nucleus)), p) for t, p in zip(tiles, preds, strict=True)]
@@ -97,6 +103,9 @@ def main() -> None:
         res["cpm15 40x"] = score(model, classes, at40)
         res["cpm15 20x as is"] = score(model, classes, at20)
         res["cpm15 20x upscaled x2"] = score(model, classes, [scaled(t, 2.0) for t in at20])
+        # the product's way: predict --pixel-size 0.5 (boxes back in the 20x tiles' own pixels)
+        native = native_pixel_size(read_checkpoint(args.model))
+        res["cpm15 20x --pixel-size 0.5"] = score(model, classes, at20, scale=scale_factor(0.5, native))
     print(json.dumps(res, indent=1))
     if args.out:
         Path(args.out).write_text(json.dumps(res, indent=1))

@@ -124,9 +124,15 @@ def crop_pool(
     return tiles, classes
 
 
+#: The model's own pixel size (µm/px): MoNuSeg's 40x fields, 0.2456-0.2527.
+PIXEL_SIZE = 0.25
+
+
 def export(work: Path, target: Path) -> None:
     """The last checkpoint's student, fp16, with its config and class list: a ``model.pt``."""
     ckpt = read_checkpoint(work / "model.pt")
+    # its scale: MoNuSeg's 40x fields (the crops' x0.35-x1.7 rescaling spreads around it)
+    ckpt["config"] = {**ckpt["config"], "pixel_size": ckpt["config"].get("pixel_size") or PIXEL_SIZE}
     target.parent.mkdir(parents=True, exist_ok=True)
     save_model(target, ckpt)  # the predicting network (the student: supervised) in fp16
     digest = hashlib.sha256(target.read_bytes()).hexdigest()
@@ -176,6 +182,7 @@ def main() -> None:
             lr_schedule="cosine",
             seed=args.seed,
             checkpoint_every_s=300,
+            pixel_size=PIXEL_SIZE,
             model=ModelConfig(backbone=args.backbone, focal_gamma=0.0),
         )
         trainer = Trainer(tiles, [], classes, cfg, checkpoint_path=ckpt_path, init_from=args.init_from)

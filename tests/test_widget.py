@@ -388,3 +388,32 @@ def test_a_run_reports_each_class_on_held_out_tiles(widget):
     assert [r.name for r in report] == ts.classes.names
     assert sum(r.held_boxes for r in report) > 0 and sum(r.train_boxes for r in report) > 0
     assert "per class on held-out tiles" in w.status.text()
+
+
+def test_pixel_size_resamples_detect_nuclei_and_is_saved_with_the_project(widget):
+    """Issue 32: the project's pixel size (µm/px) makes Detect nuclei see tiles at the
+    nucleus model's 40x (0.5 µm/px: enlarged x2), boxes back in the tile's pixels; it is
+    saved with the project, restored on reopening, and a training run records it."""
+    from napari_rmt.model.bundled import NUCLEUS
+    from napari_rmt.model.predict import predict_tiles
+    from napari_rmt.train.checkpoint import load_model
+
+    w = widget
+    ts = w.project.tileset
+    empty = next(i for i, t in enumerate(ts) if not len(t.boxes))
+    w.show_tile(empty)
+    w.review.pixel_spin.setValue(0.5)
+    assert w.project.settings["pixel_size"] == 0.5
+    w.detect_nuclei(synchronous=True)
+    assert w.last_error is None
+    model, classes, _ = load_model(NUCLEUS)
+    want = predict_tiles(model, [ts[empty]], classes, store=False, scale=2.0)[0]
+    got = ts[empty].predictions
+    assert len(got) == len(want) > 0
+    np.testing.assert_allclose(got.xyxy, want.xyxy, atol=1e-4)
+    assert w.training.training_config().pixel_size == 0.5
+    w.save_project()
+    w.open_project(w.project.folder)
+    assert w.review.pixel_spin.value() == 0.5 and w.project.settings["pixel_size"] == 0.5
+    w.review.pixel_spin.setValue(0.0)  # "not set": tiles as they are
+    assert "pixel_size" not in w.project.settings

@@ -14,6 +14,22 @@ from ..model.config import SIZED_FIELDS  # plain data: no torch import for --hel
 from ..train.config import CLI_TUNABLES
 
 
+def pixel_size(text: str) -> float:
+    """An option's pixel size in µm/px, in a microscope's range (``data.scale``)."""
+    from ..data.scale import PLAUSIBLE
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of µm per pixel") from None
+    if not PLAUSIBLE[0] <= value <= PLAUSIBLE[1]:
+        raise argparse.ArgumentTypeError(
+            f"{value:g} µm/px is not a microscope's pixel size ({PLAUSIBLE[0]}-{PLAUSIBLE[1]}; about 0.25 at 40x, "
+            "0.5 at 20x)"
+        )
+    return value
+
+
 # ------------------------------------------------------------------ progress
 class ProgressBar:
     """A one-line terminal progress bar (a plain line every 5 % when not on a terminal)."""
@@ -131,6 +147,11 @@ def add_training_options(p: argparse.ArgumentParser, method: bool = True) -> Non
     p.add_argument("--lr-schedule", choices=SCHEDULES, default=None,
                    help="constant after warm-up, or cosine down to 5%% (default: the method's; cosine for the recipe)")
     p.add_argument("--warmup", type=int, default=None, help="steps of linear lr warm-up (default 100)")
+    p.add_argument(
+        "--pixel-size", type=pixel_size, default=None, metavar="UM",
+        help="the training tiles' pixel size in µm (about 0.25 at 40x, 0.5 at 20x), saved as the model's own: "
+        "predict then resamples images of another pixel size to it",
+    )
     for t in CLI_TUNABLES:  # the widget's advanced form offers the same, from the same table
         if t.kind == "bool":
             p.add_argument(t.option, action=argparse.BooleanOptionalAction, default=None, help=t.help)
@@ -154,7 +175,7 @@ def _share(method: str) -> str:
 
 #: argparse destination -> TrainConfig field, for the options that default to the method's value.
 _OVERRIDES = {
-    "semi_lr": "semi_lr", "lr_schedule": "lr_schedule", "warmup": "warmup",
+    "semi_lr": "semi_lr", "lr_schedule": "lr_schedule", "warmup": "warmup", "pixel_size": "pixel_size",
     **{t.option[2:].replace("-", "_"): t.name for t in CLI_TUNABLES},
 }
 

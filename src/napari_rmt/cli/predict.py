@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ..data.errors import NapariRmtError
 from ..model.config import BOX_SCORES, PREDICTION_FLOOR
-from .common import ProgressBar, at_least, in_range, load_dataset
+from .common import ProgressBar, at_least, in_range, load_dataset, pixel_size
 
 
 def add_parser(sub) -> None:
@@ -33,6 +33,12 @@ def add_parser(sub) -> None:
         "(its class's probability); default: the model's own",
     )
     pred.add_argument("--nms", type=in_range(0, 1, low_open=True), default=0.5, help="class-agnostic NMS IoU")
+    pred.add_argument(
+        "--pixel-size", type=pixel_size, default=None, metavar="UM",
+        help="the images' pixel size in µm (about 0.25 at 40x, 0.5 at 20x); each image is resampled to the "
+        "model's own and its boxes mapped back. Default: what an image file states (OME-TIFF, Aperio), else "
+        "the model's",
+    )
     pred.add_argument("--batch-size", type=at_least(1), default=4)
     pred.add_argument("--device", default="auto")
     big = pred.add_argument_group(
@@ -79,6 +85,21 @@ def _classes_by_name(model_classes, data_classes, where: str):
     )
 
 
+def _scale_for(tile, args: argparse.Namespace, native: float | None, said_before: set) -> float:
+    """How much the detector enlarges ``tile``: its pixel size (``--pixel-size``, else what
+    its file states) over the model's; said once per pixel size and source."""
+    from ..data.scale import pixel_size_of, scale_factor
+
+    size, said = args.pixel_size, "--pixel-size"
+    if size is None and tile.path is not None and native is not None:
+        size, said = pixel_size_of(tile.path), "its file"
+    factor = scale_factor(size, native)
+    if factor != 1.0 and (size, said) not in said_before:
+        said_before.add((size, said))
+        print(f"napari-rmt: images at {size:g} µm/px ({said}) resampled x{factor:.2f} to the model's {native:g} µm/px")
+    return factor
+
+
 def run(args: argparse.Namespace) -> int:
     from ..data.atomic import atomic_write_json, check_output
     from ..data.boxstore import write_boxes_zarr
@@ -98,7 +119,7 @@ def run(args: argparse.Namespace) -> int:
         for p in args.paths or []:
             check_output(Path(args.zarr) / f"{Path(p).stem}.zarr", inputs, "--zarr", folder=True,
                          overwrite=args.overwrite)
-    from ..train.checkpoint import model_from_checkpoint, model_payload, read_checkpoint
+    from ..train.checkpoint import model_from_checkpoint, model_payload, native_pixel_size, read_checkpoint
 
     ckpt = read_checkpoint(args.model)
     if args.box_score:  # in the config, so that Dask workers rebuild the model with it too
@@ -106,6 +127,13 @@ def run(args: argparse.Namespace) -> int:
         config["model"] = {**dict(config.get("model") or {}), "box_score": args.box_score}
         ckpt = {**ckpt, "config": config}
     model, classes, _ = model_from_checkpoint(ckpt)
+    native = native_pixel_size(ckpt)
+    if args.pixel_size is not None and native is None:
+        raise NapariRmtError(
+            f"--pixel-size {args.pixel_size:g}: the model {args.model} does not state the pixel size it was "
+            "trained at (train it with --pixel-size), so images cannot be resampled to it; predict without "
+            "--pixel-size"
+        )
     device = resolve_device(args.device)
     model.to(device)
     if args.coco:
@@ -127,18 +155,25 @@ def run(args: argparse.Namespace) -> int:
     ]
     small = [t for t in tiles if t not in large]
     t0 = time.perf_counter()
+    said: set = set()
+    factors = {t.id: _scale_for(t, args, native, said) for t in tiles}
     if small:
         bar = ProgressBar(len(small), label="predict")
-        predict_tiles(
-            model,
-            small,
-            classes,
-            batch_size=args.batch_size,
-            score_threshold=args.score_threshold,
-            nms_iou=args.nms,
-            device=device,
-            progress=lambda d, n: bar.update(d),
-        )
+        done = 0
+        for factor in sorted({factors[t.id] for t in small}):
+            group = [t for t in small if factors[t.id] == factor]
+            predict_tiles(
+                model,
+                group,
+                classes,
+                batch_size=args.batch_size,
+                score_threshold=args.score_threshold,
+                nms_iou=args.nms,
+                device=device,
+                progress=lambda d, n, before=done: bar.update(before + d),
+                scale=factor,
+            )
+            done += len(group)
         bar.close()
     client = None
     if large and (args.workers or args.dask_scheduler):
@@ -163,10 +198,10 @@ def run(args: argparse.Namespace) -> int:
                 # full-precision weights: the same boxes as the single-process path
                 t.predictions = predict_large_image_dask(
                     client, model_payload(ckpt, half=False), model_from_checkpoint, image, classes,
-                    threads_per_worker=args.threads_per_worker, **options,
+                    threads_per_worker=args.threads_per_worker, scale=factors[t.id], **options,
                 )
             else:
-                t.predictions = predict_large_image(model, image, classes, device=device, **options)
+                t.predictions = predict_large_image(model, image, classes, device=device, scale=factors[t.id], **options)
             bar.close()
             if args.zarr:
                 folder = Path(args.zarr)

@@ -54,10 +54,12 @@ def snapshot(tiles: list[Tile]) -> list[Tile]:
 
 
 def predict_in_chunks(
-    model, tiles: list[Tile], classes: ClassList, batch: int, cancelled: Callable[[], bool], device="cpu"
+    model, tiles: list[Tile], classes: ClassList, batch: int, cancelled: Callable[[], bool], device="cpu",
+    scale: float = 1.0,
 ) -> Generator[PredictProgress, None, dict[int, Boxes] | None]:
-    """Predict ``tiles`` a batch at a time, yielding progress and checking for a cancel
-    between batches; returns the boxes per tile id, or None when cancelled."""
+    """Predict ``tiles`` a batch at a time (resampled by ``scale``, ``data/scale.py``),
+    yielding progress and checking for a cancel between batches; returns the boxes per
+    tile id, or None when cancelled."""
     from ..model.predict import predict_tiles
 
     out: dict[int, Boxes] = {}
@@ -66,7 +68,7 @@ def predict_in_chunks(
         if cancelled():
             return None
         chunk = tiles[start : start + batch]
-        boxes = predict_tiles(model, chunk, classes, batch_size=batch, store=False, device=device)
+        boxes = predict_tiles(model, chunk, classes, batch_size=batch, store=False, device=device, scale=scale)
         out.update({t.id: b for t, b in zip(chunk, boxes, strict=True)})
         yield PredictProgress(min(start + batch, total), total)
     return out
@@ -186,10 +188,12 @@ class NucleusJob:
     correction instead of drawing.
     """
 
-    def __init__(self, tiles: list[Tile], class_id: int, batch: int = 4) -> None:
+    def __init__(self, tiles: list[Tile], class_id: int, batch: int = 4, pixel_size: float | None = None) -> None:
         self.tiles = snapshot(tiles)
         self.class_id = class_id
         self.batch = batch
+        #: the tiles' µm/px (the project's setting): resampled to the model's 40x when set
+        self.pixel_size = pixel_size
         self._cancel = False
 
     def cancel(self) -> None:
@@ -200,11 +204,14 @@ class NucleusJob:
         from ._guard import guard_triton
 
         guard_triton()
+        from ..data.scale import scale_factor
         from ..model.bundled import NUCLEUS
-        from ..train.checkpoint import load_model
+        from ..train.checkpoint import model_from_checkpoint, native_pixel_size, read_checkpoint
 
-        model, classes, _ = load_model(NUCLEUS)
-        out = yield from predict_in_chunks(model, self.tiles, classes, self.batch, lambda: self._cancel)
+        ckpt = read_checkpoint(NUCLEUS)
+        model, classes, _ = model_from_checkpoint(ckpt)
+        scale = scale_factor(self.pixel_size, native_pixel_size(ckpt))
+        out = yield from predict_in_chunks(model, self.tiles, classes, self.batch, lambda: self._cancel, scale=scale)
         for boxes in (out or {}).values():
             boxes.class_ids[:] = self.class_id
         return out
@@ -213,8 +220,11 @@ class NucleusJob:
 class WholeImageJob:
     """Detect cells over a whole large image with a checkpoint's model, window by window."""
 
-    def __init__(self, checkpoint: dict[str, Any], image, window: int = 512, context: int = 128) -> None:
+    def __init__(
+        self, checkpoint: dict[str, Any], image, window: int = 512, context: int = 128, pixel_size: float | None = None
+    ) -> None:
         self.checkpoint, self.image, self.window, self.context = checkpoint, image, window, context
+        self.pixel_size = pixel_size
         self._cancel = False
 
     def cancel(self) -> None:
@@ -225,11 +235,15 @@ class WholeImageJob:
         from ._guard import guard_triton
 
         guard_triton()
+        from ..data.scale import scale_factor
         from ..model.wholeimage import iter_predict_large_image
-        from ..train.checkpoint import model_from_checkpoint
+        from ..train.checkpoint import model_from_checkpoint, native_pixel_size
 
         model, classes, _ = model_from_checkpoint(self.checkpoint)
-        steps = iter_predict_large_image(model, self.image, classes, window=self.window, context=self.context)
+        scale = scale_factor(self.pixel_size, native_pixel_size(self.checkpoint))
+        steps = iter_predict_large_image(
+            model, self.image, classes, window=self.window, context=self.context, scale=scale
+        )
         while True:
             if self._cancel:
                 return None

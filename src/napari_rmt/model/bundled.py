@@ -14,6 +14,9 @@ from pathlib import Path
 NUCLEUS = "nucleus"
 #: Said wherever the model is offered: the training data's license binds its use.
 LICENSE_NOTE = "trained on MoNuSeg (CC BY-NC-SA 4.0): research and non-commercial use only"
+#: The bundled model's pixel size (µm/px): MoNuSeg's fields are 40x scans at about 0.25
+#: (``weights/README.md``); its file predates the setting, so it is stated here.
+NUCLEUS_PIXEL_SIZE = 0.25
 
 
 def nucleus_path() -> Path:
@@ -21,6 +24,16 @@ def nucleus_path() -> Path:
     from importlib.resources import files
 
     return Path(str(files("napari_rmt.model").joinpath("weights", "nucleus.pt")))
+
+
+def is_bundled(path: str | Path | None) -> bool:
+    """Whether ``path`` is the bundled model's file."""
+    if path is None:
+        return False
+    try:
+        return Path(path).resolve() == nucleus_path().resolve()
+    except OSError:
+        return False
 
 
 def resolve_model(path: str | Path) -> Path:

@@ -77,7 +77,8 @@ def _batch_task(
     image = cached_large_image(image_path)
     limits = detect_options(limit, options["objectness"], options["per_cell"])
     return predict_window_batch(
-        model, image, batch, options["score_threshold"], options["nms_iou"], _worker_device(), limits
+        model, image, batch, options["score_threshold"], options["nms_iou"], _worker_device(), limits,
+        options["scale"],
     )
 
 
@@ -134,6 +135,7 @@ def predict_large_image_dask(
     per_cell: int | None = None,
     threads_per_worker: int = 1,
     retries: int = 2,
+    scale: float = 1.0,
     progress: Callable[[int, int], None] | None = None,
 ) -> Boxes:
     """``wholeimage.predict_large_image`` with the batches computed by ``client``'s workers.
@@ -159,7 +161,7 @@ def predict_large_image_dask(
     plan = plan_windows(image, window, overlap, context, batch_size)
     options = {
         "score_threshold": score_threshold, "nms_iou": nms_iou, "threads": threads_per_worker,
-        "objectness": objectness, "per_cell": per_cell, "build": build,
+        "objectness": objectness, "per_cell": per_cell, "build": build, "scale": scale,
     }
     # the model goes to every worker once; each task carries only its windows
     [sent] = client.scatter([payload], broadcast=True, hash=False)

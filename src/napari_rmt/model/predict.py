@@ -12,6 +12,7 @@ from torchvision.ops import batched_nms, nms
 from ..data.boxes import Boxes, BoxSource
 from ..data.classes import ClassList
 from ..data.errors import NapariRmtError
+from ..data.scale import resample, scaled_size
 from ..data.tiles import Tile
 from .config import PREDICTION_FLOOR
 from .options import DetectOptions, detecting
@@ -58,6 +59,13 @@ def select(
             k = batched_nms(boxes[keep], scores[keep], labels[keep], nms_iou)
         keep = keep[k]
     return keep[torch.argsort(scores[keep], descending=True)]
+
+
+def map_back(boxes: torch.Tensor, size: tuple[int, int], seen: tuple[int, int]) -> torch.Tensor:
+    """Boxes found on an image resampled from ``size`` to ``seen`` (width, height), in the
+    original image's pixels."""
+    ratio = torch.tensor([size[0] / seen[0], size[1] / seen[1]] * 2, dtype=boxes.dtype)
+    return boxes * ratio
 
 
 def detections_to_boxes(
@@ -133,29 +141,39 @@ def predict_tiles(
     device: torch.device | str = "cpu",
     store: bool = True,
     progress: Callable[[int, int], None] | None = None,
+    scale: float = 1.0,
 ) -> list[Boxes]:
     """Predict every tile; with ``store`` the result also becomes ``tile.predictions``.
 
     A tile larger than ``LARGE_TILE`` is judged as whole images are (local proposal caps,
     no count per image), so it gets the boxes its windows would; a tile whose boxes reach
-    the detector's cap warns (``CapWarning``) naming it."""
+    the detector's cap warns (``CapWarning``) naming it. With ``scale`` (``data.scale``:
+    the tiles' pixel size over the model's) each tile is resampled by it for the detector
+    and its boxes are mapped back to the tile's own pixels."""
     import warnings
 
     from .wholeimage import DEFAULT_OBJECTNESS
 
     tiles = list(tiles)
     results: list[Boxes] = []
+
+    def pixels(tile: Tile) -> np.ndarray:
+        return resample(tile.pixels(), scale)
+
+    def seen(tile: Tile) -> tuple[int, int]:
+        return scaled_size(tile.width, tile.height, scale) if scale != 1.0 else (tile.width, tile.height)
+
     cap = getattr(getattr(model, "roi_heads", None), "detections_per_img", None)
     done = 0
     for start in range(0, len(tiles), batch_size):
         chunk = tiles[start : start + batch_size]
-        tiny = {k for k, t in enumerate(chunk) if min(t.width, t.height) < MIN_SIDE}
+        tiny = {k for k, t in enumerate(chunk) if min(seen(t)) < MIN_SIDE}
         for k in sorted(tiny):
             warnings.warn(PredictionWarning(
                 f"tile {chunk[k].name!r} is {chunk[k].width}x{chunk[k].height} px; tiles under {MIN_SIDE} px a "
                 "side get no boxes"), stacklevel=2)
-        small = [k for k, t in enumerate(chunk) if t.width * t.height <= LARGE_TILE and k not in tiny]
-        found = predict_images(model, [image_tensor(chunk[k].pixels()) for k in small], batch_size, device)
+        small = [k for k, t in enumerate(chunk) if seen(t)[0] * seen(t)[1] <= LARGE_TILE and k not in tiny]
+        found = predict_images(model, [image_tensor(pixels(chunk[k])) for k in small], batch_size, device)
         dets = dict(zip(small, found, strict=True))
         for k, tile in enumerate(chunk):
             if k in tiny:
@@ -164,11 +182,13 @@ def predict_tiles(
                 det = dets[k]
             else:
                 whole = DetectOptions(objectness=DEFAULT_OBJECTNESS)
-                det = predict_images(model, [image_tensor(tile.pixels())], 1, device, options=whole)[0]
+                det = predict_images(model, [image_tensor(pixels(tile))], 1, device, options=whole)[0]
             if cap is not None and k in dets and len(det["boxes"]) >= cap and float(det["scores"].min()) >= CAP_WARN_SCORE:
                 warnings.warn(CapWarning(
                     f"tile {tile.name!r}: {len(det['boxes'])} boxes, the detector's cap per tile; some cells may "
                     "have no box (cut the tile smaller)"), stacklevel=2)
+            if scale != 1.0:
+                det = {**det, "boxes": map_back(det["boxes"], (tile.width, tile.height), seen(tile))}
             keep = select(
                 det["boxes"], det["scores"], det["labels"], score_threshold, nms_iou, class_agnostic
             )

@@ -40,9 +40,10 @@ from ..data.boxes import Boxes
 from ..data.classes import ClassList
 from ..data.errors import NapariRmtError
 from ..data.large import LargeImage, Window, tile_grid
+from ..data.scale import resample, scaled_size
 from .config import PREDICTION_FLOOR
 from .options import DetectOptions
-from .predict import detections_to_boxes, image_tensor, predict_images, select
+from .predict import detections_to_boxes, image_tensor, map_back, predict_images, select
 
 # A floor on RPN objectness for windows and whole images. Measured on a 768 px MoNuSeg
 # window with a CoNSeP-trained ResNet-18: 0.01 kept every box that scored >= 0.3 without
@@ -211,6 +212,7 @@ def iter_predict_large_image(
     per_window_limit: int | None = None,
     objectness: float | None = DEFAULT_OBJECTNESS,
     per_cell: int | None = None,
+    scale: float = 1.0,
 ) -> Generator[tuple[int, int], None, Boxes]:
     """Boxes over the whole image, in whole-image pixel coordinates.
 
@@ -228,14 +230,16 @@ def iter_predict_large_image(
     proposal rule: an objectness floor (``objectness``) and at most ``per_cell``
     proposals per 64 px cell (``detect_options``), so that which proposals a cell gets
     does not depend on the window that sees it. With ``objectness=None`` torchvision's
-    per-input counts apply instead, raised to ``per_window_limit``.
+    per-input counts apply instead, raised to ``per_window_limit``. With ``scale``
+    (``data.scale``: the image's pixel size over the model's) the detector sees each read
+    region resampled by it, and its boxes come back in the image's own pixels.
     """
     plan = plan_windows(image, window, overlap, context, batch_size, per_window_limit)
     stitcher = plan.stitcher(nms_iou)
     done = 0
     options = detect_options(plan.limit, objectness, per_cell)
     for batch in plan.batches:
-        for found in predict_window_batch(model, image, batch, score_threshold, nms_iou, device, options):
+        for found in predict_window_batch(model, image, batch, score_threshold, nms_iou, device, options, scale):
             stitcher.add(*found)
         done += len(batch)
         yield done, plan.n_windows
@@ -297,11 +301,18 @@ def predict_window_batch(
     nms_iou: float,
     device: torch.device | str = "cpu",
     options: DetectOptions | None = None,
+    scale: float = 1.0,
 ) -> list[tuple[Window, torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Each window's owned boxes (whole-image coordinates) for one batch of windows, the
-    detector keeping what ``options`` says (``detect_options`` of the plan's limit)."""
-    tensors = [image_tensor(image.read(*region)) for _, region in batch]
+    detector keeping what ``options`` says (``detect_options`` of the plan's limit) and
+    seeing each region resampled by ``scale``."""
+    tensors = [image_tensor(resample(image.read(*region), scale)) for _, region in batch]
     dets = predict_images(model, tensors, batch_size=len(batch), device=device, options=options)
+    if scale != 1.0:
+        dets = [
+            {**d, "boxes": map_back(d["boxes"], region[2:], scaled_size(*region[2:], scale))}
+            for d, (_, region) in zip(dets, batch, strict=True)
+        ]
     return [
         (w, *_window_boxes(det, w, region, image, score_threshold, nms_iou, touch_px=1.0))
         for (w, region), det in zip(batch, dets, strict=True)

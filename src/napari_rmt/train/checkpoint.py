@@ -141,6 +141,18 @@ def config_from_checkpoint(ckpt: dict[str, Any]) -> TrainConfig:
         raise CheckpointError(f"{ckpt.get('_path', 'checkpoint')}: bad config ({exc})") from exc
 
 
+def native_pixel_size(ckpt: dict[str, Any]) -> float | None:
+    """The pixel size (µm/px) a model was trained at: its config's, or for the bundled
+    nucleus model (saved before the setting existed) the 40x of its training fields
+    (``model/weights/README.md``); None when unknown."""
+    from ..model.bundled import NUCLEUS_PIXEL_SIZE, is_bundled
+
+    size = (ckpt.get("config") or {}).get("pixel_size")
+    if size is None and is_bundled(ckpt.get("_path")):
+        return NUCLEUS_PIXEL_SIZE
+    return float(size) if size is not None else None
+
+
 def load_state(model: nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
     """``load_state_dict`` (strict) that names the file and the first mismatches."""
     own = model.state_dict()

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..data.errors import NapariRmtError
+from ..data.scale import check_pixel_size
 from ..model.config import LEGACY, ModelConfig
 from .methods import METHODS, TABLE, Method
 
@@ -215,6 +216,10 @@ class TrainConfig:
     #: Where the student starts: "none" (random init, or ``model.weights``), or "nucleus":
     #: the bundled nucleus model (``model/bundled.py``) with a fresh classifier.
     init: str = "none"
+    #: The training tiles' pixel size (µm/px), saved as the model's own: prediction
+    #: resamples an image of another pixel size to it (``data/scale.py``). None: unknown,
+    #: images are taken as they are.
+    pixel_size: float | None = None
     model: ModelConfig = field(default_factory=ModelConfig)
 
     def __post_init__(self) -> None:
@@ -300,6 +305,8 @@ class TrainConfig:
             bad(f"burn_in_fraction {self.burn_in_fraction} must be in [0, 1)")
         if self.init not in INITS:
             bad(f"init {self.init!r} is not one of {INITS}")
+        if self.pixel_size is not None:
+            check_pixel_size(self.pixel_size, "training config")
         if self.init == "nucleus" and self.model.weights is not None:
             bad("init 'nucleus' starts the backbone from the bundled model; it cannot also start "
                 f"from weights {self.model.weights!r} (use init 'none' with those weights)")

@@ -78,7 +78,8 @@ class LargePanel(QGroupBox):
             return
         image = state.whole.image
         state.say(f"predicting {image.name} ({image.width} x {image.height})…")
-        job = WholeImageJob(state.model_state, image, window=window, context=context)
+        job = WholeImageJob(state.model_state, image, window=window, context=context,
+                            pixel_size=state.project.settings.get("pixel_size") if state.project else None)
         state.start_job(job, self._on_progress, self._on_returned, "whole-image prediction failed", synchronous)
 
     def _on_progress(self, msg) -> None:

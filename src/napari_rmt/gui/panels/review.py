@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 from qtpy.QtCore import Qt
-from qtpy.QtWidgets import QGroupBox, QHBoxLayout, QLabel, QPushButton, QSlider, QVBoxLayout
+from qtpy.QtWidgets import QDoubleSpinBox, QGroupBox, QHBoxLayout, QLabel, QPushButton, QSlider, QVBoxLayout
 
 from ...data.errors import NapariRmtError
+from ...data.scale import PLAUSIBLE
 from ...model.bundled import LICENSE_NOTE
 from ..state import AppState
 
@@ -81,6 +82,23 @@ class ReviewPanel(QGroupBox):
         row.addWidget(self.detect_btn)
         row.addWidget(self.detect_all_btn)
         rl.addLayout(row)
+        row = QHBoxLayout()
+        row.addWidget(QLabel("pixel size"))
+        self.pixel_spin = QDoubleSpinBox()
+        self.pixel_spin.setRange(0.0, PLAUSIBLE[1])
+        self.pixel_spin.setDecimals(3)
+        self.pixel_spin.setSingleStep(0.05)
+        self.pixel_spin.setSuffix(" µm/px")
+        self.pixel_spin.setSpecialValueText("not set: tiles as they are")
+        self.pixel_spin.setToolTip(
+            "How many micrometres one pixel of these tiles spans (about 0.25 at 40x, 0.5 at 20x; your "
+            "scanner's metadata or QuPath's Image tab says). Set it when the tiles are not 40x: the nucleus "
+            "model (trained at 0.25) then sees them resampled to its scale and finds many more nuclei; "
+            "training records it as the model's own. Saved with the project."
+        )
+        self.pixel_spin.valueChanged.connect(self._on_pixel_size)
+        row.addWidget(self.pixel_spin, 1)
+        rl.addLayout(row)
         state.moved.connect(self.update_score_label)
         state.opened.connect(self._restore_cut)
         # review without the mouse: the viewer's keys (the layers keep 1-9 for classes)
@@ -93,9 +111,23 @@ class ReviewPanel(QGroupBox):
     # ------------------------------------------------------------------ the score cut
     def _restore_cut(self) -> None:
         """A reopened project shows its predictions at the cut it was left at."""
-        cut = self.state.project.settings.get("score_cut")
+        settings = self.state.project.settings
+        cut = settings.get("score_cut")
         if isinstance(cut, (int, float)) and 0 <= cut <= 1:
             self.score_slider.setValue(round(100 * cut))
+        size = settings.get("pixel_size")
+        valid = isinstance(size, (int, float)) and PLAUSIBLE[0] <= size <= PLAUSIBLE[1]
+        self.pixel_spin.blockSignals(True)
+        self.pixel_spin.setValue(float(size) if valid else 0.0)
+        self.pixel_spin.blockSignals(False)
+
+    def _on_pixel_size(self, value: float) -> None:
+        if self.state.project is None:
+            return
+        if value < PLAUSIBLE[0]:
+            self.state.project.settings.pop("pixel_size", None)
+        else:
+            self.state.project.settings["pixel_size"] = round(float(value), 4)  # saved with the next autosave
 
     def _on_score(self, value: int) -> None:
         state = self.state
@@ -208,7 +240,7 @@ class ReviewPanel(QGroupBox):
         state.progress.emit(0, len(tiles))
         state.say(f"detecting nuclei on {len(tiles)} tile{'s' if len(tiles) > 1 else ''}…")
         state.start_job(
-            NucleusJob(tiles, ts.classes.by_name(name).id),
+            NucleusJob(tiles, ts.classes.by_name(name).id, pixel_size=state.project.settings.get("pixel_size")),
             lambda msg: state.progress.emit(msg.done, msg.total),
             self._on_detected,
             "Detect nuclei failed",

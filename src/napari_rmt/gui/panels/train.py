@@ -219,6 +219,9 @@ class TrainPanel(QGroupBox):
         values["init"] = default_init(ModelConfig(backbone=self.backbone_combo.currentText())) if wants_nucleus else "none"
         if self.minutes_spin.value() > 0:
             values["time_budget_s"] = 60.0 * self.minutes_spin.value()
+        size = self.state.project.settings.get("pixel_size") if self.state.project is not None else None
+        if isinstance(size, (int, float)):
+            values["pixel_size"] = float(size)  # the tiles' scale becomes the model's own
         if self.advanced.isChecked():
             values.update(self.form.values())
         elif self.state.model_state is not None:

@@ -1,0 +1,117 @@
+"""Pixel size: how many micrometres one pixel spans, read from a file or given, and the
+resampling that brings an image to a model's own pixel size.
+
+A detector learns nuclei at the size they had in its training tiles: the bundled nucleus
+model, trained at 40x (about 0.25 µm per pixel), finds half as many nuclei on 20x tiles
+(0.5 µm/px) as on the same tissue resampled to 40x (docs/benchmarks.md, CPM-15: F1 48.3
+as they are, 60.8 resampled). So an image whose pixel size differs from the model's is
+resampled by ``pixel size / model's pixel size`` before the detector sees it, and its
+boxes are mapped back to the image's own pixels.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+
+from .errors import ImageReadError, NapariRmtError
+
+#: Pixel sizes outside this range (µm/px) are not microscopy: a TIFF's default 72 dpi says
+#: 353 µm/px, which is a file written by a tool that knew nothing of the scan.
+PLAUSIBLE = (0.02, 20.0)
+#: Pixel sizes within this share of each other are the same scale: no resampling.
+SAME = 0.02
+
+
+def check_pixel_size(value: float, where: str) -> float:
+    """``value`` (µm/px) if it is a plausible pixel size, else a clear error naming ``where``."""
+    if not isinstance(value, (int, float)) or not math.isfinite(value) or not PLAUSIBLE[0] <= value <= PLAUSIBLE[1]:
+        raise NapariRmtError(
+            f"{where}: pixel size {value!r} µm/px is not one of a microscope's ({PLAUSIBLE[0]}-{PLAUSIBLE[1]}; "
+            "about 0.25 at 40x, 0.5 at 20x)"
+        )
+    return float(value)
+
+
+def scale_factor(pixel_size: float | None, model_pixel_size: float | None) -> float:
+    """How much an image of ``pixel_size`` is enlarged for a model of ``model_pixel_size``
+    (2.0: a 20x image for a 40x model); 1.0 when either is unknown or they agree."""
+    if not pixel_size or not model_pixel_size:
+        return 1.0
+    factor = pixel_size / model_pixel_size
+    return 1.0 if abs(factor - 1.0) <= SAME else factor
+
+
+def scaled_size(width: int, height: int, factor: float) -> tuple[int, int]:
+    return max(1, round(width * factor)), max(1, round(height * factor))
+
+
+def resample(pixels: np.ndarray, factor: float) -> np.ndarray:
+    """``(H, W, 3) uint8`` pixels enlarged (or shrunk) by ``factor``, bilinear; the result's
+    size is ``scaled_size``. Boxes found on it map back by ``width / new width`` (and the
+    height's ratio), exactly."""
+    if factor == 1.0:
+        return pixels
+    from PIL import Image
+
+    h, w = pixels.shape[:2]
+    return np.array(Image.fromarray(pixels).resize(scaled_size(w, h, factor), Image.BILINEAR))
+
+
+def pixel_size_of(path: str | os.PathLike) -> float | None:
+    """The pixel size a file states (µm/px), or None: OME-TIFF's ``PhysicalSizeX``, an
+    Aperio description's ``MPP``, or a TIFF resolution in centimetres or inches when it is
+    a microscope's. Other formats (PNG, JPEG, zarr) state none we trust."""
+    path = Path(path)
+    if path.suffix.lower() not in (".tif", ".tiff", ".svs", ".ome.tif", ".ome.tiff"):
+        return None
+    try:
+        import tifffile
+
+        with tifffile.TiffFile(path) as tf:
+            found = _ome(tf.ome_metadata) if tf.is_ome else None
+            page = tf.pages[0]
+            if found is None:
+                found = _aperio(getattr(page, "description", "") or "")
+            if found is None:
+                found = _resolution(page.tags)
+    except Exception as exc:  # a file the reader cannot parse says nothing of its scale
+        raise ImageReadError(f"{path}: cannot read its header ({type(exc).__name__}: {exc})") from exc
+    if found is None or not PLAUSIBLE[0] <= found <= PLAUSIBLE[1]:
+        return None
+    return found
+
+
+_UNITS = {"µm": 1.0, "um": 1.0, "micron": 1.0, "nm": 1e-3, "mm": 1e3, "cm": 1e4, "m": 1e6}
+
+
+def _ome(xml: str | None) -> float | None:
+    if not xml:
+        return None
+    size = re.search(r'PhysicalSizeX="([0-9.eE+-]+)"', xml)
+    if not size:
+        return None
+    unit = re.search(r'PhysicalSizeXUnit="([^"]+)"', xml)
+    factor = _UNITS.get(unit.group(1) if unit else "µm")
+    return float(size.group(1)) * factor if factor else None
+
+
+def _aperio(description: str) -> float | None:
+    found = re.search(r"\bMPP\s*=\s*([0-9.]+)", description)
+    return float(found.group(1)) if found else None
+
+
+def _resolution(tags) -> float | None:
+    res, unit = tags.get("XResolution"), tags.get("ResolutionUnit")
+    if res is None or unit is None:
+        return None
+    num, den = res.value if isinstance(res.value, tuple) else (res.value, 1)
+    per_unit = num / den if den else 0.0
+    if per_unit <= 0:
+        return None
+    micrometres = {2: 25400.0, 3: 10000.0}.get(int(unit.value))
+    return micrometres / per_unit if micrometres else None
