@@ -155,8 +155,9 @@ def test_status_panel_shows_messages_and_progress(state):
     assert "no labelled tiles" in panel.status.text() and "ff6b6b" in panel.status.styleSheet()
     state.say("fine")
     assert panel.status.text() == "fine" and panel.status.styleSheet() == ""
-    state.progress.emit(3, 7)
+    state.progress.emit(3, 7, "Detect nuclei: tiles")
     assert (panel.progress.value(), panel.progress.maximum()) == (3, 7)
+    assert panel.progress.text() == "Detect nuclei: 3 / 7 tiles"  # never a bare "1 / 1"
 
 
 def test_train_panel_fills_the_methods_defaults(state):

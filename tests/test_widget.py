@@ -66,6 +66,7 @@ def test_annotate_train_review_export_reopen(widget, tmp_path):
     assert w.last_error is None, w.last_error
     assert w.model_state is not None and (w.project.folder / "model.pt").is_file()
     assert w.progress.value() == w.progress.maximum()  # the bar ends full
+    assert w.progress.text().startswith("training: ") and w.progress.text().endswith(" steps")
     # the loss plot marks where the unlabelled terms arrive (burn-in 1 of 2 iterations)
     assert [it for it, _ in w.training.plot.marks] == [1]
     # something new on screen: a tile with predictions (the current one was labelled)

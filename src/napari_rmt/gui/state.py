@@ -40,8 +40,9 @@ class AppState(QObject):
     #: A warning that stays in sight until replaced ("" clears it): the status line is
     #: overwritten at every training iteration.
     warning = Signal(str)
-    #: A job's progress: (done, total).
-    progress = Signal(int, int)
+    #: A job's progress: (done, total, what is counted: "Detect nuclei: tiles",
+    #: "training: steps"), so that the bar never shows a bare "1 / 1".
+    progress = Signal(int, int, str)
     #: the box under the pointer on the active boxes layer, in words ("" when none)
     hovered = Signal(str)
 

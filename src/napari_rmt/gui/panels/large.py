@@ -83,7 +83,7 @@ class LargePanel(QGroupBox):
         state.start_job(job, self._on_progress, self._on_returned, "whole-image prediction failed", synchronous)
 
     def _on_progress(self, msg) -> None:
-        self.state.progress.emit(msg.done, msg.total)
+        self.state.progress.emit(msg.done, msg.total, "whole image: windows")
         self.state.say(f"predicting whole image: window {msg.done}/{msg.total}")
 
     def _on_returned(self, boxes) -> None:

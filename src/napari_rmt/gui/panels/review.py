@@ -237,11 +237,11 @@ class ReviewPanel(QGroupBox):
 
         name = self.current_class() or ts.classes.names[0]
         self._detect_class = name
-        state.progress.emit(0, len(tiles))
+        state.progress.emit(0, len(tiles), "Detect nuclei: tiles")
         state.say(f"detecting nuclei on {len(tiles)} tile{'s' if len(tiles) > 1 else ''}…")
         state.start_job(
             NucleusJob(tiles, ts.classes.by_name(name).id, pixel_size=state.project.settings.get("pixel_size")),
-            lambda msg: state.progress.emit(msg.done, msg.total),
+            lambda msg: state.progress.emit(msg.done, msg.total, "Detect nuclei: tiles"),
             self._on_detected,
             "Detect nuclei failed",
             synchronous,

@@ -288,7 +288,7 @@ class TrainPanel(QGroupBox):
         self.plot.reset()
         self.report = []
         self.state.warn("")  # the last run's warning is about the last run
-        self.state.progress.emit(0, cfg.iterations)
+        self.state.progress.emit(0, cfg.iterations, "training: steps")
         self.state.say(
             f"{cfg.method}: {len(ts.labelled)} fully annotated, {len(ts.partial)} partly annotated, "
             f"{len(ts.unlabelled)} unlabelled tiles"
@@ -304,7 +304,7 @@ class TrainPanel(QGroupBox):
         from ..jobs import PredictProgress
 
         if isinstance(ev, IterationEvent):
-            self.state.progress.emit(ev.iteration, ev.total)
+            self.state.progress.emit(ev.iteration, ev.total, "training: steps")
             pseudo = (
                 f", {sum(ev.pseudo_per_image) / len(ev.pseudo_per_image):.1f} pseudo-boxes/tile"
                 if ev.pseudo_per_image
@@ -334,7 +334,7 @@ class TrainPanel(QGroupBox):
             return
         self.state.model_state = result.checkpoint
         # a run that ended on its time limit did fewer steps than planned: the bar ends full
-        self.state.progress.emit(result.iterations, result.iterations)
+        self.state.progress.emit(result.iterations, result.iterations, "training: steps")
         ts = self.state.project.tileset
         self.state.session.pull()
         for tile_id, boxes in result.predictions.items():
