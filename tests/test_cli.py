@@ -278,7 +278,8 @@ def test_every_tunable_from_the_command_line_trains_and_keeps_its_kind(tmp_path,
     run: integers reach the trainer as integers (``--teacher-views 2`` once stopped
     training with a TypeError), and the run trains."""
     from conftest import make_coco
-    from napari_rmt.train.config import CLI_TUNABLES, TrainConfig
+    from napari_rmt.train.config import TrainConfig
+    from napari_rmt.train.tunables import CLI_TUNABLES
 
     coco = make_coco(tmp_path / "data", n_images=4, size=(64, 64))
     default = TrainConfig.for_method("rmt+")

@@ -212,7 +212,8 @@ def test_advanced_form_and_cli_offer_the_same_settings(state):
     form, shows each method's own default, and reads back unchanged; the command line has
     an option for each with the same range."""
     from napari_rmt.cli import build_parser
-    from napari_rmt.train.config import CLI_TUNABLES, METHODS, TUNABLES, TrainConfig
+    from napari_rmt.train.config import METHODS, TrainConfig
+    from napari_rmt.train.tunables import CLI_TUNABLES, TUNABLES
 
     panel = TrainPanel(state)
     panel.advanced.setChecked(True)
@@ -227,11 +228,21 @@ def test_advanced_form_and_cli_offer_the_same_settings(state):
             ), (method, t.name)
     train = build_parser()._subparsers._group_actions[0].choices["train"]
     options = {o: a for a in train._actions for o in a.option_strings}
+    from napari_rmt.train.config import BOUNDS
+
+    for t in TUNABLES:  # the form's range lies inside what the config admits (BOUNDS, declared once)
+        if t.kind in ("int", "float"):
+            b = BOUNDS[t.name]
+            assert b.admits(t.high) and (b.admits(t.low) or (t.optional and t.low == b.low)), t.name
     for t in CLI_TUNABLES:
         assert t.option in options, t.option
-        if t.kind == "float":
+        b = t.bounds
+        if t.kind == "float" and b.high is not None:  # the option refuses what validate() would
             with pytest.raises(SystemExit):
-                train.parse_args(["--coco", "x.json", "--out", "o", t.option, str(t.high + 1)])
+                train.parse_args(["--coco", "x.json", "--out", "o", t.option, str(b.high + 1)])
+        if t.kind == "float" and b.high is None:  # and takes what it admits beyond the form's range
+            args = train.parse_args(["--coco", "x.json", "--out", "o", t.option, str(t.high + 1)])
+            assert getattr(args, t.option[2:].replace("-", "_")) == t.high + 1
 
 
 def test_train_panel_keeps_a_missing_class_warning_in_sight(state):

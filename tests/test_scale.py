@@ -125,5 +125,5 @@ def test_a_models_pixel_size_is_saved_and_read(tiny_tiles, tmp_path):
     from napari_rmt.model.bundled import NUCLEUS
 
     assert native_pixel_size(read_checkpoint(NUCLEUS)) == 0.25  # stated for the bundled file
-    with pytest.raises(NapariRmtError, match="pixel size"):
+    with pytest.raises(NapariRmtError, match=r"pixel_size 1000.0 must be in \[0.02, 20\]"):
         TrainConfig.for_method("supervised", pixel_size=1000.0)

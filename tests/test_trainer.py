@@ -189,7 +189,7 @@ def test_bad_input(tiny_tiles):
         Trainer([], tiny_tiles, CLASSES, tiny_config("rmt"))
     with pytest.raises(TrainingError, match="needs unlabelled or partly annotated tiles"):
         Trainer(tiny_tiles, [], CLASSES, tiny_config("rmt"))
-    with pytest.raises(Exception, match="method 'fixmatch' is not one of"):
+    with pytest.raises(Exception, match="method 'fixmatch' must be one of"):
         tiny_config("fixmatch")
 
 

@@ -11,7 +11,7 @@ from typing import Any
 
 from ..data.errors import NapariRmtError
 from ..model.config import SIZED_FIELDS  # plain data: no torch import for --help
-from ..train.config import CLI_TUNABLES
+from ..train.tunables import CLI_TUNABLES
 
 
 def pixel_size(text: str) -> float:
@@ -97,6 +97,22 @@ def in_range(low: float, high: float, low_open: bool = False, integer: bool = Fa
     return parse
 
 
+def within(bounds, integer: bool = False):
+    """An argparse type: a number its ``train.config.Bounds`` admit (the range ``validate()``
+    checks, declared once); with ``integer`` a whole number, returned as an int."""
+
+    def parse(text: str) -> float:
+        try:
+            value = int(text) if integer else float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if integer else 'a number'}") from None
+        if not bounds.admits(value):
+            raise argparse.ArgumentTypeError(f"{value} must be {bounds.describe()}")
+        return value
+
+    return parse
+
+
 def add_training_options(p: argparse.ArgumentParser, method: bool = True) -> None:
     """Training options. Unset ones take the method's default (``TrainConfig.for_method``),
     so ``--method rmt`` is the paper's method and ``--method rmt+`` the recommended recipe."""
@@ -158,7 +174,7 @@ def add_training_options(p: argparse.ArgumentParser, method: bool = True) -> Non
         elif t.kind == "choice":
             p.add_argument(t.option, choices=t.choices, default=None, help=t.help)
         else:
-            p.add_argument(t.option, type=in_range(t.low, t.high, integer=t.kind == "int"), default=None, help=t.help)
+            p.add_argument(t.option, type=within(t.bounds, integer=t.kind == "int"), default=None, help=t.help)
     p.add_argument("--seed", type=int, default=None, help="default 0")
     p.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu, cuda or cuda:N")
     p.add_argument("--checkpoint-every", type=at_least(0), default=0,
@@ -182,9 +198,10 @@ _OVERRIDES = {
 
 def training_overrides(args: argparse.Namespace) -> dict[str, Any]:
     """The training options the user gave (method-independent), as TrainConfig fields."""
+    from ..train.config import TrainConfig
 
     values: dict[str, Any] = {f: getattr(args, a) for a, f in _OVERRIDES.items() if getattr(args, a) is not None}
-    iterations = args.iterations or 2000
+    iterations = args.iterations or TrainConfig.iterations
     if args.burn_in is not None:
         values["burn_in"] = args.burn_in  # else the method's rule (TrainConfig.for_method)
     values.update(

@@ -8,12 +8,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..data.errors import NapariRmtError
-from ..data.scale import check_pixel_size
+from ..data.scale import PLAUSIBLE
 from ..model.config import LEGACY, ModelConfig
 from .methods import METHODS, TABLE, Method
 
 #: The method the GUI and ``napari-rmt train`` use unless told otherwise.
 RECOMMENDED = "rmt+"
+#: A run's length unless told: the command line's is ``TrainConfig.iterations`` (2000); the
+#: widget's is shorter, with a 20-minute time limit beside it (what a CPU user waits; 500
+#: steps take about 30 minutes on 2 cores, docs/benchmarks.md).
+WIDGET_ITERATIONS = 500
+WIDGET_MINUTES = 20
 PSEUDO_RULES = ("fixed", "gmm", "topk")
 PSEUDO_SCORES = ("class", "foreground")
 SCHEDULES = ("constant", "cosine")
@@ -228,21 +233,17 @@ class TrainConfig:
         self.validate()
 
     def validate(self) -> None:
+        """Every field against its ``BOUNDS`` row, then the rules between fields."""
+
         def bad(msg: str) -> None:
             raise NapariRmtError(f"training config: {msg}")
 
-        if self.method not in METHODS:
-            bad(f"method {self.method!r} is not one of {METHODS}")
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
             if isinstance(v, float) and not math.isfinite(v):
                 bad(f"{f.name} is {v}; it must be a finite number")
-        for name in ("lambda_u", "lambda_r", "unsup_objectness", "unsup_background", "weight_decay", "grad_clip", "warmup", "checkpoint_every", "log_every",
-                     "validate_every"):
-            if getattr(self, name) < 0:
-                bad(f"{name} {getattr(self, name)} must be >= 0")
-        if not 0.0 <= self.momentum < 1.0:
-            bad(f"momentum {self.momentum} must be in [0, 1)")
+            if f.name in BOUNDS and not BOUNDS[f.name].admits(v):
+                bad(f"{f.name} {v!r} must be {BOUNDS[f.name].describe()}")
         if self.uses_teacher and self.burn_in >= self.iterations and not (
             self.time_budget_s and self.burn_in_fraction is not None
         ):
@@ -250,71 +251,14 @@ class TrainConfig:
                 f"burn_in {self.burn_in} must be below iterations {self.iterations}: "
                 f"{self.method} would never leave burn-in"
             )
-        if self.iterations < 1:
-            bad(f"iterations {self.iterations} must be at least 1")
-        if self.burn_in < 0:
-            bad(f"burn_in {self.burn_in} must be >= 0")
-        if self.method in TABLE and self.spec.needs_burn_in and not 0 < self.burn_in < self.iterations:
+        if self.spec.needs_burn_in and not 0 < self.burn_in < self.iterations:
             bad(f"{self.method} needs 0 < burn_in < iterations (burn_in steps train its fixed teacher)")
-        if self.labelled_batch < 1 or self.unlabelled_batch < 1:
-            bad("batch sizes must be at least 1")
-        for name in ("threshold", "stac_threshold"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                bad(f"{name} {getattr(self, name)} must be in [0, 1]")
-        if not 0.0 <= self.ema_decay <= 1.0:
-            bad(f"ema_decay {self.ema_decay} must be in [0, 1]")
-        if not 0.0 < self.p_norm <= 1.0:
-            bad(f"p_norm {self.p_norm} must be in (0, 1] (Eq. 5)")
-        if self.lr <= 0:
-            bad(f"lr {self.lr} must be positive")
-        if self.semi_lr is not None and self.semi_lr <= 0:
-            bad(f"semi_lr {self.semi_lr} must be positive (or None: the same as lr)")
-        if self.pseudo_rule not in PSEUDO_RULES:
-            bad(f"pseudo_rule {self.pseudo_rule!r} is not one of {PSEUDO_RULES}")
-        if not 0.05 <= self.soft_temperature <= 10.0:
-            bad(f"soft_temperature {self.soft_temperature} must be in [0.05, 10]")
-        if self.pseudo_score not in PSEUDO_SCORES:
-            bad(f"pseudo_score {self.pseudo_score!r} is not one of {PSEUDO_SCORES}")
-        if self.teacher_views not in (1, 2, 4):
-            bad(f"teacher_views {self.teacher_views} must be 1, 2 or 4 (the view and its flips)")
-        if not 0.5 <= self.unsup_min_iou <= 1.0:
-            bad(f"unsup_min_iou {self.unsup_min_iou} must be in [0.5, 1] (0.5: as on labelled tiles)")
-        for name in ("unsup_stain_ignore", "partial_stain_ignore"):
-            value = getattr(self, name)
-            if value is not None and not 0.0 <= value <= 1.0:
-                bad(f"{name} {value} must be in [0, 1] (0 or None: off)")
-        if not 0.0 <= self.class_balance <= 1.0:
-            bad(f"class_balance {self.class_balance} must be in [0, 1] (0: off)")
-        if not 0.0 <= self.class_weight_beta < 1.0:
-            bad(f"class_weight_beta {self.class_weight_beta} must be in [0, 1) (0: off)")
-        if self.unsup_normalise not in UNSUP_NORMALISE:
-            bad(f"unsup_normalise {self.unsup_normalise!r} is not one of {UNSUP_NORMALISE}")
-        if self.strong_view not in STRONG_VIEWS:
-            bad(f"strong_view {self.strong_view!r} is not one of {STRONG_VIEWS}")
-        if self.labelled_view not in LABELLED_VIEWS:
-            bad(f"labelled_view {self.labelled_view!r} is not one of {LABELLED_VIEWS}")
-        if self.lr_schedule not in SCHEDULES:
-            bad(f"lr_schedule {self.lr_schedule!r} is not one of {SCHEDULES}")
-        if self.gmm_buffer < 10 or self.gmm_min_scores < 2:
-            bad("gmm_buffer must be >= 10 and gmm_min_scores >= 2")
-        if self.ignore_low is not None and not 0.0 <= self.ignore_low <= 1.0:
-            bad(f"ignore_low {self.ignore_low} must be in [0, 1] (or None: no ignore band)")
-        if self.time_budget_s < 0 or self.checkpoint_every_s < 0:
-            bad("time_budget_s and checkpoint_every_s must be >= 0 (0: off)")
-        if self.burn_in_fraction is not None and not 0.0 <= self.burn_in_fraction < 1.0:
-            bad(f"burn_in_fraction {self.burn_in_fraction} must be in [0, 1)")
-        if self.init not in INITS:
-            bad(f"init {self.init!r} is not one of {INITS}")
-        if self.pixel_size is not None:
-            check_pixel_size(self.pixel_size, "training config")
         if self.init == "nucleus" and self.model.weights is not None:
             bad("init 'nucleus' starts the backbone from the bundled model; it cannot also start "
                 f"from weights {self.model.weights!r} (use init 'none' with those weights)")
         gamma = self.model.focal_gamma
         if not (isinstance(gamma, (int, float)) and math.isfinite(gamma) and 0.0 <= gamma <= 10.0):
             bad(f"model focal_gamma {gamma} must be a number in [0, 10] (0: cross-entropy)")
-        if self.predict_with not in ("teacher", "student", "auto"):
-            bad(f"predict_with {self.predict_with!r} is not 'teacher', 'student' or 'auto'")
 
     @property
     def spec(self) -> Method:
@@ -388,106 +332,82 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
-class Tunable:
-    """A training setting that the command line and the widget's advanced form both offer.
+class Bounds:
+    """The values a setting admits: a number in an interval, or one of ``choices``; also
+    None when ``optional``. Declared once per field (``BOUNDS``): ``validate()``, the
+    command line's option types and the widget's form all read it."""
 
-    One place for its label, range and help, so the two front ends cannot drift apart;
-    its default is never written here (it is the method's, ``TrainConfig.for_method``).
-    The kind (bool, int, float, choice) follows the ``TrainConfig`` field's type.
-    """
-
-    name: str  #: the TrainConfig field
-    label: str  #: the form's row (a check box's own text for a bool)
-    help: str
-    low: float = 0.0
-    high: float = 1.0
-    step: float = 0.05
-    decimals: int = 2
-    choices: tuple[str, ...] = ()
-    #: the command-line flag, when not ``--`` + the name with dashes
-    flag: str | None = None
-    #: also set to the same value (the widget's one batch sets both batches)
-    also: tuple[str, ...] = ()
-    #: ``None`` is allowed and shown as "off" at ``low`` (the ignore band)
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    choices: tuple = ()
     optional: bool = False
+    #: what a special value means, said in the error ("0: off")
+    note: str = ""
 
-    @property
-    def option(self) -> str:
-        return self.flag or "--" + self.name.replace("_", "-")
-
-    @property
-    def kind(self) -> str:
+    def admits(self, value: Any) -> bool:
+        if value is None:
+            return self.optional
         if self.choices:
-            return "choice"
-        kind = _FIELD_TYPES[self.name]
-        return {"bool": "bool", "int": "int"}.get(kind, "float")
+            return value in self.choices
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            return False
+        above = self.low is None or (value > self.low if self.low_open else value >= self.low)
+        below = self.high is None or (value < self.high if self.high_open else value <= self.high)
+        return above and below
+
+    def describe(self) -> str:
+        if self.choices:
+            text = f"one of {self.choices}"
+        elif self.high is None:
+            text = f"a finite number {'>' if self.low_open else '>='} {self.low:g}"
+        else:
+            text = f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+        extras = [e for e in (self.note, "or None" if self.optional else "") if e]
+        return text + (f" ({'; '.join(extras)})" if extras else "")
 
 
-_FIELD_TYPES = {f.name: str(f.type) for f in dataclasses.fields(TrainConfig)}
+_AT_LEAST_0, _SHARE = Bounds(0), Bounds(0, 1)
 
-#: The advanced settings, in the form's order. The command line offers each as an option
-#: (``burn_in`` and ``batch`` keep their own, with method-dependent defaults).
-TUNABLES: tuple[Tunable, ...] = (
-    Tunable("burn_in", "burn-in", "steps on labelled tiles only before the teacher starts labelling",
-            high=1_000_000, step=10),
-    Tunable("threshold", "threshold", "teacher score from which a box becomes a pseudo-label (fixed rule; "
-            "the fallback of the adaptive ones)"),
-    Tunable("pseudo_rule", "pseudo rule", "fixed: one threshold; gmm: a threshold per class fitted to the "
-            "teacher's recent scores; topk: per tile the round(sum of scores) best boxes", choices=PSEUDO_RULES),
-    Tunable("pseudo_score", "scored by", "class: a box's score is its class probability; foreground: "
-            "1 - its background probability, so a cell whose class the teacher hesitates over still "
-            "becomes a pseudo-label (with its most probable class)", choices=PSEUDO_SCORES),
-    Tunable("ignore_low", "ignore from", "teacher boxes scoring between this and the threshold are "
-            "neither cells nor background for the student (off: no ignore band)", optional=True),
-    Tunable("soft_negatives", "soft negatives", "a region the teacher half-believes is a cell counts as "
-            "background only in proportion to the teacher's background score"),
-    Tunable("soft_targets", "soft class targets", "a region the teacher is unsure of teaches the student "
-            "the teacher's class probabilities for it, instead of 'background' or nothing"),
-    Tunable("soft_temperature", "soft temperature", "of the soft class targets: below 1 sharpens the "
-            "teacher's probabilities, 1 takes them as they are", low=0.05, high=10.0, step=0.1),
-    Tunable("unsup_objectness", "RPN on pseudo", "weight of the proposal network's loss on pseudo-labels "
-            "(Eq. 4: 1); 0 leaves the proposals to the labelled tiles, so cells the teacher missed are not "
-            "taught as background", high=10.0, step=0.25),
-    Tunable("unsup_background", "background on pseudo", "weight of the box head's 'not a cell' loss on "
-            "pseudo-labelled tiles (Eq. 4: 1); 0 learns only the pseudo-boxes' classes there, so cells the "
-            "teacher missed are not taught as background", high=10.0, step=0.25),
-    Tunable("unsup_stain_ignore", "stain prior", "on pseudo-labelled tiles, a region that is at least this "
-            "share haematoxylin-stained and not next to a pseudo-box is not taught as background: it may be a "
-            "cell the teacher missed (off / 0: every unmatched region is background; for H&E only)", optional=True),
-    Tunable("partial_stain_ignore", "partial tiles", "on a partly annotated tile, an unboxed region that is at "
-            "least this share haematoxylin-stained and not next to a user box may be a nucleus nobody boxed: it is "
-            "not taught as background (off / 0: unboxed = background, as on a fully annotated tile)", optional=True),
-    Tunable("class_balance", "class balance", "labelled tiles holding a rare class come round more often: a "
-            "class on a share f of them repeats its tiles sqrt(this / f) times (0: off)"),
-    Tunable("class_weight_beta", "class weights β", "weight each class's loss by the effective number of its "
-            "labelled boxes, (1 - β) / (1 - β^n): rare classes weigh more (0: off; 0.99-0.999 typical)",
-            high=0.9999, step=0.001, decimals=4),
-    Tunable("unsup_normalise", "averaged", "how the box head's loss on pseudo-labelled tiles is averaged: "
-            "joint: over all regions at once; split: the pseudo-boxes' regions and the background regions each "
-            "apart, so a few pseudo-boxes weigh as much as the many background regions", choices=UNSUP_NORMALISE),
-    Tunable("teacher_views", "teacher's looks", "how many ways the teacher looks at a tile before it "
-            "labels it: 1, 2 (and flipped left-right) or 4 (and upside down); a box's score is the mean "
-            "over the looks", low=1, high=4, step=1),
-    Tunable("unsup_min_iou", "pseudo-box IoU", "a student's box counts as a pseudo-box's cell only from "
-            "this overlap with it on (0.5: as on labelled tiles); looser boxes get no class loss, so the "
-            "student does not learn to score loose boxes high", low=0.5, step=0.05),
-    Tunable("strong_view", "student's view", "how the student's copy of an unlabelled tile is altered: "
-            "unbiased: colour jitter, blur and erased patches (Unbiased Teacher, the paper's); stain: the "
-            "amount of each H&E stain, brightness, slight blur, nothing erased", choices=STRONG_VIEWS),
-    Tunable("labelled_view", "labelled view", "how an annotated tile is varied: flip: left-right (the "
-            "paper's); dihedral: any flip or quarter turn (nuclei have no up or left)", choices=LABELLED_VIEWS),
-    Tunable("lambda_u", "λu", "weight of the loss on pseudo-labelled tiles (Eq. 6)", high=100.0, step=0.5),
-    Tunable("lambda_r", "λr", "weight of the sparse regulariser that pushes class scores to be decisive "
-            "(Eq. 6)", high=100.0, step=0.5),
-    Tunable("p_norm", "p (L_reg)", "the p of the regulariser's p-norm (Eq. 5); smaller is sparser", low=0.05),
-    Tunable("ema_decay", "σ (EMA)", "how slowly the teacher follows the student (Eq. 7); closer to 1 is "
-            "slower", step=0.001, decimals=4, flag="--ema"),
-    Tunable("lr", "learning rate", "SGD learning rate after warm-up", low=0.0001, step=0.005, decimals=4),
-    Tunable("labelled_batch", "batch", "labelled (and unlabelled) tiles per step", low=1, high=64, step=1,
-            flag="--batch", also=("unlabelled_batch",)),
-)
-#: The tunables whose command-line option is generated (the others have their own).
-CLI_TUNABLES = tuple(t for t in TUNABLES if t.name not in ("burn_in", "labelled_batch"))
+#: Every setting's admitted values (``Bounds``), in one place.
+BOUNDS: dict[str, Bounds] = {
+    "method": Bounds(choices=METHODS),
+    "iterations": Bounds(1),
+    "burn_in": _AT_LEAST_0,
+    "labelled_batch": Bounds(1),
+    "unlabelled_batch": Bounds(1),
+    "lr": Bounds(0, low_open=True),
+    "semi_lr": Bounds(0, low_open=True, optional=True, note="None: the same as lr"),
+    "momentum": Bounds(0, 1, high_open=True),
+    **dict.fromkeys(("weight_decay", "grad_clip", "warmup", "checkpoint_every", "log_every", "validate_every",
+                     "lambda_u", "lambda_r", "unsup_objectness", "unsup_background", "time_budget_s",
+                     "checkpoint_every_s"), _AT_LEAST_0),
+    "threshold": _SHARE,
+    "stac_threshold": _SHARE,
+    "ema_decay": _SHARE,
+    "p_norm": Bounds(0, 1, low_open=True, note="Eq. 5"),
+    "pseudo_rule": Bounds(choices=PSEUDO_RULES),
+    "pseudo_score": Bounds(choices=PSEUDO_SCORES),
+    "soft_temperature": Bounds(0.05, 10),
+    "teacher_views": Bounds(choices=(1, 2, 4), note="the view and its flips"),
+    "unsup_min_iou": Bounds(0.5, 1, note="0.5: as on labelled tiles"),
+    "unsup_stain_ignore": Bounds(0, 1, optional=True, note="0: off"),
+    "partial_stain_ignore": Bounds(0, 1, optional=True, note="0: off"),
+    "class_balance": Bounds(0, 1, note="0: off"),
+    "class_weight_beta": Bounds(0, 1, high_open=True, note="0: off"),
+    "unsup_normalise": Bounds(choices=UNSUP_NORMALISE),
+    "strong_view": Bounds(choices=STRONG_VIEWS),
+    "labelled_view": Bounds(choices=LABELLED_VIEWS),
+    "lr_schedule": Bounds(choices=SCHEDULES),
+    "gmm_buffer": Bounds(10),
+    "gmm_min_scores": Bounds(2),
+    "ignore_low": Bounds(0, 1, optional=True, note="None: no ignore band"),
+    "burn_in_fraction": Bounds(0, 1, high_open=True, optional=True),
+    "predict_with": Bounds(choices=("teacher", "student", "auto")),
+    "init": Bounds(choices=INITS),
+    "pixel_size": Bounds(*PLAUSIBLE, optional=True, note="µm per pixel; about 0.25 at 40x"),
+}
 
 
 def _tuples(d: dict[str, Any]) -> dict[str, Any]:

@@ -70,7 +70,7 @@ class Schedule:
         """Seconds left: burn-in steps at the mean of the recent burn-in steps, steps after it
         at the mean of the recent ones once five are measured (before that,
         ``SEMI_STEP_COST`` burn-in steps each). Measured within 20 % from the first minute on
-        88-96 % of the steps of real runs (``benchmarks/eta_accuracy.py``)."""
+        88-96 % of the steps of real runs (``benchmarks/semi_wins.py eta``)."""
         if not recent and not recent_semi:
             return 0.0
         burn_step = float(np.mean(recent)) if recent else float(np.mean(recent_semi)) / SEMI_STEP_COST

@@ -19,6 +19,7 @@ from ...data.errors import NapariRmtError
 from ...data.project import MODEL, TRAINING
 from ...evaluate.report import MIN_TILES_FOR_HOLDOUT, holdout_split
 from ...model.bundled import LICENSE_NOTE
+from ...train.config import WIDGET_ITERATIONS, WIDGET_MINUTES
 from ..state import AppState
 from .common import dspin, spin
 from .tunables import TunableForm
@@ -145,11 +146,10 @@ class TrainPanel(QGroupBox):
             "classes), for resnet18; it was " + LICENSE_NOTE + ". random weights: start from scratch"
         )
         form.addRow("start from", self.init_combo)
-        self.iter_spin = spin(1, 1_000_000, 500)
+        self.iter_spin = spin(1, 1_000_000, WIDGET_ITERATIONS)
         form.addRow("iterations", self.iter_spin)
         self._iterations_shown = self.iter_spin.value()
-        # 20 minutes: what a CPU user waits; 500 iterations would take about 30 (docs/benchmarks.md)
-        self.minutes_spin = dspin(0, 10_000, 20, 5, decimals=0)
+        self.minutes_spin = dspin(0, 10_000, WIDGET_MINUTES, 5, decimals=0)
         self.minutes_spin.setSpecialValueText("no limit")
         self.minutes_spin.setToolTip("stop after this many minutes of training, even before the iterations")
         form.addRow("minutes", self.minutes_spin)

@@ -11,7 +11,7 @@ from typing import Any
 
 from qtpy.QtWidgets import QCheckBox, QComboBox, QFormLayout, QWidget
 
-from ...train.config import TUNABLES, Tunable
+from ...train.tunables import TUNABLES, Tunable
 from .common import dspin, spin
 
 
