@@ -25,7 +25,17 @@ from that hidden truth instead (``OracleLabeller``): how much better could a tea
 ``--set seed=N`` with its own ``--tag`` reruns a pair under another training seed (the split
 and the labelled pick stay the seed's); ``pairs --tags ...`` sets each supervised run beside
 its branch, with the lead's mean and spread over the tags.
+
+``eta --out SUPERVISED_RUN [--branch BRANCH_RUN]`` replays a run's step times through the
+trainer's own ETA rule (``Schedule.eta``: the mean of the last ``ETA_WINDOW`` steps of each
+phase, a semi-supervised step counted as ``SEMI_STEP_COST`` burn-in steps until five are
+measured) as if the run had been bounded by its iterations instead of the clock, and
+compares each step's ETA with the time the remaining steps took (issue 16: within 20 %
+from the first minute):
+
+    python benchmarks/semi_wins.py eta --out runs/semi/s0/supervised_nuc --branch runs/semi/s0/rmt+_at50_nuc
 """
+
 
 from __future__ import annotations
 
@@ -34,6 +44,7 @@ import dataclasses
 import json
 import subprocess
 import sys
+from collections import deque
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +55,7 @@ from napari_rmt.model.config import BOX_SCORES
 from napari_rmt.train import TrainConfig, Trainer
 from napari_rmt.train.augment import flip_boxes
 from napari_rmt.train.batches import load_labelled
+from napari_rmt.train.schedule import ETA_WINDOW, Schedule
 from napari_rmt.train.teacher import PseudoLabeller
 
 FRACTIONS = (0.25, 0.5, 0.75)
@@ -139,9 +151,54 @@ ARCH = {
 }
 
 
+def step_times(supervised: Path, branch: Path | None) -> tuple[list[float], int]:
+    sup = [json.loads(x) for x in (supervised / "events.jsonl").read_text().splitlines()]
+    if branch is None:
+        return [e["s"] for e in sup], len(sup)
+    semi = [json.loads(x) for x in (branch / "events.jsonl").read_text().splitlines()]
+    burn_in = semi[0]["it"] - 1
+    return [e["s"] for e in sup[:burn_in]] + [e["s"] for e in semi], burn_in
+
+
+def replay(times: list[float], burn_in: int, method: str) -> list[tuple[float, float, float]]:
+    """(elapsed, ETA said, time the rest took) after each step."""
+    cfg = TrainConfig.for_method(method, iterations=len(times), burn_in=max(1, burn_in))
+    schedule = Schedule(cfg)
+    elapsed, teacher = 0.0, False
+    recent: deque[float] = deque(maxlen=ETA_WINDOW)
+    recent_semi: deque[float] = deque(maxlen=ETA_WINDOW)
+    left = float(np.sum(times))
+    out = []
+    for i, dt in enumerate(times, start=1):
+        semi = cfg.uses_teacher and i > burn_in
+        teacher = teacher or semi  # the teacher exists once burn-in is over
+        elapsed += dt
+        (recent_semi if semi else recent).append(dt)
+        left -= dt
+        out.append((elapsed, schedule.eta(i, elapsed, teacher, recent, recent_semi), left))
+    return out
+
+def eta_report(supervised: Path, branch: Path | None, after: float = 60.0, until: float = 0.95) -> dict:
+    """How right the ETA was over a run: judged from ``after`` seconds until ``until`` of it."""
+    times, burn_in = step_times(supervised, branch)
+    rows = replay(times, burn_in, "rmt+" if branch else "supervised")
+    total = rows[-1][0]
+    judged = [(t, eta, left) for t, eta, left in rows if after <= t <= until * total and left > 0]
+    err = np.array([(eta - left) / left for _, eta, left in judged])
+    return {
+        "run": f"{supervised.name}" + (f" + {branch.name}" if branch else ""),
+        "steps": len(times), "burn_in": burn_in, "seconds": round(total),
+        "judged_steps": len(judged), "median_error": round(float(np.median(err)), 3),
+        "worst_under": round(float(err.min()), 3), "worst_over": round(float(err.max()), 3),
+        "share_within_20pct": round(float(np.mean(np.abs(err) <= 0.2)), 3),
+        "semi_step_cost_measured": round(float(np.median(times[burn_in:]) / np.median(times[:burn_in])), 2)
+        if branch else None,
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("mode", choices=["supervised", "branch", "yardstick", "plot", "table", "pairs", "score"])
+    ap.add_argument("mode", choices=["supervised", "branch", "yardstick", "plot", "table", "pairs", "score", "eta"])
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--fraction", type=float, default=0.1,
                     help="the share of training source tiles labelled (the protocol: 0.1; name other runs by --tag)")
@@ -171,8 +228,12 @@ def main() -> None:
                     help="score: what a box's score is (the checkpoint's own when not given)")
     ap.add_argument("--cuts", nargs="*", type=float, default=[],
                     help="score: any-class F1 at each of these score cuts, and COCO mAP (threshold-free)")
+    ap.add_argument("--branch", type=Path, default=None, help="eta: the branch run that followed --out's burn-in")
     args = ap.parse_args()
     out = Path(args.out)
+    if args.mode == "eta":
+        print(json.dumps(eta_report(out, args.branch)))
+        return
     out.mkdir(parents=True, exist_ok=True)
     if args.mode == "plot":
         plot(out, args.only, args.plot_name)
