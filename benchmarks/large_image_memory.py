@@ -13,6 +13,14 @@ Three steps, each in its own process so that the figure is prediction's alone:
    ``OUT/result.json``, with the recall of the true nuclei and the duplicate count.
 
     python benchmarks/large_image_memory.py --size 20000 --out runs/large20k
+
+``slide`` (issue 36): a synthetic SVS of ``--size`` px, islands of CoNSeP's H&E on glass
+covering ``--tissue`` of it (``napari_rmt.data.synthetic``), predicted by ``napari-rmt
+predict --model nucleus`` once with the tissue mask and once over the whole field, each in
+its own process one after the other: wall time, peak memory, windows, and whether the
+boxes on tissue are the same.
+
+    python benchmarks/large_image_memory.py slide --size 8000 --out runs/slide8k
 """
 
 from __future__ import annotations
@@ -175,9 +183,52 @@ def _check(
     return tp, dup
 
 
+def slide(out: Path, size: int, tissue: float, seed: int) -> None:
+    from common import CONSEP
+
+    from napari_rmt.data.coco import read_coco
+    from napari_rmt.data.synthetic import SyntheticSlide
+
+    path = out / "slide.svs"
+    t0 = time.perf_counter()
+    made = SyntheticSlide.make(size, size, [t.pixels() for t in list(read_coco(CONSEP))[:64]], tissue, seed)
+    if not path.exists():
+        made.write(path, pixel_size=0.25)
+    print(f"slide {size} px, {100 * made.tissue_share():.1f} % tissue, written in {time.perf_counter() - t0:.0f} s",
+          flush=True)
+    runs = {}
+    for mode in ("off", "on"):
+        pred = out / f"pred_tissue_{mode}.json"
+        args = [sys.executable, "-m", "napari_rmt.cli", "predict", "--model", "nucleus", str(path),
+                "--tissue", mode, "--out", str(pred), "--overwrite"]
+        wrapper = ("import resource, subprocess, sys, time; t = time.perf_counter(); "
+                   "r = subprocess.run(sys.argv[1:], capture_output=True, text=True); "
+                   "print(r.stdout[-2000:], r.stderr[-300:]); print('WALL', time.perf_counter() - t); "
+                   "print('RSS', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
+        done = subprocess.run([sys.executable, "-c", wrapper, *args], capture_output=True, text=True, check=True)
+        lines = done.stdout.splitlines()
+        runs[mode] = {
+            "wall_s": round(float(next(x for x in lines if x.startswith("WALL")).split()[1]), 1),
+            "peak_rss_gib": round(int(next(x for x in lines if x.startswith("RSS")).split()[1]) / 2**20, 2),
+            "said": [x for x in lines if "napari-rmt" in x][-2:],
+            "boxes": len(json.loads(pred.read_text())),
+        }
+        print(mode, runs[mode], flush=True)
+    whole = {tuple(round(v, 2) for v in r["bbox"]) for r in json.loads((out / "pred_tissue_off.json").read_text())}
+    masked = {tuple(round(v, 2) for v in r["bbox"]) for r in json.loads((out / "pred_tissue_on.json").read_text())}
+    on_glass = [b for b in whole - masked if not made.mask(int(b[0] + b[2] / 2), int(b[1] + b[3] / 2), 1, 1)[0, 0]]
+    result = {"size": size, "tissue_share": round(made.tissue_share(), 3), "runs": runs,
+              "masked_subset_of_whole": masked <= whole, "only_whole": len(whole - masked),
+              "only_whole_on_glass": len(on_glass), "time_ratio": round(runs["on"]["wall_s"] / runs["off"]["wall_s"], 3),
+              "machine": platform.machine()}
+    (out / "slide_result.json").write_text(json.dumps(result, indent=1))
+    print(json.dumps(result, indent=1))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("step", nargs="?", choices=("all", "make", "train", "predict"), default="all")
+    ap.add_argument("step", nargs="?", choices=("all", "make", "train", "predict", "slide"), default="all")
+    ap.add_argument("--tissue", type=float, default=0.35, help="slide: the share of tissue")
     ap.add_argument("--size", type=int, default=20000)
     ap.add_argument("--iterations", type=int, default=150)
     ap.add_argument("--window", type=int, default=1024)
@@ -194,6 +245,8 @@ def main() -> None:
         train(out, args.iterations)
     elif args.step == "predict":
         predict(out, args.window, args.context, args.batch)
+    elif args.step == "slide":
+        slide(out, args.size, args.tissue, args.seed)
     else:
         for step in ("make", "train", "predict"):
             subprocess.run([sys.executable, __file__, step, *sys.argv[2:]] if len(sys.argv) > 1 and sys.argv[1] == "all"

@@ -418,3 +418,49 @@ def test_pixel_size_resamples_detect_nuclei_and_is_saved_with_the_project(widget
     assert w.review.pixel_spin.value() == 0.5 and w.project.settings["pixel_size"] == 0.5
     w.review.pixel_spin.setValue(0.0)  # "not set": tiles as they are
     assert "pixel_size" not in w.project.settings
+
+
+def test_a_slide_opens_on_its_tissue_with_its_pixel_size_and_is_predicted_without_glass(
+    make_napari_viewer, tmp_path, monkeypatch
+):
+    """Issue 36: a synthetic SVS (real H&E islands on glass, 0.25 µm/px): its tiles lie on
+    tissue only, the tissue mask is shown over it, the file's pixel size becomes the
+    project's, and whole-slide prediction skips the glass windows yet keeps every box that
+    prediction over the whole field finds."""
+    import napari_rmt.gui.widget as widget_mod
+    from napari_rmt.data.large import open_large_image
+    from napari_rmt.data.sample import load_sample
+    from napari_rmt.data.synthetic import SyntheticSlide
+    from napari_rmt.data.tiles import tile_grid
+    from napari_rmt.model.bundled import NUCLEUS
+    from napari_rmt.model.wholeimage import predict_large_image
+    from napari_rmt.train.checkpoint import load_model
+
+    monkeypatch.setattr(widget_mod, "DEFAULT_PROJECTS", tmp_path / "projects")
+    slide = SyntheticSlide.make(1600, 1300, [t.pixels() for t in load_sample()], tissue=0.35, seed=5)
+    path = slide.write(tmp_path / "slide.svs", pixel_size=0.25)
+    viewer = make_napari_viewer(show=True)
+    w = RMTWidget(viewer)
+    viewer.window.add_dock_widget(w)
+    w.open_large_image(path, tile=256, overlap=0)
+    ts = w.project.tileset
+    grid = tile_grid(1600, 1300, 256, 0)
+    assert 0 < len(ts) < len(grid)  # tiles on tissue only
+    kept = {t.origin for t in ts}
+    assert all((w.x, w.y) in kept for w in grid if slide.mask(w.x, w.y, w.width, w.height, 4).mean() > 0.01)
+    # and every kept tile has tissue within the mask's margin of it
+    assert all(slide.mask(max(0, x - 32), max(0, y - 32), 320, 320, 4).any() for x, y in kept)
+    assert "tissue" in viewer.layers and w.project.settings["pixel_size"] == 0.25
+    assert w.review.pixel_spin.value() == 0.25
+    from napari_rmt.train.checkpoint import read_checkpoint
+
+    w.state.model_state = read_checkpoint(NUCLEUS)  # the project's classes are others: the model as it is
+    w.predict_whole_image(synchronous=True, window=256, context=64)
+    assert w.last_error is None
+    model, classes, _ = load_model(NUCLEUS)
+    whole = predict_large_image(model, open_large_image(path), classes, window=256, context=64)
+    got = {tuple(np.round(b, 2)) for b in w.whole.boxes.xyxy}
+    ref = {tuple(np.round(b, 2)) for b in whole.xyxy}
+    assert len(ref) > 50 and got <= ref  # nothing the whole field does not find
+    # and what only the whole field finds lies on glass (its specks and the image's edge)
+    assert all(not slide.mask(int((b[0] + b[2]) / 2), int((b[1] + b[3]) / 2), 1, 1)[0, 0] for b in ref - got)

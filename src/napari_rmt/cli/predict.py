@@ -50,6 +50,11 @@ def add_parser(sub) -> None:
     big.add_argument("--overlap", type=at_least(0), default=0, help="overlap between windows (default 0)")
     big.add_argument("--context", type=at_least(0), default=128, help="pixels read around each window (default 128)")
     big.add_argument("--zarr", default=None, help="also write each large image's boxes to DIR/<name>.zarr")
+    big.add_argument(
+        "--tissue", choices=("auto", "on", "off"), default="auto",
+        help="predict only windows that hold tissue (a mask computed on a coarse level; glass is skipped). "
+        "auto (default): on for slides (a pyramid, or SVS / NDPI / SCN / BIF), off for other images",
+    )
     dask = big.add_mutually_exclusive_group()
     dask.add_argument(
         "--workers", type=at_least(1), default=None,
@@ -83,6 +88,13 @@ def _classes_by_name(model_classes, data_classes, where: str):
     return ClassList(
         CellClass(data_classes.by_name(c.name).id, data_classes.by_name(c.name).name, c.colour) for c in model_classes
     )
+
+
+def _tissue_for(image, mode: str):
+    """The tissue mask of ``image`` when ``--tissue`` asks for one (auto: slides only)."""
+    from ..data.tissue import is_slide, tissue_mask
+
+    return tissue_mask(image) if mode == "on" or (mode == "auto" and is_slide(image)) else None
 
 
 def _scale_for(tile, args: argparse.Namespace, native: float | None, said_before: set) -> float:
@@ -184,12 +196,20 @@ def run(args: argparse.Namespace) -> int:
     try:
         for t in large:
             image = open_large_image(t.path)
+            tissue = _tissue_for(image, args.tissue)
             n_windows = len(tile_grid(image.width, image.height, args.window, args.overlap))
-            bar = ProgressBar(n_windows, label=f"{t.name[:24]} windows")
+            if tissue is not None:
+                from ..model.wholeimage import plan_windows
+
+                plan = plan_windows(image, args.window, args.overlap, args.context, args.batch_size, tissue=tissue)
+                print(f"napari-rmt: {t.name}: tissue on {100 * tissue.fraction:.0f} % of the slide; "
+                      f"{plan.skipped} of {n_windows} windows are glass and skipped")
+                n_windows = plan.n_windows
+            bar = ProgressBar(max(1, n_windows), label=f"{t.name[:24]} windows")
             started = time.perf_counter()
             options = dict(
                 window=args.window, overlap=args.overlap, context=args.context, batch_size=args.batch_size,
-                score_threshold=args.score_threshold, nms_iou=args.nms,
+                score_threshold=args.score_threshold, nms_iou=args.nms, tissue=tissue,
                 progress=lambda d, n, b=bar, s0=started: b.update(d, eta=(time.perf_counter() - s0) / d * (n - d)),
             )
             if client is not None:

@@ -17,7 +17,11 @@ import numpy as np
 from .errors import DataWarning, ImageReadError
 
 IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg")
-_TIFF = (".tif", ".tiff")
+#: Read through tifffile: TIFF and the TIFF-based slide formats it parses (Aperio SVS,
+#: Hamamatsu NDPI, Leica SCN, Ventana BIF).
+_TIFF = (".tif", ".tiff", ".svs", ".ndpi", ".scn", ".bif")
+#: Slide formats that are not TIFF: readable only through OpenSlide, which is not a dependency.
+NOT_TIFF_SLIDES = (".mrxs", ".vms", ".vmu")
 
 
 def to_uint8_rgb(array: np.ndarray, where: str = "image") -> np.ndarray:

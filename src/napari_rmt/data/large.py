@@ -27,9 +27,7 @@ from typing import Any
 import numpy as np
 
 from .errors import DataWarning, ImageReadError, NapariRmtError
-from .imageio import IMAGE_SUFFIXES, read_image, to_uint8_rgb
-
-_TIFF = (".tif", ".tiff")
+from .imageio import _TIFF, IMAGE_SUFFIXES, NOT_TIFF_SLIDES, read_image, to_uint8_rgb
 
 
 @dataclass(frozen=True)
@@ -135,6 +133,8 @@ class LargeImage:
         if channels not in (1, 2, 3, 4):
             raise ImageReadError(f"{name}: {channels} channels; expected 1 (grayscale), 3 (RGB) or 4 (RGBA)")
         self.levels = list(levels) if levels else [array]
+        #: µm per pixel, when the file states it (``data/scale.py``); None when unknown
+        self.pixel_size: float | None = None
         self._float_scale: float | None = None
 
     @property
@@ -260,7 +260,15 @@ def open_large_image(path: str | os.PathLike) -> LargeImage:
         return _open_tiff(p)
     if suffix in IMAGE_SUFFIXES:
         return LargeImage(_read_whole(p), name=p.name, axes="yxc", path=p)
-    raise ImageReadError(f"{p}: {suffix or 'no suffix'} is not a known image type (TIFF, PNG, JPEG, zarr)")
+    if suffix in NOT_TIFF_SLIDES:
+        raise ImageReadError(
+            f"{p}: {suffix} slides are not TIFF-based and need OpenSlide, which napari-rmt does not bundle; "
+            "export the slide as OME-TIFF (QuPath: File > Export images > OME TIFF) and open that"
+        )
+    raise ImageReadError(
+        f"{p}: {suffix or 'no suffix'} is not a known image type (TIFF, OME-TIFF, SVS, NDPI, SCN, BIF, PNG, JPEG, "
+        "zarr, OME-Zarr)"
+    )
 
 
 def _read_whole(p: Path) -> np.ndarray:
@@ -284,13 +292,21 @@ def _open_tiff(p: Path) -> LargeImage:
     except Exception as exc:
         raise ImageReadError(f"{p}: cannot open TIFF ({type(exc).__name__}: {exc})") from exc
     if hasattr(node, "shape"):
-        return LargeImage(node, name=p.name, path=p)
+        return _with_pixel_size(LargeImage(node, name=p.name, path=p))
     # A pyramidal TIFF: a group of levels named 0, 1, ...
     keys = sorted((k for k in node.array_keys()), key=lambda k: int(k) if k.isdigit() else 1 << 30)
     levels = [node[k] for k in keys]
     if not levels:
         raise ImageReadError(f"{p}: the TIFF holds no image")
-    return LargeImage(levels[0], name=p.name, levels=levels, path=p)
+    return _with_pixel_size(LargeImage(levels[0], name=p.name, levels=levels, path=p))
+
+
+def _with_pixel_size(image: LargeImage) -> LargeImage:
+    """The pixel size the file states (OME, Aperio, resolution tags), when it states one."""
+    from .scale import pixel_size_of
+
+    image.pixel_size = pixel_size_of(image.path) if image.path is not None else None
+    return image
 
 
 def _open_zarr(p: Path) -> LargeImage:

@@ -67,7 +67,9 @@ def pixel_size_of(path: str | os.PathLike) -> float | None:
     Aperio description's ``MPP``, or a TIFF resolution in centimetres or inches when it is
     a microscope's. Other formats (PNG, JPEG, zarr) state none we trust."""
     path = Path(path)
-    if path.suffix.lower() not in (".tif", ".tiff", ".svs", ".ome.tif", ".ome.tiff"):
+    from .imageio import _TIFF
+
+    if path.suffix.lower() not in _TIFF:
         return None
     try:
         import tifffile

@@ -227,15 +227,18 @@ def grid_tiles(
     tile: int = 256,
     overlap: int = 0,
     start_id: int = 1,
+    keep=None,
 ) -> list:
-    """Tiles of the grid over a large image, unlabelled, ready to join a ``TileSet``.
+    """Tiles of the grid over a large image, unlabelled, ready to join a ``TileSet``; with
+    ``keep`` (a ``Window`` -> bool, e.g. ``TissueMask.has_tissue``) only those it keeps.
 
     With a file behind the image the tiles refer to it by path and origin (they save to
     COCO and reopen); an in-memory image (a napari layer) is read through a loader.
     """
     img = image if isinstance(image, LargeImage) else open_large_image(image)
     tiles = []
-    for k, w in enumerate(tile_grid(img.width, img.height, tile, overlap)):
+    windows = [w for w in tile_grid(img.width, img.height, tile, overlap) if keep is None or keep(w)]
+    for k, w in enumerate(windows):
         common = dict(
             id=start_id + k,
             width=w.width,

@@ -221,10 +221,13 @@ class WholeImageJob:
     """Detect cells over a whole large image with a checkpoint's model, window by window."""
 
     def __init__(
-        self, checkpoint: dict[str, Any], image, window: int = 512, context: int = 128, pixel_size: float | None = None
+        self, checkpoint: dict[str, Any], image, window: int = 512, context: int = 128,
+        pixel_size: float | None = None, tissue=None,
     ) -> None:
         self.checkpoint, self.image, self.window, self.context = checkpoint, image, window, context
         self.pixel_size = pixel_size
+        #: a slide's tissue mask: windows that own only glass are skipped
+        self.tissue = tissue
         self._cancel = False
 
     def cancel(self) -> None:
@@ -242,7 +245,7 @@ class WholeImageJob:
         model, classes, _ = model_from_checkpoint(self.checkpoint)
         scale = scale_factor(self.pixel_size, native_pixel_size(self.checkpoint))
         steps = iter_predict_large_image(
-            model, self.image, classes, window=self.window, context=self.context, scale=scale
+            model, self.image, classes, window=self.window, context=self.context, scale=scale, tissue=self.tissue
         )
         while True:
             if self._cancel:

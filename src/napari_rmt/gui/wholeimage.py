@@ -20,6 +20,7 @@ from ..data.tiles import Tile, TileStatus
 from .layers import boxes_to_rectangles, camera_of, class_colours
 
 OVERVIEW_LAYER = "whole image"
+TISSUE_LAYER = "tissue"
 GRID_LAYER = "tile grid"
 CELLS_LAYER = "whole-image cells"
 IN_VIEW_LAYER = "cells in view"
@@ -59,7 +60,7 @@ class WholeImageView:
         self.classes = classes
         self.boxes = Boxes()
         self.score_threshold = 0.5
-        for name in (OVERVIEW_LAYER, GRID_LAYER, CELLS_LAYER, IN_VIEW_LAYER):
+        for name in (OVERVIEW_LAYER, TISSUE_LAYER, GRID_LAYER, CELLS_LAYER, IN_VIEW_LAYER):
             if name in viewer.layers:
                 viewer.layers.remove(name)
         data, rgb = overview_data(image)
@@ -71,9 +72,25 @@ class WholeImageView:
         )
         self.cells = None
         self.in_view = None
-        # the overview and grid lie under the tile's own layers
-        for layer in (self.grid, self.overview):
-            viewer.layers.move(viewer.layers.index(layer), 0)
+        #: a slide's tissue mask (``data/tissue.py``), shown over the overview; None otherwise
+        self.tissue = None
+        self.tissue_layer = None
+        if image.path is not None:
+            from ..data.tissue import cached_tissue_mask, is_slide
+
+            if is_slide(image):
+                self.tissue = cached_tissue_mask(str(image.path))
+                d = self.tissue.downsample
+                # its outline: the tissue stays visible under it, the glass plain
+                self.tissue_layer = viewer.add_labels(
+                    self.tissue.mask.astype(np.uint8), name=TISSUE_LAYER, scale=(d, d), opacity=0.9,
+                    translate=((d - 1) / 2, (d - 1) / 2),
+                )
+                self.tissue_layer.contour = 2
+        # the overview, the tissue and the grid lie under the tile's own layers
+        for layer in (self.grid, self.tissue_layer, self.overview):
+            if layer is not None:
+                viewer.layers.move(viewer.layers.index(layer), 0)
 
     def show_grid(self, tiles: list[Tile]) -> None:
         rects = [
@@ -156,6 +173,6 @@ class WholeImageView:
         return len(part)
 
     def remove(self) -> None:
-        for name in (OVERVIEW_LAYER, GRID_LAYER, CELLS_LAYER, IN_VIEW_LAYER):
+        for name in (OVERVIEW_LAYER, TISSUE_LAYER, GRID_LAYER, CELLS_LAYER, IN_VIEW_LAYER):
             if name in self.viewer.layers:
                 self.viewer.layers.remove(name)

@@ -136,6 +136,7 @@ def predict_large_image_dask(
     threads_per_worker: int = 1,
     retries: int = 2,
     scale: float = 1.0,
+    tissue=None,
     progress: Callable[[int, int], None] | None = None,
 ) -> Boxes:
     """``wholeimage.predict_large_image`` with the batches computed by ``client``'s workers.
@@ -158,7 +159,7 @@ def predict_large_image_dask(
     torch.save({k: v for k, v in model_payload.items() if k != "_path"}, buf)
     payload = buf.getvalue()
     digest = hashlib.sha256(payload).hexdigest()
-    plan = plan_windows(image, window, overlap, context, batch_size)
+    plan = plan_windows(image, window, overlap, context, batch_size, tissue=tissue)
     options = {
         "score_threshold": score_threshold, "nms_iou": nms_iou, "threads": threads_per_worker,
         "objectness": objectness, "per_cell": per_cell, "build": build, "scale": scale,

@@ -41,6 +41,7 @@ from ..data.classes import ClassList
 from ..data.errors import NapariRmtError
 from ..data.large import LargeImage, Window, tile_grid
 from ..data.scale import resample, scaled_size
+from ..data.tissue import TissueMask
 from .config import PREDICTION_FLOOR
 from .options import DetectOptions
 from .predict import detections_to_boxes, image_tensor, map_back, predict_images, select
@@ -213,6 +214,7 @@ def iter_predict_large_image(
     objectness: float | None = DEFAULT_OBJECTNESS,
     per_cell: int | None = None,
     scale: float = 1.0,
+    tissue: TissueMask | None = None,
 ) -> Generator[tuple[int, int], None, Boxes]:
     """Boxes over the whole image, in whole-image pixel coordinates.
 
@@ -232,9 +234,10 @@ def iter_predict_large_image(
     does not depend on the window that sees it. With ``objectness=None`` torchvision's
     per-input counts apply instead, raised to ``per_window_limit``. With ``scale``
     (``data.scale``: the image's pixel size over the model's) the detector sees each read
-    region resampled by it, and its boxes come back in the image's own pixels.
+    region resampled by it, and its boxes come back in the image's own pixels. With
+    ``tissue`` (``data.tissue.tissue_mask``) windows that own only glass are not predicted.
     """
-    plan = plan_windows(image, window, overlap, context, batch_size, per_window_limit)
+    plan = plan_windows(image, window, overlap, context, batch_size, per_window_limit, tissue)
     stitcher = plan.stitcher(nms_iou)
     done = 0
     options = detect_options(plan.limit, objectness, per_cell)
@@ -261,6 +264,8 @@ class WindowPlan:
     limit: int
     image: LargeImage
     margin: float
+    #: windows of the grid left out (no tissue under their owned region)
+    skipped: int = 0
 
     def stitcher(self, nms_iou: float) -> _Stitcher:
         return _Stitcher(self.image, margin=self.margin, nms_iou=nms_iou)
@@ -273,13 +278,18 @@ def plan_windows(
     context: int = 128,
     batch_size: int = 4,
     per_window_limit: int | None = None,
+    tissue: TissueMask | None = None,
 ) -> WindowPlan:
+    """The windows to predict, batched; with ``tissue``, only those whose owned region holds
+    tissue (a box is kept by the window that owns its centre, so a window owning only glass
+    could keep nothing but glass)."""
     if context < 0 or overlap // 2 + context < 16:
         raise NapariRmtError(
             f"whole-image prediction needs each window to see more than a cell beyond its edge "
             f"(overlap {overlap} / 2 + context {context} px < 16 px); use context=128"
         )
-    windows = tile_grid(image.width, image.height, window, overlap)
+    grid = tile_grid(image.width, image.height, window, overlap)
+    windows = grid if tissue is None else [w for w in grid if tissue.covers(*_owned_xywh(w)) > 0]
     side = window + 2 * context
     limit = per_window_limit or limit_for_area(min(side, image.width), min(side, image.height))
     # Row-major order matters to the stitcher; batches hold consecutive windows of one shape.
@@ -290,7 +300,12 @@ def plan_windows(
             batches[-1].append((w, region))
         else:
             batches.append([(w, region)])
-    return WindowPlan(batches, len(windows), limit, image, max(overlap / 2, 16.0))
+    return WindowPlan(batches, len(windows), limit, image, max(overlap / 2, 16.0), len(grid) - len(windows))
+
+
+def _owned_xywh(w: Window) -> tuple[int, int, int, int]:
+    x0, y0, x1, y1 = w.owned
+    return x0, y0, x1 - x0, y1 - y0
 
 
 def predict_window_batch(

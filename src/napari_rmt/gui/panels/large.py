@@ -22,7 +22,8 @@ class LargePanel(QGroupBox):
         lg = QVBoxLayout(self)
         row = QHBoxLayout()
         b = QPushButton("Open large image…")
-        b.setToolTip("TIFF, PNG, zarr or OME-Zarr; cut into a grid of tiles to annotate")
+        b.setToolTip("A slide (SVS, NDPI, SCN, BIF, pyramidal TIFF, OME-TIFF), TIFF, PNG, zarr or OME-Zarr; cut "
+                     "into a grid of tiles to annotate (a slide's on tissue only)")
         b.clicked.connect(self._ask_large)
         row.addWidget(b, 2)
         row.addWidget(QLabel("tile"))
@@ -51,17 +52,27 @@ class LargePanel(QGroupBox):
         self._update_enabled()
 
     def open_large_image(self, path: str | Path, tile: int | None = None, overlap: int | None = None) -> None:
-        """Cut a large image into a grid of tiles (all unlabelled) and show it whole."""
+        """Cut a large image into a grid of tiles (all unlabelled) and show it whole; a
+        slide's tiles are those on tissue (its mask is shown over it), and the pixel size
+        its file states becomes the project's."""
+        from ...data.large import cached_large_image
         from ...data.tiles import grid_tiles
+        from ...data.tissue import cached_tissue_mask, is_slide
 
         path = Path(path)
+        image = cached_large_image(str(path))
+        tissue = cached_tissue_mask(str(path)) if is_slide(image) else None
         tiles = grid_tiles(
-            path,
+            image,
             tile=tile or self.grid_tile_spin.value(),
             overlap=self.grid_overlap_spin.value() if overlap is None else overlap,
+            keep=tissue.has_tissue if tissue is not None else None,
         )
-        self.state.open(TileSet(tiles), path.stem)
-        show_info(f"{path.name}: {len(tiles)} tiles; annotate a few and tick 'fully annotated'")
+        settings = {"pixel_size": image.pixel_size} if image.pixel_size else {}
+        self.state.open(TileSet(tiles), path.stem, settings=settings)
+        where = f" on tissue ({100 * tissue.fraction:.0f} % of the slide)" if tissue is not None else ""
+        size = f"; {image.pixel_size:g} µm/px from the file" if image.pixel_size else ""
+        show_info(f"{path.name}: {len(tiles)} tiles{where}{size}; annotate a few cells")
 
     def predict_whole_image(self, synchronous: bool = False, window: int = 512, context: int = 128) -> None:
         """Detect cells over the whole large image with the current model, in a thread."""
@@ -79,7 +90,8 @@ class LargePanel(QGroupBox):
         image = state.whole.image
         state.say(f"predicting {image.name} ({image.width} x {image.height})…")
         job = WholeImageJob(state.model_state, image, window=window, context=context,
-                            pixel_size=state.project.settings.get("pixel_size") if state.project else None)
+                            pixel_size=state.project.settings.get("pixel_size") if state.project else None,
+                            tissue=state.whole.tissue)
         state.start_job(job, self._on_progress, self._on_returned, "whole-image prediction failed", synchronous)
 
     def _on_progress(self, msg) -> None:
@@ -116,7 +128,7 @@ class LargePanel(QGroupBox):
 
     def _ask_large(self) -> None:
         f, _ = QFileDialog.getOpenFileName(
-            self, "Large image", filter="Images (*.tif *.tiff *.png *.jpg *.jpeg);;All files (*)"
+            self, "Large image", filter="Images and slides (*.tif *.tiff *.svs *.ndpi *.scn *.bif *.png *.jpg *.jpeg);;All files (*)"
         )
         if not f:
             f = QFileDialog.getExistingDirectory(self, "…or a zarr / OME-Zarr folder")
