@@ -464,3 +464,32 @@ def test_a_slide_opens_on_its_tissue_with_its_pixel_size_and_is_predicted_withou
     assert len(ref) > 50 and got <= ref  # nothing the whole field does not find
     # and what only the whole field finds lies on glass (its specks and the image's edge)
     assert all(not slide.mask(int((b[0] + b[2]) / 2), int((b[1] + b[3]) / 2), 1, 1)[0, 0] for b in ref - got)
+
+
+def test_a_full_disk_during_autosave_loses_nothing(widget, monkeypatch):
+    """Issue 33: the disk fills while the project autosaves. The status says so and that
+    nothing is lost; the work stays in memory, the folder keeps its last whole save, and
+    the next save, once there is space, writes everything."""
+    import errno
+
+    from napari_rmt.data import atomic
+    from napari_rmt.data.project import Project
+
+    w = widget
+    ts = w.project.tileset
+    before = sum(len(t.boxes) for t in Project.open(w.project.folder).tileset)
+    w.show_tile(next(i for i, t in enumerate(ts) if not t.is_labelled))
+    w.session.annotations.add_rectangles(np.array([[10, 10], [10, 30], [30, 30], [30, 10]], dtype=float))
+
+    def full(_fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with monkeypatch.context() as m:
+        m.setattr(atomic.os, "fsync", full)
+        w.save_project()
+    assert "No space left on device" in w.last_error and "nothing is lost" in w.last_error
+    assert sum(len(t.boxes) for t in ts) == before + 1  # the new box, in memory
+    assert sum(len(t.boxes) for t in Project.open(w.project.folder).tileset) == before  # the last whole save
+    assert not [p for p in w.project.folder.iterdir() if p.name.endswith(".tmp")]  # no partial file left
+    w.save_project()
+    assert sum(len(t.boxes) for t in Project.open(w.project.folder).tileset) == before + 1

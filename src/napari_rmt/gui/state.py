@@ -166,7 +166,15 @@ class AppState(QObject):
         try:
             self.session.pull()
             self.project.save()
-        except (NapariRmtError, OSError) as exc:
+        except OSError as exc:
+            # a full disk or a folder one may not write: the state stays in memory and the
+            # folder keeps its last whole save (a save switches to the new state in one step)
+            where = exc.filename or self.project.folder
+            self.report_error(NapariRmtError(
+                f"{exc.strerror or exc} writing {where}; nothing is lost: your work is kept here and the project "
+                "folder keeps its last complete save. Free space (or fix the permission): the next change saves again"
+            ), prefix="autosave failed")
+        except NapariRmtError as exc:
             self.report_error(exc, prefix="autosave failed")
 
     def flush(self) -> None:
