@@ -117,3 +117,37 @@ def test_evaluate_with_random_options(workspace, capsys, opts):
     argv = ["evaluate", "--gt", str(coco), "--pred", str(pred), *[x for pair in opts for x in pair],
             "--json", str(out / "e.json")]
     run_and_judge(argv, root, out, capsys)
+
+
+EXPERIMENT_OPTIONS = [
+    option("--fractions"), option("--seeds", st.sampled_from(["0", "1", "-1", "x"])), option("--split-seed"),
+    option("--eval-score-threshold"), option("--burn-in"), option("--lr"), option("--threshold"),
+    option("--teacher-views"), option("--pixel-size"),
+    option("--methods", st.sampled_from(["supervised", "stac", "rmt+", "fixmatch"])),
+    option("--preset", st.sampled_from(["recipe", "paper", "fast"])),
+]
+DEMO_OPTIONS = [option("--iterations"), option("--init", st.sampled_from(["nucleus", "none", "imagenet"]))]
+
+
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.one_of(*EXPERIMENT_OPTIONS), max_size=3))
+def test_experiment_with_random_options(workspace, capsys, opts):
+    root, coco, _ = workspace
+    out = root / "out_experiment"
+    shutil.rmtree(out, ignore_errors=True)
+    opts = [("--iterations", "1"), ("--minutes", "0.02"), ("--fractions", "0.5"), ("--methods", "supervised"), *opts]
+    argv = ["experiment", "--coco", str(coco), *[x for pair in opts for x in pair], "--out", str(out)]
+    run_and_judge(argv, root, out, capsys)
+
+
+@settings(max_examples=4, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.one_of(*DEMO_OPTIONS), max_size=2))
+def test_demo_with_random_options(workspace, capsys, opts):
+    root, _, _ = workspace
+    out = root / "out_demo"
+    shutil.rmtree(out, ignore_errors=True)
+    opts = [("--iterations", "1"), *opts]
+    if any(k == "--iterations" and v not in ("0", "1", "") for k, v in opts[1:]):
+        opts = [(k, v) for k, v in opts if k != "--iterations"] + [("--iterations", "1")]  # every run short
+    argv = ["demo", *[x for pair in opts for x in pair], "--out", str(out)]
+    run_and_judge(argv, root, out, capsys)
