@@ -493,3 +493,36 @@ def test_a_full_disk_during_autosave_loses_nothing(widget, monkeypatch):
     assert not [p for p in w.project.folder.iterdir() if p.name.endswith(".tmp")]  # no partial file left
     w.save_project()
     assert sum(len(t.boxes) for t in Project.open(w.project.folder).tileset) == before + 1
+
+
+def test_an_edited_tissue_mask_is_saved_in_the_project_and_used(make_napari_viewer, tmp_path, monkeypatch):
+    """Issue 36: the user erases an island from the tissue layer; the mask is saved in the
+    project at once, comes back on reopening, and whole-slide prediction skips that island."""
+    import napari_rmt.gui.widget as widget_mod
+    from napari_rmt.data.sample import load_sample
+    from napari_rmt.data.synthetic import SyntheticSlide
+    from napari_rmt.model.bundled import NUCLEUS
+    from napari_rmt.train.checkpoint import read_checkpoint
+
+    monkeypatch.setattr(widget_mod, "DEFAULT_PROJECTS", tmp_path / "projects")
+    slide = SyntheticSlide.make(1400, 1100, [t.pixels() for t in load_sample()], tissue=0.35, seed=2)
+    path = slide.write(tmp_path / "slide.svs", pixel_size=0.25)
+    viewer = make_napari_viewer(show=True)
+    w = RMTWidget(viewer)
+    viewer.window.add_dock_widget(w)
+    w.open_large_image(path, tile=256, overlap=0)
+    layer = viewer.layers["tissue"]
+    computed = w.whole.tissue.mask.copy()
+    edited = layer.data.copy()
+    edited[:, : edited.shape[1] // 2] = 0  # the left half is not to be predicted
+    layer.data = edited
+    layer.events.paint()
+    assert (w.project.folder / "tissue.png").is_file() and w.project.settings["tissue"]["image"] == "slide.svs"
+    assert w.whole.tissue.mask.sum() < computed.sum()
+    w.save_project()
+    w.open_project(w.project.folder)
+    np.testing.assert_array_equal(w.whole.tissue.mask, edited > 0)
+    w.state.model_state = read_checkpoint(NUCLEUS)
+    w.predict_whole_image(synchronous=True, window=256, context=64)
+    assert w.last_error is None and len(w.whole.boxes) > 0
+    assert w.whole.boxes.xyxy[:, 0].min() >= 1400 / 2 - 256  # nothing in the erased half's windows

@@ -12,6 +12,8 @@ or a closed window loses nothing, and opening the folder again restores everythi
       training.pt               the periodic checkpoint of a run in progress (only after a crash)
       images/                   pixels of tiles that came from memory (a napari image layer),
                                 written once, so that the project reopens without the layer
+      tissue.png                a slide's tissue mask as the user edited it (its downsample in
+                                the manifest's settings)
 
 One state is written as a unit: its files under new names first, then the manifest is
 switched to them by an atomic rename. A crash at any point leaves the manifest naming a

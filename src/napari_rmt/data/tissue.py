@@ -14,7 +14,9 @@ px of the full image so that a nucleus at a tissue edge lies inside.
 from __future__ import annotations
 
 import functools
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -70,6 +72,29 @@ class TissueMask:
 
     def has_tissue(self, w: Window) -> bool:
         return self.covers(w.x, w.y, w.width, w.height) > 0.0
+
+
+def save_mask(tissue: TissueMask, path: str | os.PathLike) -> Path:
+    """The mask as a black-and-white PNG (white: tissue), written atomically: a user's
+    edited mask is part of their project."""
+    from PIL import Image
+
+    from .atomic import atomic_write
+
+    image = Image.fromarray(np.where(tissue.mask, 255, 0).astype(np.uint8))
+    return atomic_write(path, lambda fh: image.save(fh, format="PNG"))
+
+
+def load_mask(path: str | os.PathLike, downsample: float) -> TissueMask:
+    from PIL import Image
+
+    from .errors import ImageReadError
+
+    try:
+        with Image.open(path) as im:
+            return TissueMask(np.asarray(im.convert("L")) > 127, float(downsample))
+    except (OSError, ValueError) as exc:
+        raise ImageReadError(f"{path}: cannot read the tissue mask ({type(exc).__name__}: {exc})") from exc
 
 
 def coarse_level(image: LargeImage, side: int = MASK_SIDE) -> tuple[np.ndarray, float]:

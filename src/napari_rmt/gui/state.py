@@ -145,9 +145,46 @@ class AppState(QObject):
         sources = {str(t.path) for t in windows}
         if len(sources) > 1:
             show_info(f"tiles come from {len(sources)} large images; the overview shows {windows[0].path.name}")
-        self.whole = WholeImageView(self.viewer, cached_large_image(str(windows[0].path)), tileset.classes)
+        image = cached_large_image(str(windows[0].path))
+        self.whole = WholeImageView(
+            self.viewer, image, tileset.classes, tissue=self._saved_tissue(image), on_tissue_edited=self._save_tissue
+        )
         self.refresh_grid()
         self.session.frame_tile()
+
+    #: the project's file of an edited tissue mask (its downsample in the settings)
+    TISSUE_FILE = "tissue.png"
+
+    def _saved_tissue(self, image):
+        """The project's edited tissue mask of ``image``, if it has one (else None: computed)."""
+        from ..data.tissue import load_mask
+
+        saved = self.project.settings.get("tissue") if self.project is not None else None
+        folder = self.project.folder if self.project is not None else None
+        if not isinstance(saved, dict) or saved.get("image") != image.name or folder is None:
+            return None
+        path = folder / self.TISSUE_FILE
+        if not path.is_file():
+            return None
+        try:
+            return load_mask(path, float(saved.get("downsample", 1.0)))
+        except (NapariRmtError, OSError, ValueError) as exc:
+            self.report_error(exc, prefix="the edited tissue mask is not used")
+            return None
+
+    def _save_tissue(self, tissue) -> None:
+        """An edit of the tissue layer is saved in the project at once (its own file)."""
+        from ..data.tissue import save_mask
+
+        if self.project is None or self.project.folder is None or self.whole is None:
+            return
+        try:
+            save_mask(tissue, self.project.folder / self.TISSUE_FILE)
+        except OSError as exc:
+            self.report_error(exc, prefix="the edited tissue mask could not be saved")
+            return
+        self.project.settings["tissue"] = {"image": self.whole.image.name, "downsample": tissue.downsample}
+        self.changed()
 
     def refresh_grid(self) -> None:
         """The large image's grid shows each tile's status."""

@@ -54,7 +54,9 @@ def overview_data(image: LargeImage) -> tuple[list[Any] | Any, bool]:
 class WholeImageView:
     """Owns the overview layers of one large image."""
 
-    def __init__(self, viewer, image: LargeImage, classes: ClassList) -> None:
+    def __init__(self, viewer, image: LargeImage, classes: ClassList, tissue=None, on_tissue_edited=None) -> None:
+        """``tissue``: a slide's saved (edited) mask, else it is computed;
+        ``on_tissue_edited(mask)`` is told of each edit of the tissue layer."""
         self.viewer = viewer
         self.image = image
         self.classes = classes
@@ -78,8 +80,8 @@ class WholeImageView:
         if image.path is not None:
             from ..data.tissue import cached_tissue_mask, is_slide
 
-            if is_slide(image):
-                self.tissue = cached_tissue_mask(str(image.path))
+            if tissue is not None or is_slide(image):
+                self.tissue = tissue if tissue is not None else cached_tissue_mask(str(image.path))
                 d = self.tissue.downsample
                 # its outline: the tissue stays visible under it, the glass plain
                 self.tissue_layer = viewer.add_labels(
@@ -87,10 +89,19 @@ class WholeImageView:
                     translate=((d - 1) / 2, (d - 1) / 2),
                 )
                 self.tissue_layer.contour = 2
+                # the mask is the user's to correct: paint tissue (label 1) or erase glass (0)
+                self.tissue_layer.events.paint.connect(lambda _e: self._tissue_edited(on_tissue_edited))
         # the overview, the tissue and the grid lie under the tile's own layers
         for layer in (self.grid, self.tissue_layer, self.overview):
             if layer is not None:
                 viewer.layers.move(viewer.layers.index(layer), 0)
+
+    def _tissue_edited(self, tell) -> None:
+        from ..data.tissue import TissueMask
+
+        self.tissue = TissueMask(np.asarray(self.tissue_layer.data) > 0, self.tissue.downsample)
+        if tell is not None:
+            tell(self.tissue)
 
     def show_grid(self, tiles: list[Tile]) -> None:
         rects = [
