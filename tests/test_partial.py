@@ -152,12 +152,20 @@ def test_class_balance_by_hand():
     assert repeat_factors(labels, 3, 1.0) == [1, 2, 1, 1]
     assert repeat_factors(labels, 3, 0.0) == [1, 1, 1, 1]
     # effective number: beta 0.9, counts 1 and 10: (0.1 / 0.1) = 1 and 0.1 / (1 - 0.9^10);
-    # a class with no box gets the largest; mean 1 over the classes; background 1
+    # scaled so that the average box weighs 1 ((1 * w1 + 10 * w2) / 11); a class with no
+    # box gets the largest; background 1
     w1, w2 = 1.0, 0.1 / (1 - 0.9**10)
-    raw = np.array([w1, w2, w1])
+    mean = (1 * w1 + 10 * w2) / 11
     w = effective_number_weights([1, 10, 0], 0.9)
-    assert w.tolist() == pytest.approx([1.0, *(raw / raw.mean())], rel=1e-5)
+    assert w.tolist() == pytest.approx([1.0, w1 / mean, w2 / mean, w1 / mean], rel=1e-5)
     assert w[1] > w[2]  # the rarer class weighs more
+    # a class of 2 boxes beside 1000: at most 10 times the average box, and the common
+    # class keeps most of its weight (not 0.07 against the background's 1: every cell
+    # became background in the demo with a mean over the classes)
+    rare, common = 0.001 / (1 - 0.999**2), 0.001 / (1 - 0.999**1000)
+    w = effective_number_weights([2, 1000], 0.999)
+    assert w[1] == pytest.approx(10.0) and w[2] == pytest.approx(common / ((2 * rare + 1000 * common) / 1002), rel=1e-5)
+    assert 0.5 < w[2] < 1.0
 
 
 def test_class_balance_in_a_run(tiny_tiles):

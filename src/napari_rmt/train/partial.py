@@ -102,18 +102,31 @@ def with_known_boxes(
     )
 
 
+#: No class weighs more than this many times the average labelled box (a class of two
+#: boxes would otherwise outweigh all the others together).
+MAX_CLASS_WEIGHT = 10.0
+
+
 def effective_number_weights(counts: list[int], beta: float) -> Tensor:
     """Per-class loss weights from the classes' labelled box counts (Cui et al., "Class-
     Balanced Loss Based on Effective Number of Samples", CVPR 2019): ``(1 - beta) / (1 -
-    beta^n)``, scaled so that the classes' mean weight is 1; background (index 0) weighs 1
-    and a class with no box gets the largest weight of the others (it has no RoI anyway)."""
+    beta^n)``, scaled so that the average labelled box weighs 1 (the cells as a whole
+    keep their weight against the background, index 0, which weighs 1), at most
+    ``MAX_CLASS_WEIGHT``; a class with no box gets the largest weight of the others (it
+    has no RoI anyway).
+
+    Scaled instead to a mean of 1 over the classes, the sample's counts (120, 73, 53 and
+    2 boxes) gave the three common classes 0.07-0.14 against the background's 1: every
+    cell became background (any-class F1 3 %, measured on the demo's tiles)."""
     if not 0.0 < beta < 1.0:
         raise ValueError(f"beta {beta} must be in (0, 1)")
     n = torch.tensor(counts, dtype=torch.float64)
     w = torch.where(n > 0, (1.0 - beta) / (1.0 - beta**n.clamp_min(1)), torch.zeros_like(n))
     if (n > 0).any():
-        w = torch.where(n > 0, w, w[n > 0].max())
-    w = w / w.mean() if float(w.mean()) > 0 else torch.ones_like(w)
+        w = w / ((n * w).sum() / n.sum())  # the average box weighs 1
+        w = torch.where(n > 0, w, w[n > 0].max()).clamp_max(MAX_CLASS_WEIGHT)
+    else:
+        w = torch.ones_like(w)
     return torch.cat([torch.ones(1, dtype=torch.float64), w]).float()
 
 
