@@ -198,3 +198,32 @@ def test_results_that_name_their_file_land_on_that_image(coco_file, tmp_path):
     (tmp_path / "res.json").write_text(json.dumps(res))
     with pytest.raises(AnnotationError, match=r"detection \[0\]: file_name 'nowhere.png' is none of"):
         read_coco_results(tmp_path / "res.json", ts)
+
+
+def test_an_exported_dataset_folder_moves_and_an_outside_json_keeps_its_images(tmp_path):
+    """Issue 34: a COCO file written beside its images names them relatively, so the
+    folder can move (to another disk, another machine) and still open, in napari-rmt and
+    in pycocotools; one written elsewhere names them absolutely and opens from anywhere."""
+    import shutil
+
+    from pycocotools.coco import COCO
+
+    from conftest import make_coco
+    from napari_rmt.data import read_coco, write_coco
+
+    src = make_coco(tmp_path / "a")
+    ts = read_coco(src)
+    shapes = [t.pixels().shape for t in ts]
+    write_coco(ts, tmp_path / "a" / "export.json")
+    names = [im["file_name"] for im in json.loads((tmp_path / "a" / "export.json").read_text())["images"]]
+    assert all(not n.startswith("/") and ".." not in n for n in names)
+    shutil.move(str(tmp_path / "a"), str(tmp_path / "moved"))
+    again = read_coco(tmp_path / "moved" / "export.json")
+    assert [t.pixels().shape for t in again] == shapes
+    assert len(COCO(str(tmp_path / "moved" / "export.json")).getAnnIds()) == sum(len(t.boxes) for t in ts)
+
+    write_coco(again, tmp_path / "elsewhere" / "out.json")
+    names = [im["file_name"] for im in json.loads((tmp_path / "elsewhere" / "out.json").read_text())["images"]]
+    assert all(n.startswith("/") for n in names)
+    shutil.move(str(tmp_path / "elsewhere"), str(tmp_path / "there"))
+    assert len(read_coco(tmp_path / "there" / "out.json", allow_outside=True)) == len(ts)
