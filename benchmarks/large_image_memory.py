@@ -21,13 +21,24 @@ its own process one after the other: wall time, peak memory, windows, and whethe
 boxes on tissue are the same.
 
     python benchmarks/large_image_memory.py slide --size 8000 --out runs/slide8k
+
+``dask`` (issue 17; was ``dask_predict.py``): a 4 x 4 mosaic of MoNuSeg fields (4,000 x
+4,000 px, zarr), the bundled model, 512 px windows with 128 px of context, predicted in one
+process, on one Dask worker with 2 threads, on 2 workers of 1 thread, and in one process
+with 1 thread; each its own ``napari-rmt predict`` process, one after another: wall time
+(start-up, cluster start and model load included), its own "in N s", the boxes, and
+whether they equal the one-process boxes byte for byte.
+
+    python benchmarks/large_image_memory.py dask --out runs/dask_predict
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
+import re
 import resource
 import subprocess
 import sys
@@ -225,9 +236,61 @@ def slide(out: Path, size: int, tissue: float, seed: int) -> None:
     print(json.dumps(result, indent=1))
 
 
+def make_mosaic(path: Path, side: int = 4) -> None:
+    """A 4 x 4 mosaic of MoNuSeg fields (4,000 x 4,000 px of real H&E) as a zarr."""
+    from common import MONUSEG_IMAGES as FIELDS
+    from PIL import Image
+
+    from napari_rmt.data.large import write_zarr_image
+
+    names = sorted(FIELDS.glob("*.png"))[: side * side]
+    rows = []
+    for r in range(side):
+        rows.append(np.concatenate(
+            [np.asarray(Image.open(p).convert("RGB"))[:1000, :1000] for p in names[r * side : (r + 1) * side]], axis=1
+        ))
+    write_zarr_image(np.concatenate(rows, axis=0), path, chunks=1024)
+
+
+def run_predict(label: str, extra: list[str], image: Path, out: Path, env: dict[str, str]) -> dict:
+    dest = out / f"{label}.json"
+    cmd = [sys.executable, "-m", "napari_rmt.cli", "predict", "--model", "nucleus", str(image),
+           "--window", "512", "--context", "128", "--out", str(dest), *extra]
+    t0 = time.perf_counter()
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    wall = time.perf_counter() - t0
+    if done.returncode != 0:
+        raise SystemExit(done.stderr[-2000:])
+    said = re.search(r"(\d+) boxes on \d+ images in ([\d.]+) s", done.stdout)
+    return {"run": label, "args": extra, "wall_s": round(wall, 1), "predict_s": float(said.group(2)),
+            "boxes": int(said.group(1)), "file": str(dest)}
+
+
+def dask(out: Path) -> None:
+    image = out / "mosaic.zarr"
+    if not image.exists():
+        make_mosaic(image)
+    env = dict(os.environ)
+    results = [
+        run_predict("one_process", [], image, out, env),
+        run_predict("dask_1x2", ["--workers", "1", "--threads-per-worker", "2"], image, out, env),  # 2 torch threads
+        run_predict("dask_2x1", ["--workers", "2", "--threads-per-worker", "1"], image, out, env),
+        # the same arithmetic as the 2 x 1 workers (one thread), for the byte-for-byte check
+        run_predict("one_process_1thread", [], image, out, {**env, "OMP_NUM_THREADS": "1"}),
+    ]
+    same = Path(results[2]["file"]).read_bytes() == Path(results[3]["file"]).read_bytes()
+    same_2t = Path(results[1]["file"]).read_bytes() == Path(results[0]["file"]).read_bytes()
+    report = {"machine": f"{platform.machine()}, {os.cpu_count()} cores", "image": "4,000 x 4,000 px",
+              "results": results, "dask_2x1_equals_one_process_1thread": same,
+              "dask_1x2_equals_one_process": same_2t}
+    (out / "result.json").write_text(json.dumps(report, indent=1))
+    print(json.dumps(report, indent=1))
+
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("step", nargs="?", choices=("all", "make", "train", "predict", "slide"), default="all")
+    ap.add_argument("step", nargs="?", choices=("all", "make", "train", "predict", "slide", "dask"), default="all")
     ap.add_argument("--tissue", type=float, default=0.35, help="slide: the share of tissue")
     ap.add_argument("--size", type=int, default=20000)
     ap.add_argument("--iterations", type=int, default=150)
@@ -247,6 +310,8 @@ def main() -> None:
         predict(out, args.window, args.context, args.batch)
     elif args.step == "slide":
         slide(out, args.size, args.tissue, args.seed)
+    elif args.step == "dask":
+        dask(out)
     else:
         for step in ("make", "train", "predict"):
             subprocess.run([sys.executable, __file__, step, *sys.argv[2:]] if len(sys.argv) > 1 and sys.argv[1] == "all"
