@@ -10,7 +10,8 @@ the next start (which sweeps them).
 ``project``: a process saves a project folder over and over, one more box each time,
 printing the box count of each save it finished; it is killed at a random moment
 ``--kills`` times. After each kill the folder must open (``Project.open``) with all the
-boxes of the last finished save, or of the one in flight, never fewer.
+boxes of the last finished save, or of the one in flight, never fewer; and the temporary
+files a kill left must be gone after the next start (whose first save sweeps them).
 
     python benchmarks/kills.py train --kills 50 --out runs/kills
     python benchmarks/kills.py project --kills 50 --out runs/kills
@@ -104,10 +105,12 @@ def kill_project(out: Path, kills: int, rng: random.Random) -> dict:
     project = Project(load_sample(), folder)
     project.save()
     count = sum(len(t.boxes) for t in project.tileset)
-    rows, failures = [], 0
+    rows, failures, orphans_after_start = [], 0, 0
     for k in range(kills):
         wait = rng.uniform(2.0, 6.0)
+        before = _temporaries(folder)
         said = _kill_after([sys.executable, "-c", _SAVER, str(folder)], wait)
+        orphans_after_start += len(set(before) & set(_temporaries(folder)))
         done = [int(x) for x in said.split() if x.isdigit()]
         finished = done[-1] if done else count
         try:
@@ -121,7 +124,7 @@ def kill_project(out: Path, kills: int, rng: random.Random) -> dict:
         rows.append({"kill": k, "after_s": round(wait, 1), "saves": len(done), "finished": finished,
                      "opened": opened, "ok": ok, "temporaries": len(_temporaries(folder))})
         print(json.dumps(rows[-1]), flush=True)
-    return {"kills": kills, "failures": failures, "boxes_now": count,
+    return {"kills": kills, "failures": failures, "boxes_now": count, "orphans_surviving_a_start": orphans_after_start,
             "temporaries_left_now": len(_temporaries(folder)), "rows": rows}
 
 

@@ -614,3 +614,23 @@ def test_a_full_disk_is_one_line_and_keeps_what_was_there(tmp_path, capsys, coco
 def test_experiment_out_is_never_an_input(tmp_path, capsys, coco_file):
     assert main(["experiment", "--coco", str(coco_file), "--out", str(coco_file)]) == 2
     assert "is a file" in capsys.readouterr().err
+
+
+def test_a_project_save_sweeps_what_a_killed_save_left(tmp_path):
+    """Issue 33: a save killed mid-write leaves a temporary file under a numbered name that
+    no later save writes again; the next save (the project's one writer) removes it, and
+    nothing else of the folder."""
+    from napari_rmt.data.project import Project
+    from napari_rmt.data.sample import load_sample
+
+    project = Project(load_sample(), tmp_path / "p")
+    project.save()
+    left = [tmp_path / "p" / n for n in (".annotations.7.json.ab12.tmp", ".predictions.7.json.cd34.tmp",
+                                         ".project.json.ef56.tmp")]
+    for f in left:
+        f.write_bytes(b"{half")
+    mine = tmp_path / "p" / "notes.txt"
+    mine.write_text("the user's")
+    project.save()
+    assert not any(f.exists() for f in left) and mine.read_text() == "the user's"
+    assert len(Project.open(tmp_path / "p").tileset) == 16

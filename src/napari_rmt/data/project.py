@@ -72,6 +72,7 @@ class Project:
         if self.folder is None:
             raise NapariRmtError("this project has no folder to save into; choose one first")
         self.folder.mkdir(parents=True, exist_ok=True)
+        self._sweep()
         self._keep_pixels()
         manifest, _ = _manifest_or_rebuilt(self.folder)
         version = max(self._version, int(manifest.get("version", 0)) if manifest else 0) + 1
@@ -95,6 +96,15 @@ class Project:
             with contextlib.suppress(OSError):
                 (self.folder / legacy).unlink()
         return self.folder
+
+    def _sweep(self) -> None:
+        """Remove the temporary files that a killed save left (its states are numbered, so
+        no later save writes the same name and sweeps them): the project has one writer,
+        this one, so none of them is a write in progress."""
+        for pattern in (".annotations.*.json.*.tmp", ".predictions.*.json.*.tmp", f".{MANIFEST}.*.tmp"):
+            for tmp in self.folder.glob(pattern):
+                with contextlib.suppress(OSError):
+                    tmp.unlink()
 
     def _keep_pixels(self) -> None:
         """Give every tile that has pixels only in memory a PNG in ``images/``.
