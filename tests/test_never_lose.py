@@ -634,3 +634,16 @@ def test_a_project_save_sweeps_what_a_killed_save_left(tmp_path):
     project.save()
     assert not any(f.exists() for f in left) and mine.read_text() == "the user's"
     assert len(Project.open(tmp_path / "p").tileset) == 16
+
+
+def test_a_result_box_without_area_is_named_and_left_out(tmp_path, capsys, coco_file):
+    """Issue 33: a results file's box of negative width was scored as a false positive
+    without a word; it is left out with a warning naming it."""
+    pred = tmp_path / "p.json"
+    pred.write_text(json.dumps([{"image_id": 1, "category_id": 1, "bbox": [10, 3, -8.5, 6.25], "score": 0.9},
+                                {"image_id": 1, "category_id": 1, "bbox": [2, 3, 8.5, 6.25], "score": 0.9}]))
+    assert main(["evaluate", "--gt", str(coco_file), "--pred", str(pred)]) == 0
+    said = capsys.readouterr()
+    assert "detection [0]: bbox [10, 3, -8.5, 6.25] has no area" in said.err
+    tumor = next(line for line in said.out.splitlines() if line.startswith("tumor"))
+    assert tumor.split()[4] == "1"  # one prediction scored, not two

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ import numpy as np
 from .atomic import atomic_write_json
 from .boxes import Boxes, BoxSource
 from .coco import _field, _is_number
-from .errors import AnnotationError
+from .errors import AnnotationError, DataWarning
 from .tiles import Tile, TileSet
 
 
@@ -113,6 +114,11 @@ def read_coco_results(path: str | os.PathLike, tileset: TileSet) -> TileSet:
         if not _is_number(score) or not math.isfinite(score):
             raise AnnotationError(f"{where}: score {score!r} is not a finite number")
         x, y, w, h = (float(v) for v in bbox)
+        if w <= 0 or h <= 0:
+            # no box at all: scored, it would count as a false positive nobody can see
+            warnings.warn(DataWarning(f"{where}: bbox {bbox!r} has no area (width or height <= 0); left out"),
+                          stacklevel=2)
+            continue
         per_tile[image_id].append(([x, y, x + w, y + h], cid, float(score)))
     for tile in tileset:
         rows = per_tile[tile.id]
