@@ -6,7 +6,7 @@ confidence, so no rule that weighs negatives by the teacher's own doubt can spar
 Haematoxylin stains nuclei whether or not the teacher sees them: on CoNSeP, 88 % of the
 cells' boxes are at least 30 % haematoxylin-positive pixels (above the tile's Otsu
 threshold of the haematoxylin channel), against 12 % of cell-sized boxes away from any
-cell (``benchmarks/stain_prior_probe.py``). ``TrainConfig.unsup_stain_ignore`` uses that:
+cell (docs/benchmarks.md; measured by a probe since retired). ``TrainConfig.unsup_stain_ignore`` uses that:
 a background region of a pseudo-labelled tile that is that stained, and not next to a
 pseudo-box, is left out of the loss ("not known") instead of being taught as "not a cell".
 """
