@@ -420,6 +420,21 @@ def test_pixel_size_resamples_detect_nuclei_and_is_saved_with_the_project(widget
     assert "pixel_size" not in w.project.settings
 
 
+def _slide_widget(make_napari_viewer, tmp_path, monkeypatch, size, seed):
+    """A synthetic SVS (the sample's H&E on glass, 0.25 µm/px) opened in a widget, 256 px tiles."""
+    from napari_rmt.data.sample import load_sample
+    from napari_rmt.data.synthetic import SyntheticSlide
+
+    monkeypatch.setattr(widget_mod, "DEFAULT_PROJECTS", tmp_path / "projects")
+    slide = SyntheticSlide.make(*size, [t.pixels() for t in load_sample()], tissue=0.35, seed=seed)
+    path = slide.write(tmp_path / "slide.svs", pixel_size=0.25)
+    viewer = make_napari_viewer(show=True)
+    w = RMTWidget(viewer)
+    viewer.window.add_dock_widget(w)
+    w.open_large_image(path, tile=256, overlap=0)
+    return w, viewer, slide, path
+
+
 def test_a_slide_opens_on_its_tissue_with_its_pixel_size_and_is_predicted_without_glass(
     make_napari_viewer, tmp_path, monkeypatch
 ):
@@ -427,22 +442,13 @@ def test_a_slide_opens_on_its_tissue_with_its_pixel_size_and_is_predicted_withou
     tissue only, the tissue mask is shown over it, the file's pixel size becomes the
     project's, and whole-slide prediction skips the glass windows yet keeps every box that
     prediction over the whole field finds."""
-    import napari_rmt.gui.widget as widget_mod
     from napari_rmt.data.large import open_large_image
-    from napari_rmt.data.sample import load_sample
-    from napari_rmt.data.synthetic import SyntheticSlide
     from napari_rmt.data.tiles import tile_grid
     from napari_rmt.model.bundled import NUCLEUS
     from napari_rmt.model.wholeimage import predict_large_image
     from napari_rmt.train.checkpoint import load_model
 
-    monkeypatch.setattr(widget_mod, "DEFAULT_PROJECTS", tmp_path / "projects")
-    slide = SyntheticSlide.make(1600, 1300, [t.pixels() for t in load_sample()], tissue=0.35, seed=5)
-    path = slide.write(tmp_path / "slide.svs", pixel_size=0.25)
-    viewer = make_napari_viewer(show=True)
-    w = RMTWidget(viewer)
-    viewer.window.add_dock_widget(w)
-    w.open_large_image(path, tile=256, overlap=0)
+    w, viewer, slide, path = _slide_widget(make_napari_viewer, tmp_path, monkeypatch, (1600, 1300), seed=5)
     ts = w.project.tileset
     grid = tile_grid(1600, 1300, 256, 0)
     assert 0 < len(ts) < len(grid)  # tiles on tissue only
@@ -498,19 +504,10 @@ def test_a_full_disk_during_autosave_loses_nothing(widget, monkeypatch):
 def test_an_edited_tissue_mask_is_saved_in_the_project_and_used(make_napari_viewer, tmp_path, monkeypatch):
     """Issue 36: the user erases an island from the tissue layer; the mask is saved in the
     project at once, comes back on reopening, and whole-slide prediction skips that island."""
-    import napari_rmt.gui.widget as widget_mod
-    from napari_rmt.data.sample import load_sample
-    from napari_rmt.data.synthetic import SyntheticSlide
     from napari_rmt.model.bundled import NUCLEUS
     from napari_rmt.train.checkpoint import read_checkpoint
 
-    monkeypatch.setattr(widget_mod, "DEFAULT_PROJECTS", tmp_path / "projects")
-    slide = SyntheticSlide.make(1400, 1100, [t.pixels() for t in load_sample()], tissue=0.35, seed=2)
-    path = slide.write(tmp_path / "slide.svs", pixel_size=0.25)
-    viewer = make_napari_viewer(show=True)
-    w = RMTWidget(viewer)
-    viewer.window.add_dock_widget(w)
-    w.open_large_image(path, tile=256, overlap=0)
+    w, viewer, _slide, _path = _slide_widget(make_napari_viewer, tmp_path, monkeypatch, (1400, 1100), seed=2)
     layer = viewer.layers["tissue"]
     computed = w.whole.tissue.mask.copy()
     edited = layer.data.copy()
