@@ -53,7 +53,7 @@ def test_predicting_a_slide_skips_glass_and_finds_the_same_boxes(slide, tmp_path
 
     path = slide.write(tmp_path / "s.svs", pixel_size=0.25)
     assert main(["predict", "--model", "nucleus", str(path), "--window", "256", "--context", "64",
-                 "--out", str(tmp_path / "t.json")]) == 0
+                 "--out", str(tmp_path / "t.json"), "--geojson", str(tmp_path / "qupath")]) == 0
     said = capsys.readouterr().out
     skipped = int(said.split("windows are glass")[0].split(" of ")[-2].split()[-1])
     assert "tissue on" in said and skipped > 0
@@ -66,6 +66,13 @@ def test_predicting_a_slide_skips_glass_and_finds_the_same_boxes(slide, tmp_path
 
     with_mask, whole = boxes("t.json"), boxes("f.json")
     assert len(whole) > 100 and with_mask <= whole  # nothing the whole field does not find
+    # the whole-slide GeoJSON QuPath opens over the slide: every box, in slide pixels, as detections
+    features = json.loads((tmp_path / "qupath" / "s.geojson").read_text())["features"]
+    assert len(features) == len(with_mask)
+    assert {f["properties"]["objectType"] for f in features} == {"detection"}
+    assert {f["properties"]["classification"]["name"] for f in features} == {"nucleus"}
+    xs = [x for f in features for x, _ in f["geometry"]["coordinates"][0]]
+    assert min(xs) >= 0 and max(xs) <= slide.width
     # and what only the whole field finds lies on glass: nothing of the tissue is lost
     assert all(not slide.mask(int(x + w / 2), int(y + h / 2), 1, 1)[0, 0] for (x, y, w, h), _ in whole - with_mask)
 

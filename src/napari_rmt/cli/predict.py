@@ -51,6 +51,11 @@ def add_parser(sub) -> None:
     big.add_argument("--context", type=at_least(0), default=128, help="pixels read around each window (default 128)")
     big.add_argument("--zarr", default=None, help="also write each large image's boxes to DIR/<name>.zarr")
     big.add_argument(
+        "--geojson", default=None, metavar="DIR",
+        help="also write each large image's boxes to DIR/<name>.geojson in whole-image pixels: QuPath opens it "
+        "over the slide (detections with their class's name and colour)",
+    )
+    big.add_argument(
         "--tissue", choices=("auto", "on", "off"), default="auto",
         help="predict only windows that hold tissue (a mask computed on a coarse level; glass is skipped). "
         "auto (default): on for slides (a pyramid, or SVS / NDPI / SCN / BIF), off for other images",
@@ -131,6 +136,9 @@ def run(args: argparse.Namespace) -> int:
         for p in args.paths or []:
             check_output(Path(args.zarr) / f"{Path(p).stem}.zarr", inputs, "--zarr", folder=True,
                          overwrite=args.overwrite)
+    if args.geojson:
+        for p in args.paths or []:
+            check_output(Path(args.geojson) / f"{Path(p).stem}.geojson", inputs, "--geojson", overwrite=args.overwrite)
     from ..train.checkpoint import model_from_checkpoint, model_payload, native_pixel_size, read_checkpoint
 
     ckpt = read_checkpoint(args.model)
@@ -230,6 +238,13 @@ def run(args: argparse.Namespace) -> int:
                     t.predictions, folder / f"{Path(t.name).stem}.zarr", classes, image.size, source=str(t.path)
                 )
                 print(f"napari-rmt: {len(t.predictions)} boxes of {t.name} -> {store}")
+            if args.geojson:
+                from ..data.boxstore import write_whole_image_boxes
+
+                target = Path(args.geojson) / f"{Path(t.name).stem}.geojson"
+                target.parent.mkdir(parents=True, exist_ok=True)
+                write_whole_image_boxes(target, t.predictions, classes, t.name, image.size, t.path)
+                print(f"napari-rmt: {len(t.predictions)} boxes of {t.name} -> {target}")
     finally:
         if client is not None:
             from ..model.dask_wholeimage import close_client
