@@ -16,18 +16,16 @@ from ..train.tunables import CLI_TUNABLES
 
 def pixel_size(text: str) -> float:
     """An option's pixel size in µm/px, in a microscope's range (``data.scale``)."""
-    from ..data.scale import PLAUSIBLE
+    from ..data.scale import check_pixel_size
 
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number of µm per pixel") from None
-    if not PLAUSIBLE[0] <= value <= PLAUSIBLE[1]:
-        raise argparse.ArgumentTypeError(
-            f"{value:g} µm/px is not a microscope's pixel size ({PLAUSIBLE[0]}-{PLAUSIBLE[1]}; about 0.25 at 40x, "
-            "0.5 at 20x)"
-        )
-    return value
+    try:
+        return check_pixel_size(value, "--pixel-size")
+    except NapariRmtError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 # ------------------------------------------------------------------ progress

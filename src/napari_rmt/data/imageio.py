@@ -19,7 +19,8 @@ from .errors import DataWarning, ImageReadError
 IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg")
 #: Read through tifffile: TIFF and the TIFF-based slide formats it parses (Aperio SVS,
 #: Hamamatsu NDPI, Leica SCN, Ventana BIF).
-_TIFF = (".tif", ".tiff", ".svs", ".ndpi", ".scn", ".bif")
+SLIDE_SUFFIXES = (".svs", ".ndpi", ".scn", ".bif")
+_TIFF = (".tif", ".tiff", *SLIDE_SUFFIXES)
 #: Slide formats that are not TIFF: readable only through OpenSlide, which is not a dependency.
 NOT_TIFF_SLIDES = (".mrxs", ".vms", ".vmu")
 

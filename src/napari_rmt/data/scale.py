@@ -28,10 +28,11 @@ SAME = 0.02
 
 
 def check_pixel_size(value: float, where: str) -> float:
-    """``value`` (µm/px) if it is a plausible pixel size, else a clear error naming ``where``."""
+    """``value`` (µm/px) if it is a plausible pixel size, else a clear error naming ``where``
+    (the command line's option type says the same)."""
     if not isinstance(value, (int, float)) or not math.isfinite(value) or not PLAUSIBLE[0] <= value <= PLAUSIBLE[1]:
         raise NapariRmtError(
-            f"{where}: pixel size {value!r} µm/px is not one of a microscope's ({PLAUSIBLE[0]}-{PLAUSIBLE[1]}; "
+            f"{where}: pixel size {value!r} µm/px is not a microscope's pixel size ({PLAUSIBLE[0]}-{PLAUSIBLE[1]}; "
             "about 0.25 at 40x, 0.5 at 20x)"
         )
     return float(value)

@@ -11,6 +11,7 @@ grid, mirrored where the grid cell is odd, so that seams do not repeat), outside
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -45,6 +46,11 @@ class SyntheticSlide:
             probe.ellipses = np.array(ellipses)
         return probe
 
+    @functools.cached_property
+    def _stack(self) -> np.ndarray:
+        """The patches as one array, stacked once (``region`` runs for every tile)."""
+        return np.stack(self.patches)
+
     def mask(self, x: int, y: int, w: int, h: int, step: int = 1) -> np.ndarray:
         """Tissue (True) of the region, sampled every ``step`` px."""
         ys = (np.arange(y, y + h, step) + 0.5)[:, None]
@@ -70,8 +76,7 @@ class SyntheticSlide:
         which = (gy[:, None] * 7919 + gx[None, :] * 104729 + self.seed) % n
         iy = np.where(gy % 2 == 1, ph - 1 - ys % ph, ys % ph)
         ix = np.where(gx % 2 == 1, pw - 1 - xs % pw, xs % pw)
-        stack = np.stack(self.patches)
-        out[:] = stack[which, iy[:, None], ix[None, :]]
+        out[:] = self._stack[which, iy[:, None], ix[None, :]]
         rng = np.random.default_rng((self.seed, x, y, step))
         glass = (242 + rng.integers(-4, 5, out.shape)).astype(np.uint8)
         tissue = self.mask(x, y, w, h, step)

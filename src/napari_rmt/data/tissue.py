@@ -28,7 +28,7 @@ MASK_SIDE = 2048
 #: is about 0.0-0.09, pale stroma about 0.2-0.3, nuclei over 1.
 MIN_DENSITY = 0.12
 MAX_DENSITY = 0.2
-#: Specks and holes under this share of the mask's pixels are dust and lumen, not tissue.
+#: Specks under this share of the mask's pixels are dust, not tissue.
 SPECK = 2e-5
 
 
@@ -114,10 +114,10 @@ def coarse_level(image: LargeImage, side: int = MASK_SIDE) -> tuple[np.ndarray, 
 
 def is_slide(image: LargeImage) -> bool:
     """A scanner's slide (a pyramid, or a slide format): mostly glass, masked by default."""
-    from .imageio import NOT_TIFF_SLIDES
+    from .imageio import NOT_TIFF_SLIDES, SLIDE_SUFFIXES
 
     suffix = image.path.suffix.lower() if image.path is not None else ""
-    return len(image.levels) > 1 or suffix in (".svs", ".ndpi", ".scn", ".bif", *NOT_TIFF_SLIDES)
+    return len(image.levels) > 1 or suffix in (*SLIDE_SUFFIXES, *NOT_TIFF_SLIDES)
 
 
 @functools.lru_cache(maxsize=4)
