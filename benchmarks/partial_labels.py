@@ -23,6 +23,9 @@ One run at a time on an idle machine (the budget is wall-clock):
     python benchmarks/partial_labels.py --seed 0 --arm spread-naive --method supervised --minutes 20 --out runs/partial
     python benchmarks/partial_labels.py --seed 0 --arm concentrated --method supervised --minutes 20 --out runs/partial
     python benchmarks/partial_labels.py table --out runs/partial
+
+``--nucleus FILE`` starts from another nucleus model than the bundled one (issue 32: the
+new model's worth as the start of training), its name in the run's folder via ``--tag``.
 """
 
 from __future__ import annotations
@@ -81,6 +84,13 @@ def _arm(arm: str, seed: int, lab, unl, test, classes):
 
 def run(args) -> None:
     torch.set_num_threads(2)
+    if args.nucleus:
+        import napari_rmt.model.bundled as bundled
+
+        path = Path(args.nucleus).resolve()
+        if not path.is_file():
+            raise SystemExit(f"--nucleus {args.nucleus}: no such file")
+        bundled.nucleus_path = lambda: path  # init 'nucleus' reads this model instead
     lab, part, unl, test, classes, n_boxes = arm_tiles(args.arm, args.seed, args.budget)
     cfg = TrainConfig.for_method(
         args.method, iterations=1_000_000, seed=args.seed, time_budget_s=args.minutes * 60,
@@ -100,7 +110,7 @@ def run(args) -> None:
     wall = drive(trainer, out, [truth[t.id] for t in [*unl, *part]] if cfg.uses_unlabelled else [])
     trainer.save(out / "state_100.pt")
     res = result(trainer, name, test, classes, wall)
-    res.update(arm=args.arm, budget=args.budget, boxes=n_boxes, boxes_by_class=counts,
+    res.update(nucleus=args.nucleus or "bundled", arm=args.arm, budget=args.budget, boxes=n_boxes, boxes_by_class=counts,
                tiles={"full": len(lab), "partial": len(part), "unlabelled": len(unl)})
     (out / "result.json").write_text(json.dumps(res, indent=1))
     f1 = res["f1"]
@@ -129,6 +139,7 @@ def main() -> None:
     ap.add_argument("--budget", type=float, default=0.1, help="B = the boxes of this share of the tiles")
     ap.add_argument("--minutes", type=float, default=20)
     ap.add_argument("--tag", default="")
+    ap.add_argument("--nucleus", default=None, help="a nucleus model file to start from instead of the bundled one")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     if args.mode == "table":
