@@ -50,6 +50,8 @@ class Session:
         self._hover_text = ""
         self.project = project
         self.index = 0
+        #: why *Suggest next* went where it went ("" before it has)
+        self.suggestion = ""
         self.current_class = self.classes.names[0] if len(self.classes) else ""
         self.score_threshold = 0.5
         self.on_change = on_change
@@ -385,13 +387,17 @@ class Session:
         return int(mask.sum())
 
     def suggest_next(self) -> Tile | None:
-        """Go to the unlabelled tile the model is least sure about (None when all are labelled)."""
+        """Go to the tile not fully annotated whose predictions the model is least sure of,
+        about presence or class (``data.suggest``; None when all are fully annotated).
+        ``suggestion`` says why, for the status line."""
         self.pull()
         ranked = rank_unlabelled(list(self.tileset))
         if not ranked:
+            self.suggestion = ""
             return None
-        target = ranked[0][0]
+        target, doubt = ranked[0]
         self.show_tile(next(i for i, t in enumerate(self.tileset) if t.id == target.id))
+        self.suggestion = f"{target.name}: {doubt.describe()}"
         return target
 
     def refresh(self) -> None:

@@ -172,6 +172,8 @@ class ReviewPanel(QGroupBox):
         if self.state.session is not None:
             if self.state.session.suggest_next() is None:
                 self.state.say("no tile left to review")
+            else:
+                self.state.say(self.state.session.suggestion)
             self.state.moved.emit()
 
     # ------------------------------------------------------------------ accepting

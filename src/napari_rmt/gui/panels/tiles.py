@@ -249,6 +249,8 @@ class TilesPanel(QGroupBox):
             return
         if self.state.session.suggest_next() is None:
             show_info("every tile is labelled")
+        else:
+            self.state.say(self.state.session.suggestion)
         self.state.moved.emit()
 
     def _on_opened(self) -> None:
