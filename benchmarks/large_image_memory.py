@@ -30,6 +30,15 @@ with 1 thread; each its own ``napari-rmt predict`` process, one after another: w
 whether they equal the one-process boxes byte for byte.
 
     python benchmarks/large_image_memory.py dask --out runs/dask_predict
+
+``backends`` (issue 36): tiles per second of the bundled model at batch 8 on ``--tiles``
+256 px CoNSeP tiles for every backend ``predict --backend`` offers
+(``napari_rmt.model.backends``), in one process, the backends taking turns for
+``--rounds`` rounds so that each sees the same machine (the median round is reported);
+and whether each one's boxes match the ``torch`` backend's (a box of the same class at IoU
+>= 0.9, both ways; the issue's bar is 99 %).
+
+    python benchmarks/large_image_memory.py backends --out runs/backends
 """
 
 from __future__ import annotations
@@ -287,10 +296,63 @@ def dask(out: Path) -> None:
     print(json.dumps(report, indent=1))
 
 
+def backends(out: Path, n_tiles: int, rounds: int) -> None:
+    import torch
+    from common import CONSEP
+    from torchvision.ops import box_iou
+
+    from napari_rmt.data import read_coco
+    from napari_rmt.model.backends import BACKENDS, for_inference
+    from napari_rmt.model.bundled import nucleus_path
+    from napari_rmt.model.predict import image_tensor, predict_images
+    from napari_rmt.train.checkpoint import load_model
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    tiles = list(read_coco(CONSEP))[:n_tiles]
+    images = [image_tensor(t.pixels()) for t in tiles]
+    models = {b: for_inference(load_model(nucleus_path())[0], b) for b in BACKENDS}
+    for m in models.values():
+        predict_images(m, images[:8], batch_size=8)  # warm-up (oneDNN primitives, ORT arenas)
+    seconds: dict[str, list[float]] = {b: [] for b in BACKENDS}
+    found: dict[str, list] = {}
+    for _ in range(rounds):
+        for b, m in models.items():
+            t0 = time.perf_counter()
+            found[b] = predict_images(m, images, batch_size=8)
+            seconds[b].append(time.perf_counter() - t0)
+
+    def share_matched(a: list, b: list) -> float:
+        hit = total = 0
+        for da, db in zip(a, b, strict=True):
+            total += len(da["boxes"])
+            if len(da["boxes"]) and len(db["boxes"]):
+                iou = box_iou(da["boxes"], db["boxes"])
+                iou[da["labels"][:, None] != db["labels"][None]] = 0
+                hit += int((iou.max(1).values >= 0.9).sum())
+        return hit / max(total, 1)
+
+    rows = []
+    for b in BACKENDS:
+        med = float(np.median(seconds[b]))
+        rows.append({"backend": b, "tiles_per_s": round(len(images) / med, 2), "median_s": round(med, 2),
+                     "rounds_s": [round(x, 2) for x in seconds[b]], "boxes": sum(len(d["boxes"]) for d in found[b]),
+                     "of_torch_matched": round(share_matched(found["torch"], found[b]), 4),
+                     "matched_in_torch": round(share_matched(found[b], found["torch"]), 4)})
+    base = rows[0]["tiles_per_s"]
+    for r in rows:
+        r["speed_vs_torch"] = round(r["tiles_per_s"] / base, 3)
+    report = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+              "threads": torch.get_num_threads(), "tiles": len(images), "batch": 8, "rounds": rounds, "results": rows}
+    (out / "result.json").write_text(json.dumps(report, indent=1))
+    print(json.dumps(report, indent=1))
+
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("step", nargs="?", choices=("all", "make", "train", "predict", "slide", "dask"), default="all")
+    ap.add_argument("step", nargs="?", choices=("all", "make", "train", "predict", "slide", "dask", "backends"),
+                    default="all")
+    ap.add_argument("--tiles", type=int, default=64, help="backends: tiles per round")
+    ap.add_argument("--rounds", type=int, default=5, help="backends: rounds")
     ap.add_argument("--tissue", type=float, default=0.35, help="slide: the share of tissue")
     ap.add_argument("--size", type=int, default=20000)
     ap.add_argument("--iterations", type=int, default=150)
@@ -312,6 +374,8 @@ def main() -> None:
         slide(out, args.size, args.tissue, args.seed)
     elif args.step == "dask":
         dask(out)
+    elif args.step == "backends":
+        backends(out, args.tiles, args.rounds)
     else:
         for step in ("make", "train", "predict"):
             subprocess.run([sys.executable, __file__, step, *sys.argv[2:]] if len(sys.argv) > 1 and sys.argv[1] == "all"

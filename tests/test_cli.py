@@ -1,5 +1,6 @@
 import json
 
+import numpy as np
 import pytest
 from pycocotools.coco import COCO
 
@@ -243,6 +244,15 @@ def test_predict_with_the_bundled_nucleus_model(tmp_path):
     preds = json.loads(out.read_text())
     confident = [p for p in preds if p["score"] > 0.5]
     assert {p["image_id"] for p in confident} == {1, 2} and len(confident) >= 10  # 40-90 nuclei per tile
+    # the onnx backend (ONNX Runtime for the backbone) boxes the same nuclei
+    onnx = tmp_path / "nuclei_onnx.json"
+    assert main(["predict", "--model", "nucleus", *map(str, images), "--out", str(onnx), "--backend", "onnx"]) == 0
+    other = json.loads(onnx.read_text())
+    assert len(other) == len(preds)
+    for a in preds:  # each box has its twin (the order of near-equal scores may differ)
+        assert any(b["image_id"] == a["image_id"] and np.allclose(a["bbox"], b["bbox"], atol=0.05) for b in other)
+    assert main(["predict", "--model", "nucleus", *map(str, images), "--out", str(tmp_path / "x.json"),
+                 "--backend", "onnx", "--workers", "2"]) == 2
 
 
 def test_train_starts_from_the_nucleus_model_where_it_fits():

@@ -71,6 +71,23 @@ def test_predictions_round_trip_through_loadres(coco_file, tmp_path):
     read_coco_results(res_path, fresh)
     np.testing.assert_array_equal(fresh.by_id(1).predictions.xyxy, [[1, 1, 5, 6]])
     assert fresh.by_id(1).predictions.scores.tolist() == [0.75]
+    assert np.isnan(fresh.by_id(1).predictions.class_doubt).all()  # none given, none made up
+
+
+def test_a_predictions_class_doubt_survives_a_results_file_and_a_bad_one_is_named(coco_file, tmp_path):
+    import json
+
+    ts = read_coco(coco_file)
+    ts.by_id(1).predictions = Boxes([[1, 1, 5, 6], [6, 6, 9, 9]], [3, 1], [0.75, 0.6], class_doubt=[0.25, np.nan])
+    res_path = write_coco_results(ts, tmp_path / "pred.json")
+    fresh = read_coco_results(res_path, read_coco(coco_file))
+    got = fresh.by_id(1).predictions.class_doubt
+    assert got[0] == 0.25 and np.isnan(got[1])
+    records = json.loads(res_path.read_text())
+    records[0]["napari_rmt_class_doubt"] = 1.5
+    res_path.write_text(json.dumps(records))
+    with pytest.raises(AnnotationError, match=r"detection \[0\]: napari_rmt_class_doubt 1.5 is not a number in \[0, 1\]"):
+        read_coco_results(res_path, read_coco(coco_file))
 
 
 def test_status_rules(coco_file):

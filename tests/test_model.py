@@ -1,5 +1,6 @@
 """Detector factory, weights loading and augmentation."""
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -325,3 +326,52 @@ def test_prediction_chooses_its_device_without_the_trainer():
     if not torch.cuda.is_available():
         with pytest.raises(DeviceError, match="CUDA is not available"):
             resolve_device("cuda:7")
+
+
+def test_class_doubt_by_hand_and_on_every_predicted_box(tiny_tiles):
+    import numpy as np
+
+    from napari_rmt.data import ClassList
+    from napari_rmt.model.detector import build_detector
+    from napari_rmt.model.heads import class_doubt
+    from napari_rmt.model.predict import predict_tiles
+
+    # tumour 0.45, stromal 0.40, lymphocyte 0.05: each against the best other class
+    got = class_doubt(torch.tensor([[0.45, 0.40, 0.05], [0.9, 0.0, 0.0]]))
+    torch.testing.assert_close(got, torch.tensor([[0.8 / 0.85, 0.8 / 0.85, 0.1 / 0.5], [0.0, 0.0, 0.0]]))
+    assert class_doubt(torch.tensor([[0.7]])).tolist() == [[0.0]]  # one class: nothing to doubt
+    for score_by in ("class", "foreground"):
+        model = build_detector(3, ModelConfig(backbone="resnet18"))  # background and the 2 default classes
+        model.roi_heads.score_by = score_by
+        out = predict_tiles(model, tiny_tiles[:2], ClassList.default(), store=False, score_threshold=0.0)
+        doubts = np.concatenate([b.class_doubt for b in out])
+        assert len(doubts) and np.isfinite(doubts).all() and ((doubts >= 0) & (doubts <= 1)).all(), score_by
+
+
+@pytest.mark.parametrize("backend", ["channels-last", "onnx"])
+def test_every_backend_gives_the_torch_boxes(tiny_tiles, backend):
+    import copy
+
+    from napari_rmt.data import ClassList
+    from napari_rmt.model.backends import for_inference
+    from napari_rmt.model.detector import build_detector
+    from napari_rmt.model.predict import predict_tiles
+
+    torch.manual_seed(0)
+    ref = build_detector(3, ModelConfig(backbone="resnet18")).eval()
+    other = for_inference(copy.deepcopy(ref), backend)
+    want = predict_tiles(ref, tiny_tiles[:2], ClassList.default(), store=False)
+    got = predict_tiles(other, tiny_tiles[:2], ClassList.default(), store=False)
+    assert sum(len(b) for b in want) > 0
+    for w, g in zip(want, got, strict=True):
+        assert len(w) == len(g)
+        np.testing.assert_allclose(g.xyxy, w.xyxy, atol=0.05)
+        np.testing.assert_allclose(g.scores, w.scores, atol=1e-3)
+
+
+def test_an_unknown_backend_is_named():
+    from napari_rmt.model.backends import BackendError, for_inference
+    from napari_rmt.model.detector import build_detector
+
+    with pytest.raises(BackendError, match="backend 'tensorrt' is not one of torch, channels-last, onnx"):
+        for_inference(build_detector(3, ModelConfig(backbone="resnet18")), "tensorrt")

@@ -57,3 +57,11 @@ def test_fully_annotated_tiles_are_never_suggested_partial_ones_are():
 def test_no_predictions_no_doubt():
     d = tile_doubt(_tile("e", Boxes()))
     assert (d.presence, d.classes, d.torn) == (0.0, 0.0, 0)
+
+
+def test_the_detectors_class_doubt_is_used_where_it_is_known():
+    # one box a cell (class-agnostic NMS left no rival): only the detector's own doubt tells
+    b = Boxes([[0, 0, 10, 10], [20, 20, 30, 30]], [1, 2], [0.9, 0.8], class_doubt=[0.7, np.nan])
+    assert class_doubts(b) == pytest.approx([0.7, 0.0])
+    d = tile_doubt(_tile("k", b))
+    assert d.classes == pytest.approx(0.7) and d.torn == 1

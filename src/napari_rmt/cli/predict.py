@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 from ..data.errors import NapariRmtError
-from ..model.config import BOX_SCORES, PREDICTION_FLOOR
+from ..model.config import BACKENDS, BOX_SCORES, DEFAULT_BACKEND, PREDICTION_FLOOR
 from .common import ProgressBar, at_least, in_range, load_dataset, pixel_size
 
 
@@ -41,6 +41,11 @@ def add_parser(sub) -> None:
     )
     pred.add_argument("--batch-size", type=at_least(1), default=4)
     pred.add_argument("--device", default="auto")
+    pred.add_argument(
+        "--backend", choices=BACKENDS, default=DEFAULT_BACKEND,
+        help="how the CPU runs the model: torch (default), channels-last, or onnx (ONNX Runtime for the "
+        "backbone; needs the onnx extra). Their speeds and boxes are compared in docs/benchmarks.md",
+    )
     big = pred.add_argument_group(
         "large images",
         "image files larger than window + 2 x context (and zarr stores) are predicted in windows "
@@ -124,6 +129,7 @@ def run(args: argparse.Namespace) -> int:
     from ..data.large import is_zarr_path, open_large_image, tile_grid
     from ..data.results import write_coco_results
     from ..data.tiles import Tile, TileSet
+    from ..model.backends import for_inference
     from ..model.predict import predict_tiles, resolve_device
     from ..model.wholeimage import predict_large_image
 
@@ -155,7 +161,13 @@ def run(args: argparse.Namespace) -> int:
             "--pixel-size"
         )
     device = resolve_device(args.device)
+    if args.backend != DEFAULT_BACKEND and (device.type != "cpu" or args.workers or args.dask_scheduler):
+        raise NapariRmtError(
+            f"--backend {args.backend} runs in this process on the CPU; with "
+            + ("--device " + str(device) if device.type != "cpu" else "Dask workers") + " use --backend torch"
+        )
     model.to(device)
+    for_inference(model, args.backend)
     if args.coco:
         tileset = load_dataset(args)
         classes = _classes_by_name(classes, tileset.classes, args.coco)

@@ -52,15 +52,19 @@ def _empty_f(n: int = 0, cols: int | None = None) -> np.ndarray:
 
 @dataclass
 class Boxes:
-    """Parallel columns: ``xyxy`` (N, 4), ``class_ids`` (N,), ``scores`` (N,), ``sources`` (N,).
+    """Parallel columns: ``xyxy`` (N, 4), ``class_ids`` (N,), ``scores`` (N,), ``sources`` (N,),
+    ``class_doubt`` (N,).
 
-    ``scores`` is NaN where a box has no score (every manual box).
+    ``scores`` is NaN where a box has no score (every manual box). ``class_doubt`` is how
+    close the predicted class came to another (``model.heads.class_doubt``: 1 a tie, 0
+    sure), NaN where unknown (manual boxes, predictions read from elsewhere).
     """
 
     xyxy: np.ndarray = field(default_factory=lambda: _empty_f(0, 4))
     class_ids: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     scores: np.ndarray = field(default_factory=_empty_f)
     sources: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int8))
+    class_doubt: np.ndarray = field(default_factory=_empty_f)
 
     def __post_init__(self) -> None:
         self.xyxy = np.asarray(self.xyxy, dtype=np.float64).reshape(-1, 4)
@@ -72,11 +76,14 @@ class Boxes:
             self.scores = np.full(n, np.nan)
         if len(self.sources) == 0 and n:
             self.sources = np.full(n, BoxSource.MANUAL, dtype=np.int8)
-        lengths = {len(self.class_ids), len(self.scores), len(self.sources)}
+        self.class_doubt = np.asarray(self.class_doubt, dtype=np.float64).reshape(-1)
+        if len(self.class_doubt) == 0 and n:
+            self.class_doubt = np.full(n, np.nan)
+        lengths = {len(self.class_ids), len(self.scores), len(self.sources), len(self.class_doubt)}
         if lengths != {n}:
             raise ValueError(
                 f"Boxes columns differ in length: xyxy {n}, class_ids {len(self.class_ids)}, "
-                f"scores {len(self.scores)}, sources {len(self.sources)}"
+                f"scores {len(self.scores)}, sources {len(self.sources)}, class_doubt {len(self.class_doubt)}"
             )
 
     def visible(self, cut: float) -> np.ndarray:
@@ -117,6 +124,7 @@ class Boxes:
             class_ids=np.concatenate([p.class_ids for p in parts]),
             scores=np.concatenate([p.scores for p in parts]),
             sources=np.concatenate([p.sources for p in parts]),
+            class_doubt=np.concatenate([p.class_doubt for p in parts]),
         )
 
     # -- reading -----------------------------------------------------------------
@@ -141,7 +149,8 @@ class Boxes:
         """Select rows with an index array, mask or slice; always returns ``Boxes``."""
         if isinstance(index, (int, np.integer)):
             index = [index]
-        return Boxes(self.xyxy[index], self.class_ids[index], self.scores[index], self.sources[index])
+        return Boxes(self.xyxy[index], self.class_ids[index], self.scores[index], self.sources[index],
+                     self.class_doubt[index])
 
     @property
     def xywh(self) -> np.ndarray:
@@ -158,7 +167,8 @@ class Boxes:
         return {int(i): int(c) for i, c in zip(ids, counts, strict=True)}
 
     def copy(self) -> Boxes:
-        return Boxes(self.xyxy.copy(), self.class_ids.copy(), self.scores.copy(), self.sources.copy())
+        return Boxes(self.xyxy.copy(), self.class_ids.copy(), self.scores.copy(), self.sources.copy(),
+                     self.class_doubt.copy())
 
     def with_source(self, source: BoxSource) -> Boxes:
         out = self.copy()

@@ -1,8 +1,12 @@
 """COCO results files (``loadRes`` input: one record per box, with its score) in and out.
 
 A record names its image by ``image_id`` or, for results of image files given by path, by
-``file_name``: the file decides then, never an id that may be another image's.
+``file_name``: the file decides then, never an id that may be another image's. A box's
+class doubt (``Boxes.class_doubt``), when known, rides along as ``napari_rmt_class_doubt``
+(other tools ignore keys they do not know), so a reopened project ranks *Suggest next*
+as before.
 """
+
 
 from __future__ import annotations
 
@@ -22,6 +26,9 @@ from .coco import _field, _is_number
 from .errors import AnnotationError, DataWarning
 from .tiles import Tile, TileSet
 
+#: The record key of a box's class doubt.
+CLASS_DOUBT_KEY = "napari_rmt_class_doubt"
+
 
 def coco_results(
     tileset: TileSet, tiles: Iterable[Tile] | None = None, file_names: bool = False
@@ -36,13 +43,14 @@ def coco_results(
     for tile in tileset if tiles is None else tiles:
         p = tile.predictions
         extra = {"file_name": str(tile.path) if tile.path is not None else tile.name} if file_names else {}
-        for xywh, cid, score in zip(p.xywh, p.class_ids, p.scores, strict=True):
+        for xywh, cid, score, doubt in zip(p.xywh, p.class_ids, p.scores, p.class_doubt, strict=True):
             out.append(
                 {
                     "image_id": tile.id,
                     "category_id": int(cid),
                     "bbox": [float(v) for v in xywh],
                     "score": float(score) if np.isfinite(score) else 1.0,
+                    **({CLASS_DOUBT_KEY: round(float(doubt), 4)} if np.isfinite(doubt) else {}),
                     **extra,
                 }
             )
@@ -91,7 +99,7 @@ def read_coco_results(path: str | os.PathLike, tileset: TileSet) -> TileSet:
         data = data["annotations"]
     if not isinstance(data, list):
         raise AnnotationError(f"{path}: a COCO results file is a list of detections")
-    per_tile: dict[int, list[tuple[list[float], int, float]]] = {t.id: [] for t in tileset}
+    per_tile: dict[int, list[tuple[list[float], int, float, float]]] = {t.id: [] for t in tileset}
     by_file = tiles_by_file(tileset)
     for i, rec in enumerate(data):
         where = f"{path}: detection [{i}]"
@@ -113,13 +121,16 @@ def read_coco_results(path: str | os.PathLike, tileset: TileSet) -> TileSet:
         score = rec.get("score", 1.0)
         if not _is_number(score) or not math.isfinite(score):
             raise AnnotationError(f"{where}: score {score!r} is not a finite number")
+        doubt = rec.get(CLASS_DOUBT_KEY, math.nan)
+        if not _is_number(doubt) or not (math.isnan(doubt) or 0.0 <= doubt <= 1.0):
+            raise AnnotationError(f"{where}: {CLASS_DOUBT_KEY} {doubt!r} is not a number in [0, 1]")
         x, y, w, h = (float(v) for v in bbox)
         if w <= 0 or h <= 0:
             # no box at all: scored, it would count as a false positive nobody can see
             warnings.warn(DataWarning(f"{where}: bbox {bbox!r} has no area (width or height <= 0); left out"),
                           stacklevel=2)
             continue
-        per_tile[image_id].append(([x, y, x + w, y + h], cid, float(score)))
+        per_tile[image_id].append(([x, y, x + w, y + h], cid, float(score), float(doubt)))
     for tile in tileset:
         rows = per_tile[tile.id]
         tile.predictions = Boxes(
@@ -127,5 +138,6 @@ def read_coco_results(path: str | os.PathLike, tileset: TileSet) -> TileSet:
             class_ids=[r[1] for r in rows],
             scores=[r[2] for r in rows],
             sources=[BoxSource.PREDICTED] * len(rows),
+            class_doubt=[r[3] for r in rows],
         )
     return tileset

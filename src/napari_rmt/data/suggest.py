@@ -4,13 +4,15 @@ Two doubts are counted, each box adding at most 1:
 
 - **presence**: the binary entropy of the box's score, in bits. A box at 0.5 adds 1, a box
   at 0.05 or 0.95 about 0.3. This is the classic uncertainty sampling of active learning.
-- **class**: how close the box's class came to another. The detector gives one box per
-  class a proposal is likely to be (torchvision's rule, above the prediction floor), so a
-  nucleus the head splits between two classes shows as two overlapping boxes of different
-  classes. With ``p1`` the winner's score and ``p2`` the best other class's over it (0 when
-  none is above the floor), the box adds ``2 p2 / (p1 + p2)``: 1 for a tie, 0 when no other
-  class was seen. The margin ``p1 - p2`` is read relative to the pair's total so that a
-  faint pair (0.08 / 0.07) counts as the tie it is.
+- **class**: how close the box's class came to another, ``2 p2 / (p1 + p2)`` with ``p1``
+  its class's probability and ``p2`` the best other class's over the same proposal: 1 for
+  a tie, 0 when no other class has any. The margin ``p1 - p2`` is read relative to the
+  pair's total so that a faint pair (0.08 / 0.07) counts as the tie it is. The detector
+  gives it with each box (``Boxes.class_doubt``, ``model.heads.class_doubt``). Where it
+  is not known (predictions read from a results file of another tool) it is estimated
+  from the boxes: a nucleus a per-class detector splits between two classes shows as two
+  overlapping boxes of different classes, their scores ``p1`` and ``p2``. A cell counts
+  once, by the box that beats every rival over it.
 
 Classes are where a few labels are worth most (issue 31: labelling every tile adds +0.5 to
 +2.7 any-class F1 but +3.1 to +7.6 per class), so a tile whose cells the model cannot tell
@@ -57,8 +59,8 @@ def runner_up_scores(boxes: Boxes, iou: float = SAME_CELL_IOU) -> np.ndarray:
 
 
 def class_doubts(boxes: Boxes, iou: float = SAME_CELL_IOU) -> np.ndarray:
-    """Per cell (a box no rival over it beats; of tied ones, the first), ``2 p2 / (p1 + p2)``
-    in [0, 1]."""
+    """Per cell (a box no rival over it beats; of tied ones, the first): the box's class
+    doubt, or where the detector gave none, ``2 p2 / (p1 + p2)`` from its rivals; in [0, 1]."""
     if len(boxes) == 0:
         return np.zeros(0)
     p1 = np.nan_to_num(boxes.scores, nan=1.0)
@@ -68,8 +70,9 @@ def class_doubts(boxes: Boxes, iou: float = SAME_CELL_IOU) -> np.ndarray:
     beats_me = (p1[None] > p1[:, None]) | ((p1[None] == p1[:, None]) & (order[None] < order[:, None]))
     winner = ~(rivals & beats_me).any(axis=1)
     total = p1 + p2
-    doubt = np.where(total > 0, 2 * p2 / np.where(total > 0, total, 1), 0.0)
-    return doubt[winner]
+    estimate = np.where(total > 0, 2 * p2 / np.where(total > 0, total, 1), 0.0)
+    doubt = np.where(np.isfinite(boxes.class_doubt), boxes.class_doubt, estimate)
+    return np.clip(doubt[winner], 0.0, 1.0)
 
 
 def presence_doubts(boxes: Boxes) -> np.ndarray:

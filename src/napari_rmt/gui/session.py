@@ -113,10 +113,11 @@ class Session:
                     "class": pd.Categorical([], categories=names),
                     "score": np.zeros(0),
                     "source": pd.Categorical([], categories=list(SOURCE_NAMES.values())),
+                    "class_doubt": np.zeros(0),
                 }
             ),
         )
-        layer.feature_defaults = {"class": self.current_class, "score": np.nan, "source": "manual"}
+        layer.feature_defaults = {"class": self.current_class, "score": np.nan, "source": "manual", "class_doubt": np.nan}
         layer.current_edge_color = self.classes.by_name(self.current_class).hex if names else "white"
         if name == PREDICTION_LAYER and names:
             layer.current_face_color = self.classes.by_name(self.current_class).hex + PREDICTION_SHADE
@@ -209,6 +210,7 @@ class Session:
                             [SOURCE_NAMES[BoxSource(int(s))] for s in boxes.sources],
                             categories=list(SOURCE_NAMES.values()),
                         ),
+                        "class_doubt": boxes.class_doubt,
                     }
                 )
                 if len(boxes):
@@ -221,7 +223,7 @@ class Session:
                 or str(fd["class"].iloc[0]) != self.current_class
                 or fd["source"].iloc[0] != "manual"
             ):
-                layer.feature_defaults = {"class": self.current_class, "score": np.nan, "source": "manual"}
+                layer.feature_defaults = {"class": self.current_class, "score": np.nan, "source": "manual", "class_doubt": np.nan}
             colour = self.classes.by_name(self.current_class).hex
             if str(layer.current_edge_color).lower()[:7] != colour.lower()[:7]:
                 layer.current_edge_color = colour
@@ -251,7 +253,8 @@ class Session:
         xyxy[:, [0, 2]] = np.clip(xyxy[:, [0, 2]], 0, t.width)
         xyxy[:, [1, 3]] = np.clip(xyxy[:, [1, 3]], 0, t.height)
         keep = (xyxy[:, 2] > xyxy[:, 0]) & (xyxy[:, 3] > xyxy[:, 1])
-        return Boxes(xyxy, ids, scores, sources)[keep]
+        doubt = np.asarray(feats["class_doubt"], dtype=float) if "class_doubt" in feats else None
+        return Boxes(xyxy, ids, scores, sources, class_doubt=doubt if doubt is not None else ())[keep]
 
     # ------------------------------------------------------------------ sync
     def pull(self) -> None:
@@ -319,7 +322,7 @@ class Session:
         cls = self.classes.by_name(name)
         self.current_class = cls.name
         for layer in (self.annotations, self.predictions):
-            layer.feature_defaults = {"class": cls.name, "score": np.nan, "source": "manual"}
+            layer.feature_defaults = {"class": cls.name, "score": np.nan, "source": "manual", "class_doubt": np.nan}
             layer.current_edge_color = cls.hex
             if layer is self.predictions:
                 layer.current_face_color = cls.hex + PREDICTION_SHADE

@@ -10,6 +10,9 @@ from dataclasses import dataclass
 
 BACKBONES = ("resnet50", "resnet18", "mobilenet_v3_large")
 BOX_SCORES = ("class", "foreground")
+#: How the CPU runs a model for prediction (``model.backends``); measured in docs/benchmarks.md.
+BACKENDS = ("torch", "channels-last", "onnx")
+DEFAULT_BACKEND = "torch"
 
 #: Architecture fields whose ``None`` means "what suits this backbone" (``ModelConfig.resolved``):
 #: ResNet-18 is sized for nuclei, ResNet-50 is the paper's full FPN.

@@ -90,6 +90,22 @@ def box_regression_loss(box_regression: Tensor, labels: Tensor, regression_targe
     return loss / labels.numel()
 
 
+
+def class_doubt(probs: Tensor) -> Tensor:
+    """(N, K) class probabilities (background left out) -> (N, K): how close each class came
+    to the best other one over the same proposal, ``2 min(p, q) / (p + q)`` with ``p`` the
+    class's probability and ``q`` the best other class's; 1 for a tie, 0 when no other
+    class has any (and 0 with one class). What *Suggest next* ranks class doubt by
+    (``data.suggest``): the margin read relative to the pair's total, so a faint pair
+    (0.08 / 0.07) counts as the tie it is."""
+    if probs.shape[1] < 2:
+        return torch.zeros_like(probs)
+    top2 = probs.topk(2, dim=1).values
+    is_best = probs >= top2[:, :1]
+    other = torch.where(is_best, top2[:, 1:2], top2[:, :1])  # the best class but this one
+    total = probs + other
+    return torch.where(total > 0, 2 * torch.minimum(probs, other) / total.clamp_min(1e-12), torch.zeros_like(probs))
+
 class FocalRoIHeads(RoIHeads):
     """``RoIHeads`` whose training loss is focal (classification) + smooth L1 (boxes)."""
 
@@ -157,14 +173,16 @@ class FocalRoIHeads(RoIHeads):
             n_cls = probs.shape[1] - 1
             labels = torch.arange(1, n_cls + 1, device=probs.device).repeat(len(probs))
             scores = probs[:, 1:].reshape(-1)
+            doubt = class_doubt(probs[:, 1:]).reshape(-1)
             keep = torch.where(scores > score_thresh)[0]
-            boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
+            boxes, scores, labels, doubt = boxes[keep], scores[keep], labels[keep], doubt[keep]
             keep = box_ops.remove_small_boxes(boxes, min_size=1e-2)
-            boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
+            boxes, scores, labels, doubt = boxes[keep], scores[keep], labels[keep], doubt[keep]
             keep = box_ops.batched_nms(boxes, scores, labels, self.nms_thresh)
             if limit is not None:
                 keep = keep[:limit]
-            out.append({"boxes": boxes[keep], "labels": labels[keep], "scores": scores[keep]})
+            out.append({"boxes": boxes[keep], "labels": labels[keep], "scores": scores[keep],
+                        "class_doubt": doubt[keep]})
         return out
 
     def class_probabilities(self, features, boxes: list[Tensor], image_shapes) -> Tensor:
@@ -225,6 +243,7 @@ class FocalRoIHeads(RoIHeads):
         for probs_i, boxes_i, shape in zip(probs.split(counts), boxes_all.split(counts), image_shapes, strict=True):
             fg = 1.0 - probs_i[:, 0]
             labels = probs_i[:, 1:].argmax(dim=1) + 1
+            doubt = class_doubt(probs_i[:, 1:]).gather(1, (labels - 1)[:, None])[:, 0]
             boxes = boxes_i[torch.arange(len(labels), device=labels.device), labels]
             boxes = box_ops.clip_boxes_to_image(boxes, shape)
             keep = torch.where(fg > score_thresh)[0]
@@ -232,6 +251,6 @@ class FocalRoIHeads(RoIHeads):
             keep = keep[box_ops.nms(boxes[keep], fg[keep], self.nms_thresh)]
             if limit is not None:
                 keep = keep[:limit]
-            out.append({"boxes": boxes[keep], "labels": labels[keep], "scores": fg[keep]})
+            out.append({"boxes": boxes[keep], "labels": labels[keep], "scores": fg[keep], "class_doubt": doubt[keep]})
         return out
 

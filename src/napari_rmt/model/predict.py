@@ -69,7 +69,8 @@ def map_back(boxes: torch.Tensor, size: tuple[int, int], seen: tuple[int, int]) 
 
 
 def detections_to_boxes(
-    boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor, classes: ClassList
+    boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor, classes: ClassList,
+    class_doubt: torch.Tensor | None = None,
 ) -> Boxes:
     """Detector output (model labels 1..K) as ``Boxes`` with the class list's ids."""
     ids = np.array(classes.ids, dtype=np.int64)
@@ -78,7 +79,16 @@ def detections_to_boxes(
         class_ids=ids[labels.numpy() - 1],
         scores=scores.numpy().astype(np.float64),
         sources=np.full(len(boxes), BoxSource.PREDICTED, dtype=np.int8),
+        class_doubt=np.full(len(boxes), np.nan) if class_doubt is None else class_doubt.numpy().astype(np.float64),
     )
+
+
+def kept_boxes(det: dict[str, torch.Tensor], keep: torch.Tensor, classes: ClassList) -> Boxes:
+    """The detections ``keep`` indexes, as ``Boxes`` (with their class doubt when the head
+    gave one)."""
+    doubt = det.get("class_doubt")
+    return detections_to_boxes(det["boxes"][keep], det["scores"][keep], det["labels"][keep], classes,
+                               None if doubt is None else doubt[keep])
 
 
 @torch.no_grad()
@@ -192,7 +202,7 @@ def predict_tiles(
             keep = select(
                 det["boxes"], det["scores"], det["labels"], score_threshold, nms_iou, class_agnostic
             )
-            boxes = detections_to_boxes(det["boxes"][keep], det["scores"][keep], det["labels"][keep], classes)
+            boxes = kept_boxes(det, keep, classes)
             if store:
                 tile.predictions = boxes
             results.append(boxes)

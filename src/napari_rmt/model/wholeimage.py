@@ -44,7 +44,7 @@ from ..data.scale import resample, scaled_size
 from ..data.tissue import TissueMask
 from .config import PREDICTION_FLOOR
 from .options import DetectOptions
-from .predict import detections_to_boxes, image_tensor, map_back, predict_images, select
+from .predict import detections_to_boxes, image_tensor, kept_boxes, map_back, predict_images, select
 
 # A floor on RPN objectness for windows and whole images. Measured on a 768 px MoNuSeg
 # window with a CoNSeP-trained ResNet-18: 0.01 kept every box that scored >= 0.3 without
@@ -378,4 +378,4 @@ def predict_whole_at_once(
     options = detect_options(limit or limit_for_area(w, h), objectness, per_cell)
     det = predict_images(model, [image_tensor(pixels)], batch_size=1, device=device, options=options)[0]
     keep = select(det["boxes"], det["scores"], det["labels"], score_threshold, nms_iou)
-    return detections_to_boxes(det["boxes"][keep], det["scores"][keep], det["labels"][keep], classes)
+    return kept_boxes(det, keep, classes)
