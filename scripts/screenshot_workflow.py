@@ -25,6 +25,7 @@ def main() -> None:
     ap.add_argument("--method", default="rmt+")
     ap.add_argument("--threshold", type=float, default=None, help="pseudo-label threshold (default: the method's)")
     ap.add_argument("--show-score", type=float, default=None, help="score slider for the review shots")
+    ap.add_argument("--detect-only", action="store_true", help="only the first shot (Detect nuclei), then quit")
     args = ap.parse_args()
 
     import napari
@@ -71,6 +72,9 @@ def main() -> None:
     viewer.layers.selection.active = w.session.predictions
     shot("workflow-0-detect.png")
     print("status:", w.status.text(), flush=True)
+    if args.detect_only:
+        viewer.close()
+        return
     w.show_tile(0)
     shot("workflow-1-annotate.png")
 

@@ -32,7 +32,7 @@ def test_the_file_is_small_and_loads_weights_only():
 
 
 def test_it_finds_the_sample_nuclei_it_never_saw():
-    """Zero-shot on the CoNSeP sample (the model saw MoNuSeg only): class-agnostic F1."""
+    """Zero-shot on the CoNSeP sample (the model saw MoNuSeg and DSB2018 only): class-agnostic F1."""
     model, classes, _ = load_model(NUCLEUS)
     tiles = list(load_sample())[:4]
     preds = predict_tiles(model, tiles, classes, score_threshold=0.05)

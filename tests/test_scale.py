@@ -127,3 +127,35 @@ def test_a_models_pixel_size_is_saved_and_read(tiny_tiles, tmp_path):
     assert native_pixel_size(read_checkpoint(NUCLEUS)) == 0.25  # stated for the bundled file
     with pytest.raises(NapariRmtError, match=r"pixel_size 1000.0 must be in \[0.02, 20\]"):
         TrainConfig.for_method("supervised", pixel_size=1000.0)
+
+
+def test_tiles_of_another_pixel_size_are_trained_at_the_starts_scale(tiny_tiles, tmp_path):
+    """20x tiles (0.5 µm/px) from the bundled 40x model: seen at x2, boxes x2, and the model
+    keeps the 0.25 it learnt at, so prediction resamples 20x tiles as its start would."""
+    from napari_rmt.data import ClassList
+    from napari_rmt.train import TrainConfig, Trainer
+    from napari_rmt.train.checkpoint import native_pixel_size, read_checkpoint
+
+    tile = tiny_tiles[0]
+    cfg = TrainConfig.for_method("supervised", iterations=1, warmup=0, pixel_size=0.5, init="nucleus",
+                                 model={"backbone": "resnet18"})
+    trainer = Trainer([tile], [], ClassList.default(), cfg)
+    assert trainer.cfg.model_pixel_size == 0.25 and trainer.tile_scale == 2.0
+    im, boxes, _ = trainer.data.labelled[0]
+    assert tuple(im.shape[1:]) == (2 * tile.height, 2 * tile.width)
+    np.testing.assert_allclose(boxes.numpy(), 2 * tile.boxes.xyxy[(tile.boxes.areas > 0)], rtol=1e-6)
+    list(trainer.run())
+    trainer.save_model(tmp_path / "m.pt")
+    ckpt = read_checkpoint(tmp_path / "m.pt")
+    assert native_pixel_size(ckpt) == 0.25 and ckpt["config"]["pixel_size"] == 0.5
+    # a run started from that model learns at its scale too; tiles already at it are not resampled
+    again = Trainer([tile], [], ClassList.default(), TrainConfig.for_method(
+        "supervised", iterations=1, pixel_size=0.5, model={"backbone": "resnet18"}), init_from=tmp_path / "m.pt")
+    assert again.tile_scale == 2.0
+    same = Trainer([tile], [], ClassList.default(), TrainConfig.for_method(
+        "supervised", iterations=1, pixel_size=0.25, init="nucleus", model={"backbone": "resnet18"}))
+    assert same.tile_scale == 1.0 and same.cfg.model_pixel_size is None
+    # from random init there is no start's scale: the tiles' own is the model's
+    fresh = Trainer([tile], [], ClassList.default(), TrainConfig.for_method(
+        "supervised", iterations=1, pixel_size=0.5, init="none", model={"backbone": "resnet18"}))
+    assert fresh.tile_scale == 1.0 and fresh.cfg.own_pixel_size == 0.5

@@ -43,8 +43,8 @@ def add_parser(sub) -> None:
     pred.add_argument("--device", default="auto")
     pred.add_argument(
         "--backend", choices=BACKENDS, default=DEFAULT_BACKEND,
-        help="how the CPU runs the model: torch (default), channels-last, or onnx (ONNX Runtime for the "
-        "backbone; needs the onnx extra). Their speeds and boxes are compared in docs/benchmarks.md",
+        help=f"how the CPU runs the model: torch, channels-last, or onnx (ONNX Runtime for the backbone; needs "
+        f"the onnx extra); default {DEFAULT_BACKEND}, the fastest measured (docs/benchmarks.md), all with the same boxes",
     )
     big = pred.add_argument_group(
         "large images",
@@ -161,9 +161,9 @@ def run(args: argparse.Namespace) -> int:
             "--pixel-size"
         )
     device = resolve_device(args.device)
-    if args.backend != DEFAULT_BACKEND and (device.type != "cpu" or args.workers or args.dask_scheduler):
+    if args.backend == "onnx" and (device.type != "cpu" or args.workers or args.dask_scheduler):
         raise NapariRmtError(
-            f"--backend {args.backend} runs in this process on the CPU; with "
+            "--backend onnx runs in this process on the CPU; with "
             + ("--device " + str(device) if device.type != "cpu" else "Dask workers") + " use --backend torch"
         )
     model.to(device)

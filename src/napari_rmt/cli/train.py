@@ -203,7 +203,7 @@ def report_classes(trainer, trained, held, classes, out: Path) -> None:
     from ..evaluate.report import box_counts, class_figures
     from ..model.predict import predict_tiles
 
-    preds = predict_tiles(trainer.model, held, classes, store=False, device=trainer.device)
+    preds = predict_tiles(trainer.model, held, classes, store=False, device=trainer.device, scale=trainer.tile_scale)
     rows = class_figures(held, preds, classes, box_counts(trained, classes))
     print(f"napari-rmt: per class, on {len(held)} held-out annotated images (score > 0.5, IoU >= 0.5):")
     for r in rows:

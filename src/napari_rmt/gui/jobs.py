@@ -152,7 +152,7 @@ class TrainingJob:
         if not cancelled:
             done = yield from predict_in_chunks(
                 self.trainer.model, [*self.unlabelled, *self.partial], self.classes, self.predict_batch,
-                lambda: self._cancel, self.trainer.device,
+                lambda: self._cancel, self.trainer.device, scale=self.trainer.tile_scale,
             )
             cancelled = done is None
             predictions = done or {}
@@ -165,7 +165,7 @@ class TrainingJob:
 
             done = yield from predict_in_chunks(
                 self.trainer.model, self.held, self.classes, self.predict_batch,
-                lambda: self._cancel, self.trainer.device,
+                lambda: self._cancel, self.trainer.device, scale=self.trainer.tile_scale,
             )
             if done is not None:
                 trained = box_counts([*self.labelled, *self.partial], self.classes)

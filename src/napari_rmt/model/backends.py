@@ -10,7 +10,8 @@
 
 Which is fastest, and whether its boxes match the ``torch`` ones, is measured by
 ``benchmarks/large_image_memory.py backends`` (docs/benchmarks.md); the default is the
-fastest that matches.
+fastest that matches (``model.config.DEFAULT_BACKEND``). On 2 cores the three are within
+a few per cent of each other: ResNet-18's convolutions at 256 px are already oneDNN's.
 """
 
 from __future__ import annotations

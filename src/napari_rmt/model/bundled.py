@@ -13,9 +13,12 @@ from pathlib import Path
 #: The name that stands for the bundled model wherever a ``model.pt`` path is asked for.
 NUCLEUS = "nucleus"
 #: Said wherever the model is offered: the training data's license binds its use.
-LICENSE_NOTE = "trained on MoNuSeg (CC BY-NC-SA 4.0): research and non-commercial use only"
+LICENSE_NOTE = (
+    "trained on MoNuSeg (CC BY-NC-SA 4.0) and DSB2018 H&E (CC0): research and non-commercial use only"
+)
 #: The bundled model's pixel size (µm/px): MoNuSeg's fields are 40x scans at about 0.25
-#: (``weights/README.md``); its file predates the setting, so it is stated here.
+#: (``weights/README.md``). Its file states it too; files from before the setting did not,
+#: so it is also stated here.
 NUCLEUS_PIXEL_SIZE = 0.25
 
 

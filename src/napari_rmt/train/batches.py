@@ -16,6 +16,7 @@ from torch import Tensor
 
 from ..data.classes import ClassList
 from ..data.errors import NapariRmtError
+from ..data.scale import resample, scale_factor
 from ..data.tiles import Tile
 from ..model.predict import MIN_SIDE
 from .augment import flip_boxes, hflip, turn
@@ -51,37 +52,44 @@ class Cycler:
         return out
 
 
-def load_image(tile: Tile) -> Tensor:
+def load_image(tile: Tile, scale: float = 1.0) -> Tensor:
     """The tile's pixels as a uint8 CHW tensor, read once: re-reading PNGs every step
-    would dominate on CPUs. Under ``MIN_SIDE`` the deepest level's 1 x 1 map leaves
+    would dominate on CPUs; resampled by ``scale`` (``data.scale.resample``: the tiles'
+    pixel size over the model's). Under ``MIN_SIDE`` the deepest level's 1 x 1 map leaves
     BatchNorm nothing to train on."""
     if min(tile.width, tile.height) < MIN_SIDE:
         raise TrainingError(
             f"tile {tile.name!r} is {tile.width}x{tile.height} px; tiles must be at least "
             f"{MIN_SIDE} px on each side to train on"
         )
-    return torch.from_numpy(np.ascontiguousarray(tile.pixels())).permute(2, 0, 1).contiguous()
+    pixels = resample(tile.pixels(), scale)
+    return torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1).contiguous()
 
 
-def load_labelled(tile: Tile, classes: ClassList, aspect_ratios: Sequence[float]) -> tuple[Tensor, Tensor, Tensor]:
+def load_labelled(
+    tile: Tile, classes: ClassList, aspect_ratios: Sequence[float], scale: float = 1.0
+) -> tuple[Tensor, Tensor, Tensor]:
     """(image, boxes, labels) of an annotated tile, labels counted from 1 in ``classes``'
-    order; empty boxes left out."""
-    im = load_image(tile)
+    order; empty boxes left out; image and boxes resampled by ``scale``."""
+    im = load_image(tile, scale)
     b = tile.boxes
     label_of = {cid: i for i, cid in enumerate(classes.ids, start=1)}
     unknown = sorted(set(b.class_ids.tolist()) - set(label_of))
     if unknown:
         raise TrainingError(f"tile {tile.name!r}: boxes of class ids {unknown} are not in {classes.names}")
-    anchors = sum((tile.width // s + 1) * (tile.height // s + 1) for s in (4, 8, 16, 32, 64)) * len(aspect_ratios)
+    height, width = im.shape[1:]
+    anchors = sum((width // s + 1) * (height // s + 1) for s in (4, 8, 16, 32, 64)) * len(aspect_ratios)
     if anchors * len(b) * 4 > MAX_MATCH_BYTES:
         most = MAX_MATCH_BYTES // (4 * anchors)
         raise TrainingError(
             f"tile {tile.name!r} has {len(b):,} boxes; at most {most:,} fit in a tile of "
-            f"{tile.width}x{tile.height} px (matching them to the anchors would take "
+            f"{width}x{height} px as trained (matching them to the anchors would take "
             f"{anchors * len(b) * 4 / 2**30:.1f} GiB); cut it into smaller tiles"
         )
     keep = (b.xyxy[:, 2] > b.xyxy[:, 0]) & (b.xyxy[:, 3] > b.xyxy[:, 1])
-    boxes = torch.as_tensor(b.xyxy[keep], dtype=torch.float32).reshape(-1, 4)
+    # boxes scale as the image did: by its new size over the old, per axis (exactly)
+    ratio = np.array([width / tile.width, height / tile.height] * 2) if scale != 1.0 else 1.0
+    boxes = torch.as_tensor(b.xyxy[keep] * ratio, dtype=torch.float32).reshape(-1, 4)
     labels = torch.as_tensor([label_of[int(c)] for c in b.class_ids[keep]], dtype=torch.int64)
     return im, boxes, labels
 
@@ -106,11 +114,13 @@ class TrainingData:
         device: torch.device,
     ) -> None:
         self.cfg, self.world, self.gen, self.device = cfg, world, generator, device
-        self.labelled = [load_labelled(t, classes, cfg.model.aspect_ratios) for t in [*labelled, *partial]]
+        #: how much each tile is enlarged to the model's pixel size (1: as it is)
+        self.scale = scale_factor(cfg.pixel_size, cfg.own_pixel_size)
+        self.labelled = [load_labelled(t, classes, cfg.model.aspect_ratios, self.scale) for t in [*labelled, *partial]]
         self.n_full = len(labelled)
         #: which tiles the run learns from, saved so that a resume on other tiles is refused
         self.tile_ids = {"labelled": [t.id for t in labelled], "partial": [t.id for t in partial]}
-        self.unlabelled = [load_image(t) for t in unlabelled]
+        self.unlabelled = [load_image(t, self.scale) for t in unlabelled]
         #: Unlabelled-list index -> the user's (boxes, labels) of a partly annotated tile.
         self.known: dict[int, tuple[Tensor, Tensor]] = {}
         if cfg.uses_unlabelled:

@@ -142,12 +142,14 @@ def config_from_checkpoint(ckpt: dict[str, Any]) -> TrainConfig:
 
 
 def native_pixel_size(ckpt: dict[str, Any]) -> float | None:
-    """The pixel size (µm/px) a model was trained at: its config's, or for the bundled
+    """The pixel size (µm/px) a model was trained at: its config's (``model_pixel_size``,
+    else ``pixel_size``), or for the bundled
     nucleus model (saved before the setting existed) the 40x of its training fields
     (``model/weights/README.md``); None when unknown."""
     from ..model.bundled import NUCLEUS_PIXEL_SIZE, is_bundled
 
-    size = (ckpt.get("config") or {}).get("pixel_size")
+    config = ckpt.get("config") or {}
+    size = config.get("model_pixel_size") or config.get("pixel_size")
     if size is None and is_bundled(ckpt.get("_path")):
         return NUCLEUS_PIXEL_SIZE
     return float(size) if size is not None else None

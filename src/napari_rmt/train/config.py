@@ -221,10 +221,19 @@ class TrainConfig:
     #: Where the student starts: "none" (random init, or ``model.weights``), or "nucleus":
     #: the bundled nucleus model (``model/bundled.py``) with a fresh classifier.
     init: str = "none"
-    #: The training tiles' pixel size (µm/px), saved as the model's own: prediction
-    #: resamples an image of another pixel size to it (``data/scale.py``). None: unknown,
-    #: images are taken as they are.
+    #: The training tiles' pixel size (µm/px). None: unknown, tiles are taken as they are.
     pixel_size: float | None = None
+    #: The pixel size the model learns at, and so its own (prediction resamples an image of
+    #: another pixel size to it, ``data/scale.py``). Set by the trainer, not by hand: the
+    #: pixel size of the model it starts from (the bundled nucleus model's 0.25, say) when
+    #: that differs from ``pixel_size``, the tiles then resampled to it (20x tiles seen at
+    #: 40x, as the start learnt its nuclei); else None, the tiles' own.
+    model_pixel_size: float | None = None
+
+    @property
+    def own_pixel_size(self) -> float | None:
+        """The model's pixel size: ``model_pixel_size``, else the tiles' ``pixel_size``."""
+        return self.model_pixel_size or self.pixel_size
     model: ModelConfig = field(default_factory=ModelConfig)
 
     def __post_init__(self) -> None:
@@ -407,6 +416,7 @@ BOUNDS: dict[str, Bounds] = {
     "predict_with": Bounds(choices=("teacher", "student", "auto")),
     "init": Bounds(choices=INITS),
     "pixel_size": Bounds(*PLAUSIBLE, optional=True, note="µm per pixel; about 0.25 at 40x"),
+    "model_pixel_size": Bounds(*PLAUSIBLE, optional=True, note="µm per pixel; set by the trainer"),
 }
 
 

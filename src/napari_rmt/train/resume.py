@@ -21,6 +21,7 @@ from .checkpoint import (
     config_from_checkpoint,
     is_model_only,
     load_state,
+    native_pixel_size,
     predicting_state,
     read_checkpoint,
     transfer_weights,
@@ -41,6 +42,28 @@ def warm_start(student: nn.Module, classes: ClassList, source: str | os.PathLike
     if names != classes.names:
         raise CheckpointError(f"{where}: trained for classes {names}, not {classes.names}")
     load_state(student, predicting_state(ckpt), where)
+
+
+def with_model_pixel_size(cfg: TrainConfig, init_from: dict | None) -> TrainConfig:
+    """``cfg`` with the pixel size the model learns at: the start's (the model ``init_from``,
+    else the bundled nucleus model under init "nucleus") when the tiles' ``pixel_size``
+    differs from it, so that the tiles are resampled to the scale the start learnt its
+    nuclei at (20x tiles seen at 40x) and the trained model keeps that scale; else ``cfg``
+    (tiles as they are, the model's pixel size theirs)."""
+    from ..data.scale import scale_factor
+    from ..model.bundled import NUCLEUS_PIXEL_SIZE
+
+    if cfg.pixel_size is None or cfg.model_pixel_size is not None:
+        return cfg
+    if init_from is not None:
+        start = native_pixel_size(init_from)
+    elif cfg.init == "nucleus":
+        start = NUCLEUS_PIXEL_SIZE
+    else:
+        return cfg
+    if start is None or scale_factor(cfg.pixel_size, start) == 1.0:
+        return cfg
+    return dataclasses.replace(cfg, model_pixel_size=start)
 
 
 def init_nucleus(student: nn.Module, model: ModelConfig) -> None:

@@ -43,7 +43,7 @@ from ..model.options import with_spec
 from ..model.predict import DeviceError, resolve_device
 from .augment import strong_view
 from .batches import MIN_SIDE, TrainingData, TrainingError
-from .checkpoint import MODEL_FILE, TRAINING_FILE, save_checkpoint, save_model
+from .checkpoint import MODEL_FILE, TRAINING_FILE, read_checkpoint, save_checkpoint, save_model
 from .config import TrainConfig
 from .distributed import any_rank, current_world, from_main, sync_buffers, wrap
 from .events import CheckpointEvent, Event, FinishedEvent, IterationEvent, PhaseEvent, ValidationEvent
@@ -51,7 +51,7 @@ from .losses import ema_update, sparse_regulariser, supervised_loss, total_loss,
 from .mixing import PatchBank
 from .partial import PARTIAL_KEY, partial_spec
 from .pseudo import ScoreBuffer
-from .resume import init_nucleus, resume_trainer, warm_start
+from .resume import init_nucleus, resume_trainer, warm_start, with_model_pixel_size
 from .schedule import ETA_WINDOW, SEMI_STEP_COST, Schedule
 from .teacher import PseudoLabeller, class_probabilities, frozen_copy
 from .weighting import running_stats_frozen, unlabelled_spec
@@ -90,7 +90,10 @@ class Trainer:
     ) -> None:
         """``labelled`` tiles are fully annotated, ``partial`` ones partly (``train/partial.py``
         says how each is learnt), ``unlabelled`` ones not at all."""
-        self.cfg = config or TrainConfig()
+        if init_from is not None and not isinstance(init_from, dict):
+            init_from = read_checkpoint(init_from)
+        # the scale the model learns at: the start's, when the tiles' pixel size differs
+        self.cfg = with_model_pixel_size(config or TrainConfig(), init_from)
         self.cfg.validate()
         self.classes = classes
         if len(classes) == 0:
@@ -200,6 +203,12 @@ class Trainer:
     @property
     def model(self) -> nn.Module:
         return self.teacher if self.predict_with == "teacher" else self.student  # type: ignore[return-value]
+
+    @property
+    def tile_scale(self) -> float:
+        """How much the run's tiles are enlarged for the model (``TrainConfig.model_pixel_size``);
+        predicting them after the run takes the same ``scale``."""
+        return self.data.scale
 
     @property
     def phase(self) -> str:

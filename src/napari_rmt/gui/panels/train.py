@@ -221,7 +221,7 @@ class TrainPanel(QGroupBox):
             values["time_budget_s"] = 60.0 * self.minutes_spin.value()
         size = self.state.project.settings.get("pixel_size") if self.state.project is not None else None
         if isinstance(size, (int, float)):
-            values["pixel_size"] = float(size)  # the tiles' scale becomes the model's own
+            values["pixel_size"] = float(size)  # resampled to the start's scale (TrainConfig.model_pixel_size)
         if self.advanced.isChecked():
             values.update(self.form.values())
         elif self.state.model_state is not None:
