@@ -119,14 +119,18 @@ def run(args) -> None:
 
 
 def table(out: Path) -> str:
-    rows = ["| seed | arm | method | B | tiles full / partial / unlabelled | steps | any-class F1 | mean per-class F1 |",
-            "|---|---|---|---|---|---|---|---|"]
+    rows = ["| seed | arm | method | start | B | tiles full / partial / unlabelled | steps | any-class F1 (P / R) "
+            "| mean per class | per class |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
     for path in sorted(out.glob("s*/*/result.json")):
         r = json.loads(path.read_text())
-        t = r["tiles"]
-        rows.append(f"| {path.parent.parent.name} | {r['arm']} | {r['config']['method']} | {r['boxes']} | "
+        t, f1 = r["tiles"], r["f1"]
+        per = " / ".join(f"{v['f1']}" for k, v in f1.items() if isinstance(v, dict) and k != "any")
+        start = "bundled" if r.get("nucleus", "bundled") == "bundled" else Path(r["nucleus"]).stem
+        rows.append(f"| {path.parent.parent.name} | {r['arm']} | {r['config']['method']} | {start} | {r['boxes']} | "
                     f"{t['full']} / {t['partial']} / {t['unlabelled']} | {r['iterations']} | "
-                    f"{r['f1']['any']['f1']} | {r['f1']['mean_class_f1']} |")
+                    f"{f1['any']['f1']} ({f1['any']['precision']} / {f1['any']['recall']}) | "
+                    f"{f1['mean_class_f1']} | {per} |")
     return "\n".join(rows)
 
 
