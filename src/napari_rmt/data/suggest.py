@@ -26,27 +26,17 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .boxes import Boxes
+from .boxes import Boxes, iou_matrix
 from .tiles import Tile
 
 #: Boxes overlapping at least this much (IoU) are taken as one cell seen as two classes.
 SAME_CELL_IOU = 0.5
 
 
-def _iou_matrix(xyxy: np.ndarray) -> np.ndarray:
-    x0, y0, x1, y1 = (xyxy[:, k] for k in range(4))
-    area = np.clip(x1 - x0, 0, None) * np.clip(y1 - y0, 0, None)
-    iw = np.clip(np.minimum(x1[:, None], x1[None]) - np.maximum(x0[:, None], x0[None]), 0, None)
-    ih = np.clip(np.minimum(y1[:, None], y1[None]) - np.maximum(y0[:, None], y0[None]), 0, None)
-    inter = iw * ih
-    union = area[:, None] + area[None] - inter
-    return np.where(union > 0, inter / np.where(union > 0, union, 1), 0.0)
-
-
 def _rivals(boxes: Boxes, iou: float) -> np.ndarray:
     """(N, N): box j is of another class than box i, over the same cell."""
     other_class = boxes.class_ids[:, None] != boxes.class_ids[None]
-    return (_iou_matrix(boxes.xyxy) >= iou) & other_class
+    return (iou_matrix(boxes.xyxy, boxes.xyxy) >= iou) & other_class
 
 
 def runner_up_scores(boxes: Boxes, iou: float = SAME_CELL_IOU) -> np.ndarray:
