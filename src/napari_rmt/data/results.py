@@ -7,7 +7,6 @@ class doubt (``Boxes.class_doubt``), when known, rides along as ``napari_rmt_cla
 as before.
 """
 
-
 from __future__ import annotations
 
 import json

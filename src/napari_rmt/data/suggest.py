@@ -39,13 +39,16 @@ def _rivals(boxes: Boxes, iou: float) -> np.ndarray:
     return (iou_matrix(boxes.xyxy, boxes.xyxy) >= iou) & other_class
 
 
+def _runner_up(scores: np.ndarray, rivals: np.ndarray) -> np.ndarray:
+    return np.where(rivals, scores[None], 0.0).max(axis=1)
+
+
 def runner_up_scores(boxes: Boxes, iou: float = SAME_CELL_IOU) -> np.ndarray:
     """Per box, the best score of a box of another class over the same cell (IoU >= ``iou``);
     0 where there is none."""
     if len(boxes) == 0:
         return np.zeros(0)
-    scores = np.nan_to_num(boxes.scores, nan=1.0)
-    return np.where(_rivals(boxes, iou), scores[None], 0.0).max(axis=1)
+    return _runner_up(np.nan_to_num(boxes.scores, nan=1.0), _rivals(boxes, iou))
 
 
 def class_doubts(boxes: Boxes, iou: float = SAME_CELL_IOU) -> np.ndarray:
@@ -55,7 +58,7 @@ def class_doubts(boxes: Boxes, iou: float = SAME_CELL_IOU) -> np.ndarray:
         return np.zeros(0)
     p1 = np.nan_to_num(boxes.scores, nan=1.0)
     rivals = _rivals(boxes, iou)
-    p2 = np.where(rivals, p1[None], 0.0).max(axis=1)
+    p2 = _runner_up(p1, rivals)
     order = np.arange(len(boxes))
     beats_me = (p1[None] > p1[:, None]) | ((p1[None] == p1[:, None]) & (order[None] < order[:, None]))
     winner = ~(rivals & beats_me).any(axis=1)
@@ -91,11 +94,6 @@ class Doubt:
 def tile_doubt(tile: Tile) -> Doubt:
     classes = class_doubts(tile.predictions)
     return Doubt(float(presence_doubts(tile.predictions).sum()), float(classes.sum()), int((classes > 2 / 3).sum()))
-
-
-def tile_uncertainty(tile: Tile) -> float:
-    """Presence and class doubts together (``Doubt.total``)."""
-    return tile_doubt(tile).total
 
 
 def rank_unlabelled(tiles: list[Tile]) -> list[tuple[Tile, Doubt]]:

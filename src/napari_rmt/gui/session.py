@@ -117,7 +117,7 @@ class Session:
                 }
             ),
         )
-        layer.feature_defaults = {"class": self.current_class, "score": np.nan, "source": "manual", "class_doubt": np.nan}
+        layer.feature_defaults = feature_defaults(self.current_class)
         layer.current_edge_color = self.classes.by_name(self.current_class).hex if names else "white"
         if name == PREDICTION_LAYER and names:
             layer.current_face_color = self.classes.by_name(self.current_class).hex + PREDICTION_SHADE
@@ -223,7 +223,7 @@ class Session:
                 or str(fd["class"].iloc[0]) != self.current_class
                 or fd["source"].iloc[0] != "manual"
             ):
-                layer.feature_defaults = {"class": self.current_class, "score": np.nan, "source": "manual", "class_doubt": np.nan}
+                layer.feature_defaults = feature_defaults(self.current_class)
             colour = self.classes.by_name(self.current_class).hex
             if str(layer.current_edge_color).lower()[:7] != colour.lower()[:7]:
                 layer.current_edge_color = colour
@@ -253,8 +253,8 @@ class Session:
         xyxy[:, [0, 2]] = np.clip(xyxy[:, [0, 2]], 0, t.width)
         xyxy[:, [1, 3]] = np.clip(xyxy[:, [1, 3]], 0, t.height)
         keep = (xyxy[:, 2] > xyxy[:, 0]) & (xyxy[:, 3] > xyxy[:, 1])
-        doubt = np.asarray(feats["class_doubt"], dtype=float) if "class_doubt" in feats else None
-        return Boxes(xyxy, ids, scores, sources, class_doubt=doubt if doubt is not None else ())[keep]
+        doubt = np.asarray(feats["class_doubt"], dtype=float) if "class_doubt" in feats else ()
+        return Boxes(xyxy, ids, scores, sources, class_doubt=doubt)[keep]
 
     # ------------------------------------------------------------------ sync
     def pull(self) -> None:
@@ -322,7 +322,7 @@ class Session:
         cls = self.classes.by_name(name)
         self.current_class = cls.name
         for layer in (self.annotations, self.predictions):
-            layer.feature_defaults = {"class": cls.name, "score": np.nan, "source": "manual", "class_doubt": np.nan}
+            layer.feature_defaults = feature_defaults(cls.name)
             layer.current_edge_color = cls.hex
             if layer is self.predictions:
                 layer.current_face_color = cls.hex + PREDICTION_SHADE
@@ -423,6 +423,12 @@ class Session:
         self._caption()
         if self.on_change is not None:
             self.on_change()
+
+
+def feature_defaults(class_name: str) -> dict:
+    """What a box drawn by hand gets in a layer's features: the class picked, no score, no
+    class doubt."""
+    return {"class": class_name, "score": np.nan, "source": "manual", "class_doubt": np.nan}
 
 
 def status_word(t: Tile) -> str:

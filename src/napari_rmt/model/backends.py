@@ -46,7 +46,7 @@ class OnnxBackbone(nn.Module):
     """A backbone + FPN run by ONNX Runtime: the same feature maps, by name, as the module
     it was exported from."""
 
-    def __init__(self, backbone: nn.Module, threads: int | None = None) -> None:
+    def __init__(self, backbone: nn.Module) -> None:
         super().__init__()
         try:
             import onnxruntime as ort
@@ -77,7 +77,7 @@ class OnnxBackbone(nn.Module):
                             f"backend 'onnx' could not export the backbone ({exc}): pip install 'napari-rmt[onnx]'"
                         ) from exc
                     options = ort.SessionOptions()
-                    options.intra_op_num_threads = threads or torch.get_num_threads()
+                    options.intra_op_num_threads = torch.get_num_threads()  # as torch would use
                     options.inter_op_num_threads = 1
                     self.session = ort.InferenceSession(path.read_bytes(), options, providers=["CPUExecutionProvider"])
         finally:

@@ -90,7 +90,6 @@ def box_regression_loss(box_regression: Tensor, labels: Tensor, regression_targe
     return loss / labels.numel()
 
 
-
 def class_doubt(probs: Tensor) -> Tensor:
     """(N, K) class probabilities (background left out) -> (N, K): how close each class came
     to the best other one over the same proposal, ``2 min(p, q) / (p + q)`` with ``p`` the
@@ -105,6 +104,7 @@ def class_doubt(probs: Tensor) -> Tensor:
     other = torch.where(is_best, top2[:, 1:2], top2[:, :1])  # the best class but this one
     total = probs + other
     return torch.where(total > 0, 2 * torch.minimum(probs, other) / total.clamp_min(1e-12), torch.zeros_like(probs))
+
 
 class FocalRoIHeads(RoIHeads):
     """``RoIHeads`` whose training loss is focal (classification) + smooth L1 (boxes)."""

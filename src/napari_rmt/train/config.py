@@ -229,12 +229,12 @@ class TrainConfig:
     #: that differs from ``pixel_size``, the tiles then resampled to it (20x tiles seen at
     #: 40x, as the start learnt its nuclei); else None, the tiles' own.
     model_pixel_size: float | None = None
+    model: ModelConfig = field(default_factory=ModelConfig)
 
     @property
     def own_pixel_size(self) -> float | None:
         """The model's pixel size: ``model_pixel_size``, else the tiles' ``pixel_size``."""
         return self.model_pixel_size or self.pixel_size
-    model: ModelConfig = field(default_factory=ModelConfig)
 
     def __post_init__(self) -> None:
         if isinstance(self.model, dict):
