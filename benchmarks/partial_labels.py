@@ -24,6 +24,9 @@ One run at a time on an idle machine (the budget is wall-clock):
     python benchmarks/partial_labels.py --seed 0 --arm concentrated --method supervised --minutes 20 --out runs/partial
     python benchmarks/partial_labels.py table --out runs/partial
 
+``--set partial_cells=0.5 --tag _cells`` teaches the nucleus model's unboxed cells on the
+partial tiles as cells of unknown class (``train/partial.py``).
+
 ``--nucleus FILE`` starts from another nucleus model than the bundled one (issue 32: the
 new model's worth as the start of training), its name in the run's folder via ``--tag``.
 """
@@ -94,7 +97,7 @@ def run(args) -> None:
     lab, part, unl, test, classes, n_boxes = arm_tiles(args.arm, args.seed, args.budget)
     cfg = TrainConfig.for_method(
         args.method, iterations=1_000_000, seed=args.seed, time_budget_s=args.minutes * 60,
-        checkpoint_every_s=0, init="nucleus",
+        checkpoint_every_s=0, init="nucleus", **{k: json.loads(v) for k, v in (kv.split("=", 1) for kv in args.set)},
     )
     name = f"{args.arm}_{args.method}_b{round(100 * args.budget)}{args.tag}"
     out = Path(args.out) / f"s{args.seed}" / name
@@ -127,6 +130,8 @@ def table(out: Path) -> str:
         t, f1 = r["tiles"], r["f1"]
         per = " / ".join(f"{v['f1']}" for k, v in f1.items() if isinstance(v, dict) and k != "any")
         start = "bundled" if r.get("nucleus", "bundled") == "bundled" else Path(r["nucleus"]).stem
+        if r["config"].get("partial_cells"):
+            start += f", cells ≥ {r['config']['partial_cells']}"
         rows.append(f"| {path.parent.parent.name} | {r['arm']} | {r['config']['method']} | {start} | {r['boxes']} | "
                     f"{t['full']} / {t['partial']} / {t['unlabelled']} | {r['iterations']} | "
                     f"{f1['any']['f1']} ({f1['any']['precision']} / {f1['any']['recall']}) | "
@@ -144,6 +149,8 @@ def main() -> None:
     ap.add_argument("--minutes", type=float, default=20)
     ap.add_argument("--tag", default="")
     ap.add_argument("--nucleus", default=None, help="a nucleus model file to start from instead of the bundled one")
+    ap.add_argument("--set", nargs="*", default=[], help="TrainConfig overrides KEY=VALUE (json values), "
+                    "e.g. partial_cells=0.5; name the run with --tag")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     if args.mode == "table":

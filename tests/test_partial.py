@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from napari_rmt.data import Boxes, ClassList, Tile, TileSet, TileStatus
-from napari_rmt.model.heads import weighted_focal_loss
+from napari_rmt.model.heads import box_regression_loss, weighted_focal_loss
 from napari_rmt.model.options import with_spec
 from napari_rmt.train import IterationEvent, TrainConfig, Trainer
 from napari_rmt.train.augment import STAIN_VECTORS
@@ -20,6 +20,7 @@ from napari_rmt.train.partial import (
     mark_partial,
     partial_spec,
     repeat_factors,
+    unboxed_cells,
     with_known_boxes,
 )
 
@@ -200,3 +201,79 @@ def test_supervised_is_the_recipe_without_the_unlabelled_terms_and_the_paper_sta
     assert TrainConfig.for_method("rmt+", preset="paper") == plus  # not the paper's: its recipe
     with pytest.raises(Exception, match="preset"):
         TrainConfig.for_method("supervised", preset="fast")
+
+
+def test_an_unboxed_nucleus_the_nucleus_model_found_is_a_cell_of_unknown_class():
+    """Three classes (logits of background + 3); the RoI over the unboxed nucleus carries
+    the label one past them (4). Logits (ln 2, 0, 0, 0): p(background) = 2/5, so its term
+    is -ln(1 - 2/5) = ln(5/3), where a background label would give ln(5/2); the user's
+    cell (class 1, p = 1/5) gives ln 5, the bare tissue (background) ln(5/2). The
+    partial rule's weights leave it in (it is a positive), class weights give it 1, and
+    it has no box to regress."""
+    image = two_nuclei()
+    user = torch.tensor([[20.0, 30.0, 30.0, 40.0]])
+    cell = torch.tensor([[44.0, 8.0, 54.0, 18.0]])
+    target = mark_partial({"boxes": torch.cat([user, cell]), "labels": torch.tensor([1, 4])}, image)
+    rois = torch.tensor([[20.0, 30.0, 30.0, 40.0], [44.0, 8.0, 54.0, 18.0], [2.0, 50.0, 12.0, 60.0]])
+    labels = torch.tensor([1, 4, 0])
+    logits = torch.tensor([[math.log(2), 0.0, 0.0, 0.0]]).expand(3, 4)
+    w = partial_spec(0.3, torch.tensor([1.0, 2.0, 0.5, 0.5])).roi_weighting([rois], [labels], [target])
+    assert w.tolist() == [2.0, 1.0, 1.0]
+    ln = math.log
+    loss = weighted_focal_loss(logits, labels, w, gamma=0.0)
+    assert float(loss) == pytest.approx((2 * ln(5) + ln(5 / 3) + ln(5 / 2)) / 4)
+    # as background (no nucleus model) the same RoI would have said ln(5/2)
+    as_bg = weighted_focal_loss(logits, torch.tensor([1, 0, 0]), torch.tensor([2.0, 1.0, 1.0]), gamma=0.0)
+    assert float(as_bg) == pytest.approx((2 * ln(5) + 2 * ln(5 / 2)) / 4)
+    # box regression: only the user's cell (class 1's deltas), normalised by the 3 RoIs
+    deltas = torch.zeros(3, 16)
+    deltas[:, 4:8] = 1.0  # class 1's deltas off by 1 each; smooth L1 (beta 1/9): 1 - 1/18 each
+    reg = box_regression_loss(deltas, labels, torch.zeros(3, 4))
+    assert float(reg) == pytest.approx(4 * (1 - 1 / 18) / 3)
+
+
+def test_the_nucleus_models_cells_on_partial_tiles_are_those_nobody_boxed():
+    """On four sample tiles (real H&E) with one user box left each: the bundled model's
+    boxes above 0.5, none at IoU >= 0.3 of the user's box; the same at half the pixel
+    size's scale mapped back (boxes in the trained image's pixels); they reach the
+    labelled targets with the label one past the classes, through the flips."""
+    from torchvision.ops import box_iou
+
+    from napari_rmt.data.sample import load_sample
+    from napari_rmt.model.bundled import NUCLEUS
+    from napari_rmt.train.checkpoint import load_model
+    from napari_rmt.train.partial import CELL_IOU
+
+    sample = load_sample()
+    tiles = list(sample)[:4]
+    for t in tiles:
+        t.boxes, t.status = t.boxes[[0]], TileStatus.PARTIAL
+    model, _, _ = load_model(NUCLEUS)
+    from napari_rmt.train.batches import load_labelled
+
+    loaded = [load_labelled(t, sample.classes, (0.5, 1.0, 2.0)) for t in tiles]
+    cells = unboxed_cells(model, [im for im, _, _ in loaded], [b for _, b, _ in loaded], 0.5)
+    assert sum(len(c) for c in cells) >= 20  # the sample's tiles hold dozens of nuclei each
+    for c, (im, user, _) in zip(cells, loaded, strict=True):
+        assert len(c) == 0 or float(box_iou(c, user).max()) < CELL_IOU
+        assert c.min() >= 0 and float(c[:, 2].max()) <= im.shape[-1]
+    # an image at half the scale, enlarged x2 for the model: boxes come back in its pixels
+    small = torch.nn.functional.interpolate(loaded[0][0][None].float(), scale_factor=0.5, mode="bilinear",
+                                            antialias=True)[0].round().to(torch.uint8)
+    half = unboxed_cells(model, [small], [loaded[0][1] / 2], 0.5, factor=2.0)[0]
+    assert len(half) > 0 and float(half[:, 2].max()) <= small.shape[-1] + 1e-3
+    assert float(box_iou(half * 2, cells[0]).max(dim=1).values.median()) > 0.5  # the same nuclei
+    k = len(sample.classes) + 1
+    for method in ("supervised", "rmt+"):
+        trainer = Trainer([], [], sample.classes, tiny(method, partial_cells=0.5), partial=tiles)
+        assert sorted(trainer.data.cells) == [0, 1, 2, 3]
+        assert all(torch.equal(trainer.data.cells[i], cells[i]) for i in range(4))
+        _, targets = trainer.data.labelled_batch()
+        for t in targets:
+            assert (t["labels"] == k).sum() > 0 and (t["labels"] < k).sum() == 1
+        events = [e for e in trainer.run() if isinstance(e, IterationEvent)]
+        assert len(events) == 4 and all(math.isfinite(e.losses["total"]) for e in events)
+        # the teacher's view of a partial tile keeps the user's box only, not the model's cells
+        assert all(len(b) == 1 for b, _ in trainer.data.known.values())
+    off = Trainer([], [], sample.classes, tiny("supervised"), partial=tiles)
+    assert off.data.cells == {}

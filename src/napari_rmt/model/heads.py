@@ -19,11 +19,25 @@ from torchvision.ops import boxes as box_ops
 from .options import LossSpec, current, spec_of
 
 
+def cell_cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
+    """Per-RoI cross-entropy, where a label one past the last class (``logits.shape[1]``)
+    means "a cell of some class" (``train/partial.py``: a nucleus the user did not box):
+    ``-log(1 - p_background)``, which teaches that it is no background and nothing of
+    its class."""
+    n_out = logits.shape[1]
+    any_cell = labels >= n_out
+    ce = F.cross_entropy(logits, labels.clamp_max(n_out - 1), reduction="none")
+    if bool(any_cell.any()):
+        not_background = torch.logsumexp(logits, dim=1) - torch.logsumexp(logits[:, 1:], dim=1)
+        ce = torch.where(any_cell, not_background, ce)
+    return ce
+
+
 def focal_loss(logits: Tensor, labels: Tensor, gamma: float = 1.5) -> Tensor:
     """Softmax focal loss ``mean_n (1 - p_t)^gamma * (-log p_t)``; gamma = 0 is cross-entropy."""
     if logits.numel() == 0:
         return logits.sum() * 0.0
-    ce = F.cross_entropy(logits, labels, reduction="none")
+    ce = cell_cross_entropy(logits, labels)
     p_t = torch.exp(-ce)
     return ((1.0 - p_t) ** gamma * ce).mean()
 
@@ -59,7 +73,7 @@ def weighted_focal_loss(
     """
     if logits.numel() == 0 or float(weights.sum()) <= 0:
         return logits.sum() * 0.0
-    ce = F.cross_entropy(logits, labels, reduction="none")
+    ce = cell_cross_entropy(logits, labels)
     p_t = torch.exp(-ce)
     return weighted_mean((1.0 - p_t) ** gamma * ce, weights, labels, split)
 
@@ -80,12 +94,14 @@ def soft_target_loss(
 
 
 def box_regression_loss(box_regression: Tensor, labels: Tensor, regression_targets: Tensor) -> Tensor:
-    """Smooth L1 on the positives' class-specific deltas, normalised by all sampled RoIs."""
-    pos = torch.where(labels > 0)[0]
+    """Smooth L1 on the positives' class-specific deltas, normalised by all sampled RoIs.
+    A cell of unknown class (``cell_cross_entropy``) has no class whose box to learn."""
+    n = box_regression.shape[0]
+    n_out = box_regression.size(-1) // 4
+    pos = torch.where((labels > 0) & (labels < n_out))[0]
     if pos.numel() == 0:
         return box_regression.sum() * 0.0
-    n = box_regression.shape[0]
-    deltas = box_regression.reshape(n, box_regression.size(-1) // 4, 4)
+    deltas = box_regression.reshape(n, n_out, 4)
     loss = F.smooth_l1_loss(deltas[pos, labels[pos]], regression_targets[pos], beta=1.0 / 9, reduction="sum")
     return loss / labels.numel()
 

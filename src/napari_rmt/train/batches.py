@@ -22,7 +22,7 @@ from ..model.predict import MIN_SIDE
 from .augment import flip_boxes, hflip, turn
 from .config import TrainConfig
 from .distributed import World
-from .partial import effective_number_weights, mark_partial, repeat_factors
+from .partial import effective_number_weights, mark_partial, repeat_factors, unboxed_cells
 
 #: Anchor-box matching holds anchors x boxes IoU values: cap its size, not the machine's memory.
 MAX_MATCH_BYTES = 1 << 30
@@ -128,6 +128,12 @@ class TrainingData:
                 im, boxes, labels = self.labelled[k]
                 self.known[len(self.unlabelled)] = (boxes, labels)
                 self.unlabelled.append(im)
+        #: Labelled-list index -> the nucleus model's cells nobody boxed on that partial
+        #: tile (``partial_cells``), taught with the label one past the classes.
+        self.cells: dict[int, Tensor] = {}
+        self.any_cell = len(classes) + 1
+        if cfg.partial_cells and len(self.labelled) > self.n_full:
+            self.cells = self._unboxed_cells(cfg.partial_cells)
         self.missing_classes = [
             c.name for i, c in enumerate(classes, start=1) if not any((lab == i).any() for _, _, lab in self.labelled)
         ]
@@ -142,6 +148,20 @@ class TrainingData:
         if cfg.class_weight_beta:
             counts = [sum(int((lab == i).sum()) for _, _, lab in self.labelled) for i in range(1, len(classes) + 1)]
             self.class_weights = effective_number_weights(counts, cfg.class_weight_beta)
+
+    def _unboxed_cells(self, cut: float) -> dict[int, Tensor]:
+        """The bundled nucleus model's cells on the partial tiles (``partial.unboxed_cells``),
+        at its own pixel size."""
+        from ..model.bundled import NUCLEUS, NUCLEUS_PIXEL_SIZE
+        from .checkpoint import load_model
+
+        model, _, ncfg = load_model(NUCLEUS)
+        model.to(self.device)
+        factor = scale_factor(self.cfg.own_pixel_size, ncfg.own_pixel_size or NUCLEUS_PIXEL_SIZE)
+        part = range(self.n_full, len(self.labelled))
+        found = unboxed_cells(model, [self.labelled[k][0] for k in part], [self.labelled[k][1] for k in part],
+                              cut, factor)
+        return {k: boxes.to(self.labelled[k][1].device) for k, boxes in zip(part, found, strict=True)}
 
     # ------------------------------------------------------------------ draws
     def coin(self) -> bool:
@@ -175,6 +195,10 @@ class TrainingData:
         turns = self.own_turns(self.cfg.labelled_batch)
         for (i, flip), (vertical, transpose) in zip(share, turns, strict=True):
             im, boxes, labels = self.labelled[i]
+            if i in self.cells:  # the unboxed cells ride along through the flips and turns
+                cells = self.cells[i]
+                boxes = torch.cat([boxes, cells])
+                labels = torch.cat([labels, torch.full((len(cells),), self.any_cell, dtype=labels.dtype)])
             im = im.float().div(255)
             if flip:
                 im, boxes = hflip(im, boxes)

@@ -187,6 +187,10 @@ class TrainConfig:
     #: not next to a user box may be a nucleus nobody boxed, and gets no background loss.
     #: None or 0: every unboxed region is background, as on a fully annotated tile.
     partial_stain_ignore: float | None = 0.3
+    #: Also on partly annotated tiles: the bundled nucleus model's boxes scoring at least
+    #: this, away from the user's boxes, are cells of an unknown class in the labelled loss
+    #: (objectness and "not background"; no class, no box learnt from them). None or 0: off.
+    partial_cells: float | None = None
     #: Repeat factor sampling of the labelled tiles (LVIS): a class on a share f of them
     #: brings its tiles round max(1, sqrt(this / f)) times as often. 0: off.
     class_balance: float = 0.0
@@ -403,6 +407,7 @@ BOUNDS: dict[str, Bounds] = {
     "unsup_min_iou": Bounds(0.5, 1, note="0.5: as on labelled tiles"),
     "unsup_stain_ignore": Bounds(0, 1, optional=True, note="0: off"),
     "partial_stain_ignore": Bounds(0, 1, optional=True, note="0: off"),
+    "partial_cells": Bounds(0, 1, optional=True, note="0: off"),
     "class_balance": Bounds(0, 1, note="0: off"),
     "class_weight_beta": Bounds(0, 1, high_open=True, note="0: off"),
     "unsup_normalise": Bounds(choices=UNSUP_NORMALISE),

@@ -15,13 +15,24 @@ left out. The rule on a PARTIAL tile, for every method:
   part, and the user's boxes join the pseudo-boxes at score 1, replacing the teacher's
   box of the same cell (``with_known_boxes``).
 
+With ``partial_cells`` set, the bundled nucleus model also looks at each partial tile
+once, before the run: a nucleus it finds (score at least ``partial_cells``) that is no
+user box's cell becomes a **cell of unknown class** in the labelled loss. Its anchors
+are objectness positives, and the box head's RoIs on it learn "not background"
+(``-log(1 - p_background)``, ``model.heads.cell_cross_entropy``) and nothing of a class
+or a box. Without it a partial tile teaches its few boxed cells and spares the rest:
+the detector sees a handful of cells per tile where a full tile shows it all of them.
+
 The same region on a LABELLED tile is background: the user said every cell is boxed.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
-from torch import Tensor
+import torch.nn.functional as F
+from torch import Tensor, nn
 from torchvision.ops import boxes as box_ops
 
 from ..model.options import LossSpec
@@ -34,6 +45,9 @@ PARTIAL_KEY = "partial_stain"
 
 #: A teacher's box at this IoU of a user's box is the same cell: the user's box and class win.
 KNOWN_IOU = 0.5
+
+#: A nucleus-model box at this IoU of a user's box is that box's cell (the user's box wins).
+CELL_IOU = 0.3
 
 
 def mark_partial(target: dict[str, Tensor], image: Tensor) -> dict[str, Tensor]:
@@ -64,8 +78,9 @@ def partial_spec(min_cover: float | None, class_weights: Tensor | None = None) -
         for props, lab, target in zip(proposals, labels, targets, strict=True):
             unknown = partial_unknown(target, props, min_cover or 0.0)
             w = roi_class_weights(lab, None, unknown)
-            if class_weights is not None:
-                w = w * class_weights.to(w.device)[lab]
+            if class_weights is not None:  # a cell of unknown class (one past the classes) weighs 1
+                cw = torch.cat([class_weights, class_weights.new_ones(1)]).to(w.device)
+                w = w * cw[lab.clamp_max(len(cw) - 1)]
             out.append(w)
         return torch.cat(out)
 
@@ -73,6 +88,42 @@ def partial_spec(min_cover: float | None, class_weights: Tensor | None = None) -
         return partial_unknown(target, anchors, min_cover or 0.0)
 
     return LossSpec(roi_weighting=weighting, anchor_unknown=anchor_unknown)
+
+
+def unboxed_cells(
+    nucleus: nn.Module,
+    images: Sequence[Tensor],
+    known: Sequence[Tensor],
+    cut: float,
+    factor: float = 1.0,
+    batch_size: int = 8,
+) -> list[Tensor]:
+    """The nucleus model's boxes on each partly annotated ``images`` (uint8 CHW, as
+    trained) that score at least ``cut`` and are no user box's cell (under ``CELL_IOU``
+    of every box of ``known``): the cells the user did not box, as far as the model sees.
+    ``factor`` enlarges the images to the nucleus model's pixel size first (its boxes are
+    mapped back)."""
+    from ..model.predict import predict_images
+
+    views = []
+    for im in images:
+        view = im.float().div(255)
+        if factor != 1.0:
+            view = F.interpolate(view[None], scale_factor=factor, mode="bilinear", antialias=True)[0].clamp(0, 1)
+        views.append(view)
+    device = next(nucleus.parameters()).device
+    with torch.inference_mode():
+        found = predict_images(nucleus, views, batch_size=batch_size, device=device)
+    out = []
+    for det, view, im, mine in zip(found, views, images, known, strict=True):
+        boxes = det["boxes"][det["scores"] >= cut]
+        if factor != 1.0:  # back to the trained image's pixels, per axis
+            sx, sy = im.shape[-1] / view.shape[-1], im.shape[-2] / view.shape[-2]
+            boxes = boxes * torch.tensor([sx, sy, sx, sy])
+        if len(boxes) and len(mine):
+            boxes = boxes[box_ops.box_iou(boxes, mine.to(boxes.dtype)).max(dim=1).values < CELL_IOU]
+        out.append(boxes.reshape(-1, 4).float())
+    return out
 
 
 def with_known_boxes(
