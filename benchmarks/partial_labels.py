@@ -40,7 +40,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import drive, result, split
+from common import box_pairs, drive, result, split
+from torchvision.ops import box_iou
 
 from napari_rmt.data import Boxes, TileStatus
 from napari_rmt.train import TrainConfig, Trainer
@@ -110,15 +111,37 @@ def run(args) -> None:
     # for the pseudo-labels' recall and precision in pseudo.jsonl
     _ts, full_lab, full_unl, _test = split(args.seed, args.budget)
     truth = {t.id: t for t in [*full_lab, *full_unl]}
+    cells = cell_quality(trainer, part, truth)
+    if cells:
+        print(f"the nucleus model's unboxed cells on the partial tiles: {cells}", flush=True)
     wall = drive(trainer, out, [truth[t.id] for t in [*unl, *part]] if cfg.uses_unlabelled else [])
     trainer.save(out / "state_100.pt")
     res = result(trainer, name, test, classes, wall)
     res.update(nucleus=args.nucleus or "bundled", arm=args.arm, budget=args.budget, boxes=n_boxes, boxes_by_class=counts,
-               tiles={"full": len(lab), "partial": len(part), "unlabelled": len(unl)})
+               tiles={"full": len(lab), "partial": len(part), "unlabelled": len(unl)}, cells=cells)
     (out / "result.json").write_text(json.dumps(res, indent=1))
     f1 = res["f1"]
     print(json.dumps({"run": name, "any": f1["any"], "mean_class_f1": f1["mean_class_f1"],
                       "iterations": res["iterations"]}), flush=True)
+
+
+def cell_quality(trainer: Trainer, part, truth) -> dict:
+    """How many of the partial tiles' unboxed true cells the nucleus model's cells
+    (``partial_cells``) are, one to one at IoU >= 0.5: their precision against the hidden
+    truth, and the share of unboxed cells they cover. Empty without cells."""
+    if not trainer.data.cells:
+        return {}
+    n_cells = n_unboxed = hits = 0
+    for k, tile in enumerate(part):
+        cells = trainer.data.cells[trainer.data.n_full + k]
+        user = torch.as_tensor(tile.boxes.xyxy, dtype=torch.float32).reshape(-1, 4)
+        full = torch.as_tensor(truth[tile.id].boxes.xyxy, dtype=torch.float32).reshape(-1, 4)
+        if len(user) and len(full):  # the true cells the user did not box
+            full = full[box_iou(full, user).max(dim=1).values < 0.99]
+        n_cells, n_unboxed = n_cells + len(cells), n_unboxed + len(full)
+        hits += len(box_pairs(cells, full)) if len(cells) and len(full) else 0
+    return {"cells": n_cells, "unboxed_true_cells": n_unboxed, "precision": round(100 * hits / max(1, n_cells), 1),
+            "recall": round(100 * hits / max(1, n_unboxed), 1)}
 
 
 def table(out: Path) -> str:
