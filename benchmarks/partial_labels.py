@@ -155,6 +155,8 @@ def table(out: Path) -> str:
         start = "bundled" if r.get("nucleus", "bundled") == "bundled" else Path(r["nucleus"]).stem
         if r["config"].get("partial_cells"):
             start += f", cells ≥ {r['config']['partial_cells']}"
+        if r["config"].get("class_weight_beta"):
+            start += f", class weights β {r['config']['class_weight_beta']}"
         rows.append(f"| {path.parent.parent.name} | {r['arm']} | {r['config']['method']} | {start} | {r['boxes']} | "
                     f"{t['full']} / {t['partial']} / {t['unlabelled']} | {r['iterations']} | "
                     f"{f1['any']['f1']} ({f1['any']['precision']} / {f1['any']['recall']}) | "
