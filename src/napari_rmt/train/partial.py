@@ -31,7 +31,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import boxes as box_ops
 
@@ -103,23 +102,18 @@ def unboxed_cells(
     of every box of ``known``): the cells the user did not box, as far as the model sees.
     ``factor`` enlarges the images to the nucleus model's pixel size first (its boxes are
     mapped back)."""
-    from ..model.predict import predict_images
+    from ..data.scale import resample
+    from ..model.predict import image_tensor, map_back, predict_images
 
-    views = []
-    for im in images:
-        view = im.float().div(255)
-        if factor != 1.0:
-            view = F.interpolate(view[None], scale_factor=factor, mode="bilinear", antialias=True)[0].clamp(0, 1)
-        views.append(view)
+    # resampled as prediction resamples a tile (``data.scale.resample``), boxes mapped back alike
+    views = [image_tensor(resample(im.permute(1, 2, 0).numpy(), factor)) for im in images]
     device = next(nucleus.parameters()).device
     with torch.inference_mode():
         found = predict_images(nucleus, views, batch_size=batch_size, device=device)
     out = []
     for det, view, im, mine in zip(found, views, images, known, strict=True):
         boxes = det["boxes"][det["scores"] >= cut]
-        if factor != 1.0:  # back to the trained image's pixels, per axis
-            sx, sy = im.shape[-1] / view.shape[-1], im.shape[-2] / view.shape[-2]
-            boxes = boxes * torch.tensor([sx, sy, sx, sy])
+        boxes = map_back(boxes, (im.shape[-1], im.shape[-2]), (view.shape[-1], view.shape[-2]))
         if len(boxes) and len(mine):
             boxes = boxes[box_ops.box_iou(boxes, mine.to(boxes.dtype)).max(dim=1).values < CELL_IOU]
         out.append(boxes.reshape(-1, 4).float())
