@@ -39,6 +39,7 @@ def test_read_synthetic(coco_file):
 def test_round_trip_is_exact_and_loads_in_pycocotools(coco_file, tmp_path):
     ts = read_coco(coco_file)
     ts.by_id(2).status = TileStatus.UNLABELLED
+    ts.by_id(1).reject(np.array([[1.0, 2.0, 11.5, 9.25], [40.0, 20.0, 60.0, 40.0]]))  # the second clipped to 48x32
     out = write_coco(ts, tmp_path / "export" / "out.json")
     coco = COCO(str(out))
     assert len(coco.getAnnIds()) == 6 and sorted(coco.getCatIds()) == [1, 2, 3]
@@ -48,6 +49,9 @@ def test_round_trip_is_exact_and_loads_in_pycocotools(coco_file, tmp_path):
         read_coco(out)
     back = read_coco(out, allow_outside=True)
     assert back.by_id(2).status is TileStatus.UNLABELLED  # status survives
+    # the boxes the user deleted survive too; pycocotools ignores the key
+    np.testing.assert_array_equal(back.by_id(1).rejected, [[1.0, 2.0, 11.5, 9.25], [40.0, 20.0, 48.0, 32.0]])
+    assert back.by_id(2).rejected.shape == (0, 4) and "napari_rmt_rejected" not in _load(out)["images"][1]
     for a, b in zip(ts, back, strict=True):
         np.testing.assert_array_equal(a.boxes.xyxy, b.boxes.xyxy)
         np.testing.assert_array_equal(a.boxes.class_ids, b.boxes.class_ids)
@@ -148,6 +152,11 @@ def test_duplicate_annotation_ids_warn_and_keep(coco_file):
         ),
         (lambda d: d.pop("categories"), "not a COCO file"),
         (lambda d: d["images"][0].update(napari_rmt_status="done"), "is not one of"),
+        (
+            lambda d: d["images"][0].update(napari_rmt_rejected=[[1, 2, 3, 4], [1, 2, "x", 4]]),
+            r"images\[0\]: napari_rmt_rejected\[1\] \[1, 2, 'x', 4\] is not four finite numbers",
+        ),
+        (lambda d: d["images"][0].update(napari_rmt_rejected={"x": 1}), "napari_rmt_rejected .* is not a list"),
     ],
 )
 def test_malformed_coco_names_file_and_item(coco_file, mutate, message):

@@ -277,3 +277,10 @@ def test_the_nucleus_models_cells_on_partial_tiles_are_those_nobody_boxed():
         assert all(len(b) == 1 for b, _ in trainer.data.known.values())
     off = Trainer([], [], sample.classes, tiny("supervised"), partial=tiles)
     assert off.data.cells == {}
+    # boxes the user deleted: the cells over them (IoU >= 0.3) are left out, the others kept
+    gone = cells[0][:3].numpy() + 1.0  # near-copies of three of the model's cells, as a user deletes them
+    tiles[0].reject(gone)
+    after = Trainer([], [], sample.classes, tiny("supervised", partial_cells=0.5), partial=tiles).data.cells
+    assert len(after[0]) == len(cells[0]) - 3
+    assert float(box_iou(after[0], torch.as_tensor(gone, dtype=torch.float32)).max()) < CELL_IOU
+    assert all(torch.equal(after[i], cells[i]) for i in (1, 2, 3))

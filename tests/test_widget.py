@@ -103,6 +103,16 @@ def test_annotate_train_review_export_reopen(widget, tmp_path):
     # accepting never says "every cell has a box": the tile is partial until the user ticks it
     assert ts[unl[0]].status is TileStatus.PARTIAL and len(ts[unl[0]].boxes) == n_pred
     assert "partly annotated" in w.status.text() and not w.labelled_box.isChecked()
+    # Deleting a box (napari's Delete key: remove the selected shapes) remembers where it
+    # was, so that the nucleus model's cells are never taught there; an edit does not.
+    gone = s.annotations.data[0].copy()
+    s.annotations.selected_data = {0}
+    s.annotations.remove_selected()
+    assert len(s.annotations.data) == n_pred - 1 and len(ts[unl[0]].rejected) == 1
+    np.testing.assert_allclose(ts[unl[0]].rejected[0], [gone[:, 1].min(), gone[:, 0].min(),
+                                                        gone[:, 1].max(), gone[:, 0].max()])
+    s.annotations.data = [d + 1.0 for d in s.annotations.data]  # every box moved: not deleted
+    assert len(ts[unl[0]].rejected) == 1
     # Part of a tile's predictions hidden: the shown ones are accepted, the rest kept, and
     # the tile is partial: its hidden and missed nuclei are no background targets.
     w.show_tile(unl[1])
@@ -147,6 +157,7 @@ def test_annotate_train_review_export_reopen(widget, tmp_path):
     w2.open_project(folder)
     ts2 = w2.project.tileset
     assert [t.status for t in ts2] == statuses and [len(t.boxes) for t in ts2] == counts
+    np.testing.assert_allclose(ts2[unl[0]].rejected, ts[unl[0]].rejected, atol=0.01)  # deletions too
     assert w2.model_state is not None
     assert w2.score_slider.value() == 37 and w2.session.score_threshold == 0.37
 

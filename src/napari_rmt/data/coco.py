@@ -22,6 +22,8 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from .. import __version__
 from .atomic import atomic_write_json
 from .boxes import Boxes, BoxSource, sanitize_boxes
@@ -35,7 +37,9 @@ ORIGIN_KEY = "napari_rmt_origin"
 WINDOW_KEY = "napari_rmt_window"
 # the tile's name where it is not its file's (a tile from an image layer saved into a project)
 NAME_KEY = "napari_rmt_name"
-_IMAGE_CORE_KEYS = {"id", "file_name", "width", "height", STATUS_KEY, ORIGIN_KEY, WINDOW_KEY, NAME_KEY}
+# boxes the user deleted on the tile, [x, y, w, h] each (``Tile.rejected``)
+REJECTED_KEY = "napari_rmt_rejected"
+_IMAGE_CORE_KEYS = {"id", "file_name", "width", "height", STATUS_KEY, ORIGIN_KEY, WINDOW_KEY, NAME_KEY, REJECTED_KEY}
 
 
 # --------------------------------------------------------------------------- reading
@@ -261,7 +265,7 @@ def _parse_image(rec: Any, where: str, images_dir: Path, allow_outside: bool = T
         if not isinstance(given, str) or not given:
             raise AnnotationError(f"{where}: {NAME_KEY} {given!r} is not a name")
         name = given
-    return Tile(
+    tile = Tile(
         id=image_id,
         name=name,
         window=window,
@@ -271,6 +275,21 @@ def _parse_image(rec: Any, where: str, images_dir: Path, allow_outside: bool = T
         origin=(origin[0], origin[1]),
         meta=meta,
     )
+    tile.reject(_parse_rejected(rec.get(REJECTED_KEY, []), where))
+    return tile
+
+
+def _parse_rejected(value: Any, where: str) -> np.ndarray:
+    """``napari_rmt_rejected`` as (N, 4) xyxy: a list of [x, y, w, h] of finite numbers."""
+    if not isinstance(value, list):
+        raise AnnotationError(f"{where}: {REJECTED_KEY} {value!r} is not a list of [x, y, w, h] boxes")
+    out = np.zeros((len(value), 4))
+    for k, box in enumerate(value):
+        if not (isinstance(box, list) and len(box) == 4 and all(_is_number(v) and math.isfinite(v) for v in box)):
+            raise AnnotationError(f"{where}: {REJECTED_KEY}[{k}] {box!r} is not four finite numbers [x, y, w, h]")
+        x, y, w, h = (float(v) for v in box)
+        out[k] = (x, y, x + w, y + h)
+    return out
 
 
 def _check_files_exist(tileset: TileSet, source: str) -> None:
@@ -373,6 +392,12 @@ def _image_record(tile: Tile, json_dir: Path | None) -> dict:
         rec[WINDOW_KEY] = True
     if tile.path is not None and not tile.window and tile.name != Path(tile.path).name:
         rec[NAME_KEY] = tile.name
+    if len(tile.rejected):
+        x0, y0, x1, y1 = np.asarray(tile.rejected, dtype=np.float64).T
+        rec[REJECTED_KEY] = [
+            [round(float(a), 2), round(float(b), 2), round(float(c - a), 2), round(float(d - b), 2)]
+            for a, b, c, d in zip(x0, y0, x1, y1, strict=True)
+        ]
     return rec
 
 

@@ -86,6 +86,19 @@ class Tile:
     origin: tuple[int, int] = (0, 0)
     meta: dict[str, Any] = field(default_factory=dict)
     window: bool = False  # ``path`` is a large image and the tile is its window at ``origin``
+    #: (N, 4) xyxy: boxes the user deleted, annotations or predictions alike. Each says "no
+    #: cell here" where a detector saw one, so the nucleus model's cells of a partial tile
+    #: (``TrainConfig.partial_cells``) are never taught over them.
+    rejected: np.ndarray = field(default_factory=lambda: np.zeros((0, 4)))
+
+    def reject(self, xyxy: np.ndarray) -> None:
+        """Remember deleted boxes (clipped to the tile; empty ones are left out)."""
+        xyxy = np.asarray(xyxy, dtype=np.float64).reshape(-1, 4).copy()
+        xyxy[:, [0, 2]] = np.clip(xyxy[:, [0, 2]], 0, self.width)
+        xyxy[:, [1, 3]] = np.clip(xyxy[:, [1, 3]], 0, self.height)
+        xyxy = xyxy[(xyxy[:, 2] > xyxy[:, 0]) & (xyxy[:, 3] > xyxy[:, 1])]
+        if len(xyxy):
+            self.rejected = np.concatenate([np.asarray(self.rejected, dtype=np.float64).reshape(-1, 4), xyxy])
 
     def pixels(self) -> np.ndarray:
         """The tile as ``(H, W, 3) uint8``; read each time (callers cache if they need)."""

@@ -154,6 +154,9 @@ class Session:
     def _on_data(self, event=None) -> None:
         if self._updating:
             return
+        if event is not None and str(getattr(event, "action", "")) == "removing":
+            self._remember_deleted(event)
+            return  # the "removed" event that follows does the rest
         # New rectangles take the current class (napari's feature defaults do not always
         # reach a layer that was emptied); colours always follow the class feature.
         for layer in (self.annotations, self.predictions):
@@ -171,6 +174,18 @@ class Session:
         self._recolour(self.predictions)
         if self.on_change is not None:
             self.on_change()
+
+    def _remember_deleted(self, event) -> None:
+        """A box the user deletes (an annotation or a prediction) is a place they said
+        holds no cell: the tile keeps it (``Tile.rejected``), so that the nucleus model's
+        cells of a partial tile are not taught there. The layer is read before napari
+        removes the shapes (the "removing" event)."""
+        layer = event.source
+        indices = [i for i in getattr(event, "data_indices", ()) if isinstance(i, int) and 0 <= i < len(layer.data)]
+        if not indices:
+            return
+        xyxy, _ = rectangles_to_boxes([layer.data[i] for i in indices])
+        self.tile.reject(xyxy)
 
     def _recolour(self, layer) -> None:
         n = len(layer.data)

@@ -94,6 +94,14 @@ def load_labelled(
     return im, boxes, labels
 
 
+def rejected_boxes(tile: Tile, image: Tensor) -> Tensor:
+    """The tile's deleted boxes (``Tile.rejected``) in the pixels of ``image``, the tile as
+    loaded for training (resampled by the run's scale)."""
+    height, width = image.shape[1:]
+    ratio = np.array([width / tile.width, height / tile.height] * 2)
+    return torch.as_tensor(np.asarray(tile.rejected, dtype=np.float64).reshape(-1, 4) * ratio, dtype=torch.float32)
+
+
 class TrainingData:
     """Fully annotated, partly annotated and unlabelled tiles, and their batches.
 
@@ -118,6 +126,8 @@ class TrainingData:
         self.scale = scale_factor(cfg.pixel_size, cfg.own_pixel_size)
         self.labelled = [load_labelled(t, classes, cfg.model.aspect_ratios, self.scale) for t in [*labelled, *partial]]
         self.n_full = len(labelled)
+        #: the boxes the user deleted on each partial tile (``Tile.rejected``), as trained
+        self.rejected = [rejected_boxes(t, self.labelled[self.n_full + k][0]) for k, t in enumerate(partial)]
         #: which tiles the run learns from, saved so that a resume on other tiles is refused
         self.tile_ids = {"labelled": [t.id for t in labelled], "partial": [t.id for t in partial]}
         self.unlabelled = [load_image(t, self.scale) for t in unlabelled]
@@ -160,7 +170,7 @@ class TrainingData:
         factor = scale_factor(self.cfg.own_pixel_size, ncfg.own_pixel_size or NUCLEUS_PIXEL_SIZE)
         part = range(self.n_full, len(self.labelled))
         found = unboxed_cells(model, [self.labelled[k][0] for k in part], [self.labelled[k][1] for k in part],
-                              cut, factor)
+                              cut, factor, rejected=self.rejected)
         return {k: boxes.to(self.labelled[k][1].device) for k, boxes in zip(part, found, strict=True)}
 
     # ------------------------------------------------------------------ draws

@@ -96,12 +96,14 @@ def unboxed_cells(
     cut: float,
     factor: float = 1.0,
     batch_size: int = 8,
+    rejected: Sequence[Tensor] | None = None,
 ) -> list[Tensor]:
     """The nucleus model's boxes on each partly annotated ``images`` (uint8 CHW, as
     trained) that score at least ``cut`` and are no user box's cell (under ``CELL_IOU``
     of every box of ``known``): the cells the user did not box, as far as the model sees.
-    ``factor`` enlarges the images to the nucleus model's pixel size first (its boxes are
-    mapped back)."""
+    A box over one the user deleted (``rejected``, IoU at least ``CELL_IOU``) is left out
+    too: the user said no cell is there. ``factor`` enlarges the images to the nucleus
+    model's pixel size first (its boxes are mapped back)."""
     from ..data.scale import resample
     from ..model.predict import image_tensor, map_back, predict_images
 
@@ -111,11 +113,13 @@ def unboxed_cells(
     with torch.inference_mode():
         found = predict_images(nucleus, views, batch_size=batch_size, device=device)
     out = []
-    for det, view, im, mine in zip(found, views, images, known, strict=True):
+    no = rejected if rejected is not None else [torch.zeros((0, 4))] * len(images)
+    for det, view, im, mine, deleted in zip(found, views, images, known, no, strict=True):
         boxes = det["boxes"][det["scores"] >= cut]
         boxes = map_back(boxes, (im.shape[-1], im.shape[-2]), (view.shape[-1], view.shape[-2]))
-        if len(boxes) and len(mine):
-            boxes = boxes[box_ops.box_iou(boxes, mine.to(boxes.dtype)).max(dim=1).values < CELL_IOU]
+        for other in (mine, deleted):
+            if len(boxes) and len(other):
+                boxes = boxes[box_ops.box_iou(boxes, other.to(boxes.dtype)).max(dim=1).values < CELL_IOU]
         out.append(boxes.reshape(-1, 4).float())
     return out
 
