@@ -162,6 +162,48 @@ def test_box_head_in_chunks_gives_the_same_outputs():
     assert not torch.allclose(logits[:211], one_logits[300:])
 
 
+def test_roialign_in_chunks_on_every_thread_is_the_single_call_row_for_row():
+    """At inference the detector pools its RoIs in one chunk per CPU thread
+    (``model.roialign``, in slices): the very same numbers in the same order as torchvision's single
+    call, for two images of different box counts, channels-last features included; with
+    gradients on it is the single call, and gradients reach the features."""
+    from torchvision.ops import MultiScaleRoIAlign
+
+    from napari_rmt.model.roialign import MIN_CHUNK, ChunkedRoIAlign
+
+    torch.manual_seed(0)
+    names = ["0", "1", "2"]
+    feats = {"0": torch.randn(2, 8, 64, 64).contiguous(memory_format=torch.channels_last),
+             "1": torch.randn(2, 8, 32, 32), "2": torch.randn(2, 8, 16, 16)}
+
+    def boxes(n):
+        xy = torch.rand(n, 2) * 200
+        return torch.cat([xy, xy + torch.rand(n, 2) * 120 + 2], 1)
+
+    rois = [boxes(3 * MIN_CHUNK + 5), boxes(MIN_CHUNK + 17)]
+    shapes = [(256, 256)] * 2
+    single, chunked = MultiScaleRoIAlign(names, 7, 2), ChunkedRoIAlign(names, 7, 2)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        for mode in (torch.no_grad, torch.inference_mode):
+            with mode():
+                want = single(feats, rois, shapes)
+                got = chunked(feats, rois, shapes)
+            assert got.shape == (4 * MIN_CHUNK + 22, 8, 7, 7) and torch.equal(got, want)
+        # the split is real: each image's rows straddle the chunks, and a misorder would show
+        assert not torch.equal(got[: len(rois[0])], want[len(rois[1]):])
+        leaf = {k: v.clone().requires_grad_(True) for k, v in feats.items()}
+        out = chunked(leaf, rois, shapes)
+        assert torch.equal(out.detach(), want)
+        out.sum().backward()
+        assert leaf["0"].grad is not None and leaf["0"].grad.abs().sum() > 0
+    finally:
+        torch.set_num_threads(threads)
+    # the detector pools with it
+    assert isinstance(build_detector(2, ModelConfig(backbone="resnet18")).roi_heads.box_roi_pool, ChunkedRoIAlign)
+
+
 def test_proposals_are_capped_per_cell_by_score():
     from napari_rmt.model.proposals import top_per_cell
 

@@ -31,7 +31,6 @@ from torchvision.models.detection.backbone_utils import BackboneWithFPN, _mobile
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.rpn import RPNHead
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
-from torchvision.ops import MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from torchvision.ops.misc import Conv2dNormActivation, FrozenBatchNorm2d
 
@@ -39,6 +38,7 @@ from ..data.errors import NapariRmtError
 from .config import BACKBONES, BOX_SCORES, ModelConfig
 from .heads import FocalRoIHeads
 from .proposals import LocalRPN
+from .roialign import ChunkedRoIAlign
 
 
 class WeightsError(NapariRmtError):
@@ -121,7 +121,8 @@ def build_detector(num_classes: int, cfg: ModelConfig | None = None) -> FasterRC
     sizes = _split_sizes(cfg.anchor_sizes or tuple(8 * 2**i for i in range(n_maps)), n_maps)
     anchors = AnchorGenerator(sizes=sizes, aspect_ratios=(tuple(cfg.aspect_ratios),) * n_maps)
     # RoIs are pooled from the FPN levels proper; the extra max-pooled level serves the RPN only.
-    roi_pool = MultiScaleRoIAlign(
+    # (in chunks on every CPU thread at inference, ``model.roialign``: the same numbers)
+    roi_pool = ChunkedRoIAlign(
         featmap_names=[n for n in names if n != "pool"] or names, output_size=7, sampling_ratio=2
     )
     rep = cfg.resolved("box_head_dim")
