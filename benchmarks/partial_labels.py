@@ -24,8 +24,10 @@ One run at a time on an idle machine (the budget is wall-clock):
     python benchmarks/partial_labels.py --seed 0 --arm concentrated --method supervised --minutes 20 --out runs/partial
     python benchmarks/partial_labels.py table --out runs/partial
 
-``--set partial_cells=0.5 --tag _cells`` teaches the nucleus model's unboxed cells on the
-partial tiles as cells of unknown class (``train/partial.py``).
+The nucleus model's unboxed cells on the partial tiles are taught as cells of unknown
+class (``train/partial.py``, ``partial_cells``) by default since the twentieth session;
+``--set partial_cells=null`` gives the stain rule alone (the rows before it without
+"cells").
 
 ``--nucleus FILE`` starts from another nucleus model than the bundled one (issue 32: the
 new model's worth as the start of training), its name in the run's folder via ``--tag``.

@@ -12,7 +12,7 @@ import torch
 from napari_rmt.data import Boxes, ClassList, Tile, TileSet, TileStatus
 from napari_rmt.model.heads import box_regression_loss, weighted_focal_loss
 from napari_rmt.model.options import with_spec
-from napari_rmt.train import IterationEvent, TrainConfig, Trainer
+from napari_rmt.train import IterationEvent, PhaseEvent, TrainConfig, Trainer
 from napari_rmt.train.augment import STAIN_VECTORS
 from napari_rmt.train.partial import (
     PARTIAL_KEY,
@@ -271,12 +271,21 @@ def test_the_nucleus_models_cells_on_partial_tiles_are_those_nobody_boxed():
         _, targets = trainer.data.labelled_batch()
         for t in targets:
             assert (t["labels"] == k).sum() > 0 and (t["labels"] < k).sum() == 1
-        events = [e for e in trainer.run() if isinstance(e, IterationEvent)]
+        everything = list(trainer.run())
+        events = [e for e in everything if isinstance(e, IterationEvent)]
         assert len(events) == 4 and all(math.isfinite(e.losses["total"]) for e in events)
+        # the run says what it found, first
+        said = [e.message for e in everything if isinstance(e, PhaseEvent) and e.phase == "cells"]
+        assert said == [f"the nucleus model found {sum(len(c) for c in cells)} cells nobody boxed on 4 partly "
+                        "annotated tile(s): taught as cells of unknown class (partial_cells 0.5; 0 turns it off)"]
         # the teacher's view of a partial tile keeps the user's box only, not the model's cells
         assert all(len(b) == 1 for b, _ in trainer.data.known.values())
-    off = Trainer([], [], sample.classes, tiny("supervised"), partial=tiles)
-    assert off.data.cells == {}
+    # on by default at 0.5; None or 0 turns it off
+    assert TrainConfig().partial_cells == 0.5
+    assert all(torch.equal(a, b) for a, b in zip(
+        Trainer([], [], sample.classes, tiny("supervised"), partial=tiles).data.cells.values(), cells, strict=True))
+    for off in (None, 0.0):
+        assert Trainer([], [], sample.classes, tiny("supervised", partial_cells=off), partial=tiles).data.cells == {}
     # boxes the user deleted: the cells over them (IoU >= 0.3) are left out, the others kept
     gone = cells[0][:3].numpy() + 1.0  # near-copies of three of the model's cells, as a user deletes them
     tiles[0].reject(gone)

@@ -188,9 +188,11 @@ class TrainConfig:
     #: None or 0: every unboxed region is background, as on a fully annotated tile.
     partial_stain_ignore: float | None = 0.3
     #: Also on partly annotated tiles: the bundled nucleus model's boxes scoring at least
-    #: this, away from the user's boxes, are cells of an unknown class in the labelled loss
-    #: (objectness and "not background"; no class, no box learnt from them). None or 0: off.
-    partial_cells: float | None = None
+    #: this, away from the user's boxes and from the boxes they deleted, are cells of an
+    #: unknown class in the labelled loss (objectness and "not background"; no class, no box
+    #: learnt from them). None or 0: off. On by default: on CoNSeP's partial tiles they
+    #: lifted every run measured, both methods and both seeds (docs/tuning.md).
+    partial_cells: float | None = 0.5
     #: Repeat factor sampling of the labelled tiles (LVIS): a class on a share f of them
     #: brings its tiles round max(1, sqrt(this / f)) times as often. 0: off.
     class_balance: float = 0.0

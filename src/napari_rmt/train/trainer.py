@@ -260,6 +260,14 @@ class Trainer:
         # over a run (docs/benchmarks.md, the ETA)
         recent: deque[float] = deque(maxlen=ETA_WINDOW)
         recent_semi: deque[float] = deque(maxlen=ETA_WINDOW)
+        if self.data.cells:
+            found = sum(len(c) for c in self.data.cells.values())
+            yield PhaseEvent(
+                self.iteration,
+                "cells",
+                f"the nucleus model found {found} cells nobody boxed on {len(self.data.cells)} partly annotated "
+                f"tile(s): taught as cells of unknown class (partial_cells {cfg.partial_cells:g}; 0 turns it off)",
+            )
         if self.missing_classes:
             yield PhaseEvent(
                 self.iteration,

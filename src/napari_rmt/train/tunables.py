@@ -98,8 +98,9 @@ TUNABLES: tuple[Tunable, ...] = (
             "least this share haematoxylin-stained and not next to a user box may be a nucleus nobody boxed: it is "
             "not taught as background (off / 0: unboxed = background, as on a fully annotated tile)"),
     Tunable("partial_cells", "nucleus model on partial tiles", "on a partly annotated tile, a nucleus the "
-            "bundled nucleus model finds with at least this score, away from the user's boxes, is taught as a cell "
-            "of unknown class: not background, its class not learnt (off / 0: only the stain rule)"),
+            "bundled nucleus model finds with at least this score, away from the user's boxes and the boxes they "
+            "deleted, is taught as a cell of unknown class: not background, its class not learnt (off / 0: only "
+            "the stain rule)"),
     Tunable("class_balance", "class balance", "labelled tiles holding a rare class come round more often: a "
             "class on a share f of them repeats its tiles sqrt(this / f) times (0: off)"),
     Tunable("class_weight_beta", "class weights β", "weight each class's loss by the effective number of its "
