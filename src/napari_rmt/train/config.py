@@ -191,7 +191,7 @@ class TrainConfig:
     #: this, away from the user's boxes and from the boxes they deleted, are cells of an
     #: unknown class in the labelled loss (objectness and "not background"; no class, no box
     #: learnt from them). None or 0: off. On by default: on CoNSeP's partial tiles they
-    #: lifted every run measured, both methods and both seeds (docs/tuning.md).
+    #: lifted each pair measured (supervised on one seed, rmt+ on two; docs/tuning.md).
     partial_cells: float | None = 0.5
     #: Repeat factor sampling of the labelled tiles (LVIS): a class on a share f of them
     #: brings its tiles round max(1, sqrt(this / f)) times as often. 0: off.
