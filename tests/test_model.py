@@ -169,7 +169,7 @@ def test_roialign_in_chunks_on_every_thread_is_the_single_call_row_for_row():
     gradients on it is the single call, and gradients reach the features."""
     from torchvision.ops import MultiScaleRoIAlign
 
-    from napari_rmt.model.roialign import MIN_CHUNK, ChunkedRoIAlign
+    from napari_rmt.model.roialign import MIN_SLICE, ChunkedRoIAlign
 
     torch.manual_seed(0)
     names = ["0", "1", "2"]
@@ -180,7 +180,7 @@ def test_roialign_in_chunks_on_every_thread_is_the_single_call_row_for_row():
         xy = torch.rand(n, 2) * 200
         return torch.cat([xy, xy + torch.rand(n, 2) * 120 + 2], 1)
 
-    rois = [boxes(3 * MIN_CHUNK + 5), boxes(MIN_CHUNK + 17)]
+    rois = [boxes(3 * MIN_SLICE + 5), boxes(MIN_SLICE + 17)]
     shapes = [(256, 256)] * 2
     single, chunked = MultiScaleRoIAlign(names, 7, 2), ChunkedRoIAlign(names, 7, 2)
     threads = torch.get_num_threads()
@@ -190,7 +190,7 @@ def test_roialign_in_chunks_on_every_thread_is_the_single_call_row_for_row():
             with mode():
                 want = single(feats, rois, shapes)
                 got = chunked(feats, rois, shapes)
-            assert got.shape == (4 * MIN_CHUNK + 22, 8, 7, 7) and torch.equal(got, want)
+            assert got.shape == (4 * MIN_SLICE + 22, 8, 7, 7) and torch.equal(got, want)
         # the split is real: each image's rows straddle the chunks, and a misorder would show
         assert not torch.equal(got[: len(rois[0])], want[len(rois[1]):])
         leaf = {k: v.clone().requires_grad_(True) for k, v in feats.items()}

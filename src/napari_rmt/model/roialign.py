@@ -21,7 +21,7 @@ from torch import Tensor
 from torchvision.ops import MultiScaleRoIAlign
 
 #: Under this many RoIs a slice costs more in threads than it saves.
-MIN_CHUNK = 128
+MIN_SLICE = 128
 #: RoIs pooled at once by one thread: 512 RoIs of 128 x 7 x 7 floats are 13 MB.
 SLICE = 512
 
@@ -49,7 +49,7 @@ class ChunkedRoIAlign(MultiScaleRoIAlign):
 
     def forward(self, x: dict[str, Tensor], boxes: list[Tensor], image_shapes: list[tuple[int, int]]) -> Tensor:
         total = sum(len(b) for b in boxes)
-        threads = min(torch.get_num_threads(), total // MIN_CHUNK)
+        threads = min(torch.get_num_threads(), total // MIN_SLICE)
         on_cpu = all(b.device.type == "cpu" for b in boxes)
         if torch.is_grad_enabled() or threads < 2 or not on_cpu:
             return super().forward(x, boxes, image_shapes)
@@ -62,7 +62,7 @@ class ChunkedRoIAlign(MultiScaleRoIAlign):
         out = first.new_empty((total, first.shape[1], *self.output_size))
         counts = [len(b) for b in boxes]
         starts = [sum(counts[:i]) for i in range(len(counts))]
-        step = max(MIN_CHUNK, min(SLICE, -(-total // threads)))
+        step = max(MIN_SLICE, min(SLICE, -(-total // threads)))
         inference = torch.is_inference_mode_enabled()
 
         def pool(lo: int) -> None:
