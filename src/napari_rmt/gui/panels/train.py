@@ -293,6 +293,8 @@ class TrainPanel(QGroupBox):
             f"{cfg.method}: {len(ts.labelled)} fully annotated, {len(ts.partial)} partly annotated, "
             f"{len(ts.unlabelled)} unlabelled tiles"
             + (" (warm start)" if init is not None else "")
+            + ("; the nucleus model looks at the partly annotated tiles first" if cfg.partial_cells and ts.partial
+               else "")
         )
         self.state.start_job(job, self._on_yielded, self._on_returned, "training failed", synchronous)
 
