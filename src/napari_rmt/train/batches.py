@@ -66,6 +66,14 @@ def load_image(tile: Tile, scale: float = 1.0) -> Tensor:
     return torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1).contiguous()
 
 
+def as_trained(xyxy: np.ndarray, tile: Tile, image: Tensor) -> Tensor:
+    """Boxes of ``tile`` in the pixels of ``image``, the tile as loaded for training: they
+    scale as the image did, by its new size over the old, per axis (exactly; by 1 unscaled)."""
+    height, width = image.shape[1:]
+    ratio = np.array([width / tile.width, height / tile.height] * 2)
+    return torch.as_tensor(np.asarray(xyxy, dtype=np.float64).reshape(-1, 4) * ratio, dtype=torch.float32)
+
+
 def load_labelled(
     tile: Tile, classes: ClassList, aspect_ratios: Sequence[float], scale: float = 1.0
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -87,19 +95,9 @@ def load_labelled(
             f"{anchors * len(b) * 4 / 2**30:.1f} GiB); cut it into smaller tiles"
         )
     keep = (b.xyxy[:, 2] > b.xyxy[:, 0]) & (b.xyxy[:, 3] > b.xyxy[:, 1])
-    # boxes scale as the image did: by its new size over the old, per axis (exactly)
-    ratio = np.array([width / tile.width, height / tile.height] * 2) if scale != 1.0 else 1.0
-    boxes = torch.as_tensor(b.xyxy[keep] * ratio, dtype=torch.float32).reshape(-1, 4)
+    boxes = as_trained(b.xyxy[keep], tile, im)
     labels = torch.as_tensor([label_of[int(c)] for c in b.class_ids[keep]], dtype=torch.int64)
     return im, boxes, labels
-
-
-def rejected_boxes(tile: Tile, image: Tensor) -> Tensor:
-    """The tile's deleted boxes (``Tile.rejected``) in the pixels of ``image``, the tile as
-    loaded for training (resampled by the run's scale)."""
-    height, width = image.shape[1:]
-    ratio = np.array([width / tile.width, height / tile.height] * 2)
-    return torch.as_tensor(np.asarray(tile.rejected, dtype=np.float64).reshape(-1, 4) * ratio, dtype=torch.float32)
 
 
 class TrainingData:
@@ -126,8 +124,6 @@ class TrainingData:
         self.scale = scale_factor(cfg.pixel_size, cfg.own_pixel_size)
         self.labelled = [load_labelled(t, classes, cfg.model.aspect_ratios, self.scale) for t in [*labelled, *partial]]
         self.n_full = len(labelled)
-        #: the boxes the user deleted on each partial tile (``Tile.rejected``), as trained
-        self.rejected = [rejected_boxes(t, self.labelled[self.n_full + k][0]) for k, t in enumerate(partial)]
         #: which tiles the run learns from, saved so that a resume on other tiles is refused
         self.tile_ids = {"labelled": [t.id for t in labelled], "partial": [t.id for t in partial]}
         self.unlabelled = [load_image(t, self.scale) for t in unlabelled]
@@ -143,7 +139,7 @@ class TrainingData:
         self.cells: dict[int, Tensor] = {}
         self.any_cell = len(classes) + 1
         if cfg.partial_cells and len(self.labelled) > self.n_full:
-            self.cells = self._unboxed_cells(cfg.partial_cells)
+            self.cells = self._unboxed_cells(cfg.partial_cells, partial)
         self.missing_classes = [
             c.name for i, c in enumerate(classes, start=1) if not any((lab == i).any() for _, _, lab in self.labelled)
         ]
@@ -159,7 +155,7 @@ class TrainingData:
             counts = [sum(int((lab == i).sum()) for _, _, lab in self.labelled) for i in range(1, len(classes) + 1)]
             self.class_weights = effective_number_weights(counts, cfg.class_weight_beta)
 
-    def _unboxed_cells(self, cut: float) -> dict[int, Tensor]:
+    def _unboxed_cells(self, cut: float, partial: Sequence[Tile]) -> dict[int, Tensor]:
         """The bundled nucleus model's cells on the partial tiles (``partial.unboxed_cells``),
         at its own pixel size."""
         from ..model.bundled import NUCLEUS, NUCLEUS_PIXEL_SIZE
@@ -170,7 +166,8 @@ class TrainingData:
         factor = scale_factor(self.cfg.own_pixel_size, ncfg.own_pixel_size or NUCLEUS_PIXEL_SIZE)
         part = range(self.n_full, len(self.labelled))
         found = unboxed_cells(model, [self.labelled[k][0] for k in part], [self.labelled[k][1] for k in part],
-                              cut, factor, rejected=self.rejected)
+                              cut, factor, rejected=[as_trained(t.rejected, t, self.labelled[k][0])
+                                                     for k, t in zip(part, partial, strict=True)])
         return {k: boxes.to(self.labelled[k][1].device) for k, boxes in zip(part, found, strict=True)}
 
     # ------------------------------------------------------------------ draws
