@@ -59,8 +59,15 @@ def random_crop(
     rng: np.random.Generator,
     scale_range: tuple[float, float],
     stain: float = 0.3,
+    keep_cut: float = 0.5,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """One augmented ``CROP`` px crop and the boxes at least half inside it."""
+    """One augmented ``CROP`` px crop and its boxes clipped to it: a nucleus cut by the
+    crop's edge is kept when at least ``keep_cut`` of its area is inside (and 2 px a side).
+
+    With 0.5 (the first three runs) the crop teaches a nucleus mostly outside it as
+    background, yet tiles cut from a slide hold such nuclei and CoNSeP boxes them (a
+    quarter of its test nuclei touch a patch edge; the bundled model found 16 % of those at
+    the 0.5 cut against 40 % of the others); with 0 every visible part is a nucleus."""
     scale = rng.uniform(*scale_range)
     h, w = pixels.shape[:2]
     side = min(h, w, round(CROP / scale))
@@ -72,7 +79,7 @@ def random_crop(
     clipped = np.clip(b, 0, CROP)
     area = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
     seen = (clipped[:, 2] - clipped[:, 0]) * (clipped[:, 3] - clipped[:, 1])
-    keep = (seen >= 0.5 * np.maximum(area, 1e-6)) & (clipped[:, 2] - clipped[:, 0] >= 2) & (
+    keep = (seen >= keep_cut * np.maximum(area, 1e-6)) & (clipped[:, 2] - clipped[:, 0] >= 2) & (
         clipped[:, 3] - clipped[:, 1] >= 2
     )
     b = clipped[keep]
@@ -93,6 +100,7 @@ def crop_pool(
     sets: tuple[str, ...] = ("monuseg",),
     mix: float = 0.6,
     stain: float = 0.3,
+    keep_cut: float = 0.5,
 ) -> tuple[list[Tile], ClassList]:
     """``n`` augmented crops, as labelled in-memory tiles: a share ``mix`` from MoNuSeg's
     fields in turn, the rest from the other sets' images in turn (one set: all from it)."""
@@ -115,7 +123,7 @@ def crop_pool(
         else:
             pixels, xyxy = fields[first][taken["first"] % len(fields[first])]
             taken["first"] += 1
-        crop, b = random_crop(pixels, xyxy, rng, scale_range, stain)
+        crop, b = random_crop(pixels, xyxy, rng, scale_range, stain, keep_cut)
         boxes = Boxes(xyxy=b, class_ids=np.full(len(b), nucleus, dtype=np.int64))
         tiles.append(
             Tile(id=i, name=f"crop{i}", width=CROP, height=CROP, loader=(lambda c=crop: c),
@@ -154,6 +162,8 @@ def main() -> None:
     ap.add_argument("--mix", type=float, default=0.6, help="share of crops from the first --data set")
     ap.add_argument("--stain", type=float, default=0.3, help="HED stain jitter: densities x(1 +- this)")
     ap.add_argument("--scale", type=float, nargs=2, default=(0.5, 1.5), help="crop rescale range")
+    ap.add_argument("--keep-cut", type=float, default=0.5,
+                    help="keep a nucleus cut by a crop's edge when this share of it is inside (0: any visible part)")
     ap.add_argument("--init-from", default=None, help="start from this nucleus model (a model.pt)")
     ap.add_argument("--resume", action="store_true", help="continue from --work/model.pt")
     ap.add_argument("--export", default=None, help="write the fp16 model here and stop")
@@ -166,7 +176,7 @@ def main() -> None:
         return
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    tiles, classes = crop_pool(args.crops, args.seed, tuple(args.scale), tuple(args.data), args.mix, args.stain)
+    tiles, classes = crop_pool(args.crops, args.seed, tuple(args.scale), tuple(args.data), args.mix, args.stain, args.keep_cut)
     print(f"{len(tiles)} crops, {sum(len(t.boxes) for t in tiles)} boxes in {time.perf_counter() - t0:.0f} s", flush=True)
     ckpt_path = work / "model.pt"
     if args.resume:
