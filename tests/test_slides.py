@@ -31,10 +31,55 @@ def test_a_synthetic_slide_opens_with_its_pyramid_and_pixel_size(slide, tmp_path
     np.testing.assert_array_equal(image.read(700, 600, 64, 48), slide.region(700, 600, 64, 48))
 
 
-def test_a_slide_format_without_a_tiff_reader_is_a_clear_error(tmp_path):
+def test_a_synthetic_slides_objective_is_read(slide, tmp_path):
+    image = open_large_image(slide.write(tmp_path / "s.svs", pixel_size=0.5))
+    assert image.objective == 20.0 and image.reader == "tifffile"  # AppMag of a 0.5 µm/px slide
+
+
+def test_an_mrxs_goes_to_openslide_and_says_what_is_wrong(tmp_path, monkeypatch):
     (tmp_path / "s.mrxs").write_bytes(b"")
-    with pytest.raises(ImageReadError, match=r"need OpenSlide.*OME-TIFF"):
+    with pytest.raises(ImageReadError, match=r"s\.mrxs: OpenSlide cannot open it.*MRXS"):
         open_large_image(tmp_path / "s.mrxs")
+    # without the slides extra: what to install, and the OME-TIFF way round
+    import napari_rmt.data.openslide_reader as reader
+
+    monkeypatch.setattr(reader, "openslide_available", lambda: False)
+    with pytest.raises(ImageReadError, match=r"s\.mrxs: .*OpenSlide, which is not installed: pip install.*slides.*OME TIFF"):
+        open_large_image(tmp_path / "s.mrxs")
+
+
+def test_openslide_reads_a_slide_as_tifffile_does(slide, tmp_path):
+    """The OpenSlide path (MRXS and the slides tifffile cannot parse) on a slide both read:
+    the same pixels at every level, pixel size, objective, tissue mask and boxes."""
+    from napari_rmt.data.openslide_reader import open_openslide
+    from napari_rmt.model.wholeimage import predict_large_image
+    from napari_rmt.train import load_model
+
+    path = slide.write(tmp_path / "s.svs", pixel_size=0.25)
+    ours, theirs = open_large_image(path), open_openslide(path)
+    assert theirs.reader == "openslide" and theirs.size == ours.size and len(theirs.levels) == len(ours.levels)
+    assert theirs.pixel_size == pytest.approx(0.25) and theirs.objective == 40.0
+    for k, (a, b) in enumerate(zip(ours.levels, theirs.levels, strict=True)):
+        assert tuple(b.shape) == tuple(a.shape), k
+        np.testing.assert_array_equal(np.asarray(b[5:37, 9:70]), np.asarray(a[5:37, 9:70]))
+    np.testing.assert_array_equal(theirs.read(700, 600, 64, 48), slide.region(700, 600, 64, 48))
+    level = theirs.levels[1]  # numpy-style indexing, as napari's multiscale layer slices
+    np.testing.assert_array_equal(level[3, 4:6, 0], np.asarray(level[3:4, 4:6, :])[0, :, 0])
+    with pytest.raises(IndexError):
+        level[::-1]
+    from napari_rmt.gui.wholeimage import overview_data  # what napari's multiscale layer gets
+
+    pyramid, rgb = overview_data(theirs)
+    assert rgb and [lv.chunksize for lv in pyramid][0] == (1024, 1024, 3)
+    np.testing.assert_array_equal(pyramid[1][100:164, 200:230].compute(), np.asarray(ours.levels[1][100:164, 200:230]))
+    mask_a, mask_b = tissue_mask(ours), tissue_mask(theirs)
+    np.testing.assert_array_equal(mask_a.mask, mask_b.mask)
+    model, classes, _ = load_model("nucleus")
+    kw = dict(window=256, context=64, tissue=mask_a)
+    a, b = predict_large_image(model, ours, classes, **kw), predict_large_image(model, theirs, classes, **kw)
+    assert len(a) > 50
+    np.testing.assert_array_equal(a.xyxy, b.xyxy)
+    np.testing.assert_array_equal(a.scores, b.scores)
 
 
 def test_the_tissue_mask_finds_the_tissue_and_leaves_the_glass(slide, tmp_path):

@@ -21,7 +21,8 @@ IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg")
 #: Hamamatsu NDPI, Leica SCN, Ventana BIF).
 SLIDE_SUFFIXES = (".svs", ".ndpi", ".scn", ".bif")
 _TIFF = (".tif", ".tiff", *SLIDE_SUFFIXES)
-#: Slide formats that are not TIFF: readable only through OpenSlide, which is not a dependency.
+#: Slide formats that are not TIFF: read through OpenSlide (the ``slides`` extra,
+#: ``data/openslide_reader.py``).
 NOT_TIFF_SLIDES = (".mrxs", ".vms", ".vmu")
 
 
@@ -168,6 +169,10 @@ def image_size(path: str | os.PathLike) -> tuple[int, int]:
     path = Path(path)
     if not path.exists():
         raise ImageReadError(f"{path}: image file not found")
+    if path.suffix.lower() in NOT_TIFF_SLIDES:
+        from .openslide_reader import open_openslide
+
+        return open_openslide(path).size
     try:
         if path.suffix.lower() in _TIFF:
             import tifffile

@@ -135,6 +135,11 @@ class LargeImage:
         self.levels = list(levels) if levels else [array]
         #: µm per pixel, when the file states it (``data/scale.py``); None when unknown
         self.pixel_size: float | None = None
+        #: the scanner's objective (40 for 40x), when the file states it; shown, not used
+        #: (the pixel size decides the model's scale)
+        self.objective: float | None = None
+        #: what reads the pixels: "tifffile", "zarr", "pillow" or "openslide"
+        self.reader: str = "zarr"
         self._float_scale: float | None = None
 
     @property
@@ -259,15 +264,16 @@ def open_large_image(path: str | os.PathLike) -> LargeImage:
     if suffix in _TIFF:
         return _open_tiff(p)
     if suffix in IMAGE_SUFFIXES:
-        return LargeImage(_read_whole(p), name=p.name, axes="yxc", path=p)
+        image = LargeImage(_read_whole(p), name=p.name, axes="yxc", path=p)
+        image.reader = "pillow"
+        return image
     if suffix in NOT_TIFF_SLIDES:
-        raise ImageReadError(
-            f"{p}: {suffix} slides are not TIFF-based and need OpenSlide, which napari-rmt does not bundle; "
-            "export the slide as OME-TIFF (QuPath: File > Export images > OME TIFF) and open that"
-        )
+        from .openslide_reader import open_openslide
+
+        return open_openslide(p)
     raise ImageReadError(
         f"{p}: {suffix or 'no suffix'} is not a known image type (TIFF, OME-TIFF, SVS, NDPI, SCN, BIF, PNG, JPEG, "
-        "zarr, OME-Zarr)"
+        "zarr, OME-Zarr; MRXS, VMS, VMU through OpenSlide)"
     )
 
 
@@ -290,6 +296,17 @@ def _open_tiff(p: Path) -> LargeImage:
         store = tifffile.imread(p, aszarr=True)
         node = zarr.open(store, mode="r")
     except Exception as exc:
+        from .imageio import SLIDE_SUFFIXES
+        from .openslide_reader import open_openslide, openslide_available
+
+        if p.suffix.lower() in SLIDE_SUFFIXES and openslide_available():
+            # a scanner's variant tifffile does not parse: OpenSlide knows more of them
+            try:
+                return open_openslide(p)
+            except ImageReadError as second:
+                raise ImageReadError(
+                    f"{p}: cannot open the slide: tifffile says {type(exc).__name__}: {exc}; {second}"
+                ) from exc
         raise ImageReadError(f"{p}: cannot open TIFF ({type(exc).__name__}: {exc})") from exc
     if hasattr(node, "shape"):
         return _with_pixel_size(LargeImage(node, name=p.name, path=p))
@@ -302,10 +319,13 @@ def _open_tiff(p: Path) -> LargeImage:
 
 
 def _with_pixel_size(image: LargeImage) -> LargeImage:
-    """The pixel size the file states (OME, Aperio, resolution tags), when it states one."""
-    from .scale import pixel_size_of
+    """The pixel size (OME, Aperio, resolution tags) and objective (OME, Aperio, NDPI) the
+    file states, when it states them."""
+    from .scale import objective_of, pixel_size_of
 
+    image.reader = "tifffile"
     image.pixel_size = pixel_size_of(image.path) if image.path is not None else None
+    image.objective = objective_of(image.path) if image.path is not None else None
     return image
 
 

@@ -68,8 +68,12 @@ def pixel_size_of(path: str | os.PathLike) -> float | None:
     Aperio description's ``MPP``, or a TIFF resolution in centimetres or inches when it is
     a microscope's. Other formats (PNG, JPEG, zarr) state none we trust."""
     path = Path(path)
-    from .imageio import _TIFF
+    from .imageio import _TIFF, NOT_TIFF_SLIDES
 
+    if path.suffix.lower() in NOT_TIFF_SLIDES:
+        from .openslide_reader import open_openslide
+
+        return open_openslide(path).pixel_size
     if path.suffix.lower() not in _TIFF:
         return None
     try:
@@ -87,6 +91,38 @@ def pixel_size_of(path: str | os.PathLike) -> float | None:
     if found is None or not PLAUSIBLE[0] <= found <= PLAUSIBLE[1]:
         return None
     return found
+
+
+def objective_of(path: str | os.PathLike) -> float | None:
+    """The objective a TIFF-based slide states (40 for 40x), or None: OME's
+    ``NominalMagnification``, an Aperio description's ``AppMag``, NDPI's magnification tag.
+    Shown to the user beside the pixel size; the pixel size, not this, sets the scale."""
+    path = Path(path)
+    from .imageio import _TIFF
+
+    if path.suffix.lower() not in _TIFF:
+        return None
+    try:
+        import tifffile
+
+        with tifffile.TiffFile(path) as tf:
+            found = None
+            if tf.is_ome and tf.ome_metadata:
+                m = re.search(r'NominalMagnification="([0-9.eE+-]+)"', tf.ome_metadata)
+                found = float(m.group(1)) if m else None
+            page = tf.pages[0]
+            if found is None:
+                m = re.search(r"\bAppMag\s*=\s*([0-9.]+)", getattr(page, "description", "") or "")
+                found = float(m.group(1)) if m else None
+            if found is None and tf.is_ndpi:
+                found = (getattr(page, "ndpi_tags", None) or {}).get("Magnification")
+    except Exception:  # the objective is a label: a header that does not parse states none
+        return None
+    try:
+        value = float(found) if found is not None else None
+    except (TypeError, ValueError):
+        return None
+    return value if value is not None and 1.0 <= value <= 200.0 else None
 
 
 _UNITS = {"µm": 1.0, "um": 1.0, "micron": 1.0, "nm": 1e-3, "mm": 1e3, "cm": 1e4, "m": 1e6}

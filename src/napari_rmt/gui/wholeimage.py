@@ -39,7 +39,8 @@ def overview_data(image: LargeImage) -> tuple[list[Any] | Any, bool]:
     import dask.array as da
 
     def yxc(a):
-        arr = da.from_zarr(a) if hasattr(a, "store") else da.from_array(a, chunks="auto")
+        # an OpenSlide level states its chunks (one read_region each); numpy gets dask's
+        arr = da.from_zarr(a) if hasattr(a, "store") else da.from_array(a, chunks=getattr(a, "chunks", "auto"))
         keep = [i for i, ax in enumerate(image.axes) if ax in "yxc"]
         index = tuple(slice(None) if ax in "yxc" else 0 for ax in image.axes)
         arr = arr[index]

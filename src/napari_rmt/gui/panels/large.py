@@ -72,6 +72,8 @@ class LargePanel(QGroupBox):
         self.state.open(TileSet(tiles), path.stem, settings=settings)
         where = f" on tissue ({100 * tissue.fraction:.0f} % of the slide)" if tissue is not None else ""
         size = f"; {image.pixel_size:g} µm/px from the file" if image.pixel_size else ""
+        if image.objective:
+            size += f" ({image.objective:g}x objective)"
         show_info(f"{path.name}: {len(tiles)} tiles{where}{size}; annotate a few cells")
 
     def predict_whole_image(self, synchronous: bool = False, window: int = 512, context: int = 128) -> None:
@@ -128,7 +130,8 @@ class LargePanel(QGroupBox):
 
     def _ask_large(self) -> None:
         f, _ = QFileDialog.getOpenFileName(
-            self, "Large image", filter="Images and slides (*.tif *.tiff *.svs *.ndpi *.scn *.bif *.png *.jpg *.jpeg);;All files (*)"
+            self, "Large image", filter="Images and slides (*.tif *.tiff *.svs *.ndpi *.scn *.bif *.mrxs *.vms *.vmu *.png *.jpg *.jpeg);;"
+            "All files (*)"
         )
         if not f:
             f = QFileDialog.getExistingDirectory(self, "…or a zarr / OME-Zarr folder")
