@@ -96,3 +96,26 @@ def test_the_wheel_carries_it(tmp_path):
     assert run.returncode == 0, run.stderr
     where, path, names = json.loads(run.stdout)
     assert where.startswith(str(site)) and path.startswith(str(site)) and names == ["nucleus"]
+
+
+def test_the_training_crops_keep_cut_nuclei_as_asked():
+    """The bundled model's training crops (``scripts/train_nucleus_model.py``): a nucleus
+    cut by the crop's edge is kept, clipped, when ``keep_cut`` of it is inside; with 0.5 a
+    nucleus mostly outside is left out (and so taught as background)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("train_nucleus_model", REPO / "scripts" / "train_nucleus_model.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    pixels = np.full((256, 256, 3), 200, dtype=np.uint8)
+    # inside; 30 % inside on the right edge; 70 % inside on the bottom edge; a 1 px sliver
+    xyxy = np.array([[100, 100, 120, 120], [250, 50, 270, 70], [40, 242, 60, 262], [255, 10, 275, 30]], float)
+
+    def crop(keep_cut):
+        rng = np.random.default_rng(0)
+        out, boxes = script.random_crop(pixels, xyxy, rng, (1.0, 1.0), stain=0.0, keep_cut=keep_cut)
+        assert out.shape == (256, 256, 3)
+        return sorted(round(float((b[2] - b[0]) * (b[3] - b[1]))) for b in boxes)  # areas survive flips/turns
+
+    assert crop(0.5) == [280, 400]  # the 70 % one (20 x 14 px inside) and the whole one
+    assert crop(0.0) == [120, 280, 400]  # and the 30 % one, clipped to its 6 x 20 px inside
