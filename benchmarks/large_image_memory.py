@@ -31,6 +31,13 @@ whether they equal the one-process boxes byte for byte.
 
     python benchmarks/large_image_memory.py dask --out runs/dask_predict
 
+``windows`` (issue 36): the slide of ``slide`` predicted with the mask at window sizes
+``--sizes`` in turn for ``--rounds`` rounds (128 px of context each): seconds, peak memory,
+and how the boxes agree with the first size's. A window reads its context too (a 512 px
+window reads 768 px: 2.25 times the pixels it answers for, 1.56 for a 1024 px one).
+
+    python benchmarks/large_image_memory.py windows --out runs/slide8k --rounds 2
+
 ``backends`` (issue 36): tiles per second of the bundled model at batch 8 on ``--tiles``
 256 px CoNSeP tiles for every backend ``predict --backend`` offers
 (``napari_rmt.model.backends``), in one process, the backends taking turns for
@@ -245,6 +252,61 @@ def slide(out: Path, size: int, tissue: float, seed: int) -> None:
     print(json.dumps(result, indent=1))
 
 
+def windows(out: Path, sizes: list[int], rounds: int, context: int) -> None:
+    """The slide of ``slide`` (``OUT/slide.svs``) predicted with the mask at each window
+    size in turn, ``rounds`` times (each its own ``napari-rmt predict`` process): the
+    seconds ``predict`` says, the peak memory, and how the boxes of each size match the
+    first size's (a box of the same class at IoU >= 0.9, both ways; and exactly equal)."""
+    import torch
+    from torchvision.ops import box_iou
+
+    path = out / "slide.svs"
+    if not path.exists():
+        raise SystemExit(f"{path}: make it first (large_image_memory.py slide --out {out})")
+    runs: dict[int, list[dict]] = {w: [] for w in sizes}
+    for r in range(rounds):
+        for w in sizes:
+            pred = out / f"windows_{w}.json"
+            args = [sys.executable, "-m", "napari_rmt.cli", "predict", "--model", "nucleus", str(path),
+                    "--tissue", "on", "--window", str(w), "--context", str(context), "--out", str(pred), "--overwrite"]
+            wrapper = ("import resource, subprocess, sys; r = subprocess.run(sys.argv[1:], capture_output=True, text=True); "
+                       "print(r.stdout[-3000:], r.stderr[-500:]); "
+                       "print('RSS', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
+            done = subprocess.run([sys.executable, "-c", wrapper, *args], capture_output=True, text=True, check=True)
+            said = re.search(r"(\d+) boxes on \d+ images in ([\d.]+) s", done.stdout)
+            if said is None:
+                raise SystemExit(done.stdout[-3000:])
+            rss = int(next(x for x in done.stdout.splitlines() if x.startswith("RSS")).split()[1]) / 2**20
+            runs[w].append({"round": r, "predict_s": float(said.group(2)), "boxes": int(said.group(1)),
+                            "peak_rss_gib": round(rss, 2)})
+            print(w, runs[w][-1], flush=True)
+
+    def load(w):
+        rows = json.loads((out / f"windows_{w}.json").read_text())
+        xywh = torch.tensor([r["bbox"] for r in rows], dtype=torch.float64).reshape(-1, 4)
+        return torch.cat([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], 1), [r["category_id"] for r in rows], rows
+
+    first, first_cls, first_rows = load(sizes[0])
+    agree = {}
+    for w in sizes[1:]:
+        other, other_cls, other_rows = load(w)
+        iou = box_iou(first, other)
+        same = torch.tensor(first_cls)[:, None] == torch.tensor(other_cls)[None, :]
+        iou = torch.where(same, iou, torch.zeros(()))
+        exact = {(tuple(r["bbox"]), r["score"]) for r in first_rows} & {(tuple(r["bbox"]), r["score"]) for r in other_rows}
+        agree[str(w)] = {
+            f"of {sizes[0]}'s matched": round(100 * float((iou.max(1).values >= 0.9).float().mean()), 2),
+            f"its matched in {sizes[0]}'s": round(100 * float((iou.max(0).values >= 0.9).float().mean()), 2),
+            "exactly equal boxes": len(exact),
+        }
+    median = {str(w): float(np.median([x["predict_s"] for x in runs[w]])) for w in sizes}
+    result = {"context": context, "runs": {str(w): v for w, v in runs.items()}, "median_predict_s": median,
+              "vs_first": {str(w): round(median[str(w)] / median[str(sizes[0])], 3) for w in sizes},
+              "boxes_vs_first": agree, "machine": f"{platform.machine()}, {os.cpu_count()} cores"}
+    (out / "windows_result.json").write_text(json.dumps(result, indent=1))
+    print(json.dumps(result, indent=1))
+
+
 def make_mosaic(path: Path, side: int = 4) -> None:
     """A 4 x 4 mosaic of MoNuSeg fields (4,000 x 4,000 px of real H&E) as a zarr."""
     from common import MONUSEG_IMAGES as FIELDS
@@ -349,10 +411,11 @@ def backends(out: Path, n_tiles: int, rounds: int) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("step", nargs="?", choices=("all", "make", "train", "predict", "slide", "dask", "backends"),
+    ap.add_argument("step", nargs="?", choices=("all", "make", "train", "predict", "slide", "windows", "dask", "backends"),
                     default="all")
     ap.add_argument("--tiles", type=int, default=64, help="backends: tiles per round")
     ap.add_argument("--rounds", type=int, default=5, help="backends: rounds")
+    ap.add_argument("--sizes", type=int, nargs="+", default=[512, 1024], help="windows: the window sizes")
     ap.add_argument("--tissue", type=float, default=0.35, help="slide: the share of tissue")
     ap.add_argument("--size", type=int, default=20000)
     ap.add_argument("--iterations", type=int, default=150)
@@ -372,6 +435,8 @@ def main() -> None:
         predict(out, args.window, args.context, args.batch)
     elif args.step == "slide":
         slide(out, args.size, args.tissue, args.seed)
+    elif args.step == "windows":
+        windows(out, args.sizes, args.rounds, 128)
     elif args.step == "dask":
         dask(out)
     elif args.step == "backends":
