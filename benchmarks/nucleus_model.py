@@ -22,6 +22,11 @@ The box cap per image is lifted to 2,000 (CPM-15 tiles hold up to 351 nuclei, x2
     python benchmarks/nucleus_model.py --seed 0 --out runs/nucleus_zero_shot.json
     python benchmarks/nucleus_model.py --model runs/nucleus2/model.pt --out runs/nucleus2_eval.json
     python benchmarks/nucleus_model.py --sets breakdown --out runs/nucleus_breakdown.json
+    python benchmarks/nucleus_model.py --model runs/X/model.pt --sets --held-out runs/X/held_out.json
+
+``--held-out`` (a training run's ``held_out.json``, ``train_nucleus_model.py --hold-out``):
+the F1 curve on the images that run kept out, nuclei the model never saw that are neither
+the evaluation set nor evaluation-only: where its scores' best cut lies.
 """
 
 from __future__ import annotations
@@ -134,7 +139,9 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0, help="the split's seed")
     ap.add_argument("--model", default=NUCLEUS)
     ap.add_argument("--out", default=None)
-    ap.add_argument("--sets", nargs="+", default=["split", "consep48", "cpm15"], choices=["split", "consep48", "cpm15", "breakdown"])
+    ap.add_argument("--held-out", default=None,
+                    help="a training run's held_out.json: the F1 curve on those images (nuclei the model did not see)")
+    ap.add_argument("--sets", nargs="*", default=["split", "consep48", "cpm15"], choices=["split", "consep48", "cpm15", "breakdown"])
     args = ap.parse_args()
     torch.set_num_threads(2)
     ts = read_coco(DATA)
@@ -167,6 +174,11 @@ def main() -> None:
         for name in ("monuseg", "dsb2018_he"):
             seen = list(read_coco(DATA.parents[1] / name / "annotations.json"))
             res[f"curve {name} (its training data)"] = curve(predicted_pairs(model, classes, seen), classes.ids[0])
+    if args.held_out:
+        names = json.loads(Path(args.held_out).read_text())
+        for name, kept in names.items():
+            seen = [t for t in read_coco(DATA.parents[1] / name / "annotations.json") if t.name in set(kept)]
+            res[f"curve {name}, {len(seen)} held-out images"] = curve(predicted_pairs(model, classes, seen), classes.ids[0])
     print(json.dumps(res, indent=1))
     if args.out:
         Path(args.out).write_text(json.dumps(res, indent=1))

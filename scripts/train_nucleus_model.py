@@ -93,6 +93,18 @@ def random_crop(
     return crop, b.reshape(-1, 4)
 
 
+def training_images(
+    sets: tuple[str, ...], exclude: dict[str, list[str]] | None = None
+) -> dict[str, list[tuple[str, np.ndarray, np.ndarray]]]:
+    """Each set's images to crop from, as (name, pixels, boxes xyxy), less those ``exclude`` names."""
+    exclude = exclude or {}
+    return {
+        name: [(t.name, t.pixels(), t.boxes.xyxy.astype(np.float64))
+               for t in read_coco(DATA / name / "annotations.json") if t.name not in set(exclude.get(name, ()))]
+        for name in sets
+    }
+
+
 def crop_pool(
     n: int,
     seed: int,
@@ -101,16 +113,15 @@ def crop_pool(
     mix: float = 0.6,
     stain: float = 0.3,
     keep_cut: float = 0.5,
+    exclude: dict[str, list[str]] | None = None,
 ) -> tuple[list[Tile], ClassList]:
     """``n`` augmented crops, as labelled in-memory tiles: a share ``mix`` from MoNuSeg's
-    fields in turn, the rest from the other sets' images in turn (one set: all from it)."""
+    fields in turn, the rest from the other sets' images in turn (one set: all from it);
+    none from the images ``exclude`` names (set -> image names: a held-out share)."""
     unknown = set(sets) - set(TRAIN_SETS)
     if unknown:
         raise SystemExit(f"--data {sorted(unknown)}: a shipped model trains only on {TRAIN_SETS}")
-    fields = {
-        name: [(t.pixels(), t.boxes.xyxy.astype(np.float64)) for t in read_coco(DATA / name / "annotations.json")]
-        for name in sets
-    }
+    fields = {name: [(px, xyxy) for _n, px, xyxy in images] for name, images in training_images(sets, exclude).items()}
     first, others = sets[0], [f for name in sets[1:] for f in fields[name]]
     classes = ClassList.from_names(["nucleus"])
     nucleus = classes.ids[0]
@@ -130,6 +141,25 @@ def crop_pool(
                  status=TileStatus.LABELLED, boxes=boxes)
         )
     return tiles, classes
+
+
+#: The held-out share is drawn with this seed whatever the run's ``--seed``, so that runs
+#: that continue one another hold out the same images.
+HOLD_OUT_SEED = 32
+
+
+def held_out(sets: tuple[str, ...], share: float) -> dict[str, list[str]]:
+    """``share`` of each set's images (at least one), by name: never cropped for training,
+    kept to fit and check the model's scores on nuclei it did not see (issue 32's
+    calibration; CoNSeP and CPM-15 may not serve: one is the evaluation set, the other
+    evaluation only)."""
+    rng = np.random.default_rng(HOLD_OUT_SEED)
+    out = {}
+    for name in sets:
+        names = sorted(t.name for t in read_coco(DATA / name / "annotations.json"))
+        k = max(1, round(share * len(names)))
+        out[name] = sorted(names[i] for i in rng.choice(len(names), size=k, replace=False))
+    return out
 
 
 #: The model's own pixel size (µm/px): MoNuSeg's 40x fields, 0.2456-0.2527.
@@ -164,6 +194,9 @@ def main() -> None:
     ap.add_argument("--scale", type=float, nargs=2, default=(0.5, 1.5), help="crop rescale range")
     ap.add_argument("--keep-cut", type=float, default=0.5,
                     help="keep a nucleus cut by a crop's edge when this share of it is inside (0: any visible part)")
+    ap.add_argument("--hold-out", type=float, default=0.0,
+                    help="keep this share of each set's images out of training (listed in --work/held_out.json) "
+                         "to fit and check the scores on (benchmarks/nucleus_model.py --held-out)")
     ap.add_argument("--init-from", default=None, help="start from this nucleus model (a model.pt)")
     ap.add_argument("--resume", action="store_true", help="continue from --work/model.pt")
     ap.add_argument("--export", default=None, help="write the fp16 model here and stop")
@@ -176,7 +209,12 @@ def main() -> None:
         return
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    tiles, classes = crop_pool(args.crops, args.seed, tuple(args.scale), tuple(args.data), args.mix, args.stain, args.keep_cut)
+    kept_out = held_out(tuple(args.data), args.hold_out) if args.hold_out > 0 else {}
+    if kept_out:
+        (work / "held_out.json").write_text(json.dumps(kept_out, indent=1))
+        print(f"held out: {', '.join(f'{len(v)} of {k}' for k, v in kept_out.items())}", flush=True)
+    tiles, classes = crop_pool(args.crops, args.seed, tuple(args.scale), tuple(args.data), args.mix, args.stain,
+                               args.keep_cut, kept_out)
     print(f"{len(tiles)} crops, {sum(len(t.boxes) for t in tiles)} boxes in {time.perf_counter() - t0:.0f} s", flush=True)
     ckpt_path = work / "model.pt"
     if args.resume:

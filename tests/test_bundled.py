@@ -119,3 +119,23 @@ def test_the_training_crops_keep_cut_nuclei_as_asked():
 
     assert crop(0.5) == [280, 400]  # the 70 % one (20 x 14 px inside) and the whole one
     assert crop(0.0) == [120, 280, 400]  # and the 30 % one, clipped to its 6 x 20 px inside
+
+
+def test_a_held_out_share_is_fixed_and_never_cropped():
+    """``train_nucleus_model.py --hold-out``: the same images whatever the run's seed, and
+    none of them among the images crops are cut from."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("train_nucleus_model", REPO / "scripts" / "train_nucleus_model.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    from conftest import SHARED_DATA
+
+    if not (SHARED_DATA / "dsb2018_he").is_dir():
+        pytest.skip("../shared/data/dsb2018_he is not beside the repository")
+    sets = ("dsb2018_he",)  # 107 small tiles: quick to read
+    kept = script.held_out(sets, 0.15)
+    assert kept == script.held_out(sets, 0.15) and len(kept["dsb2018_he"]) == 16
+    every = {n for n, _p, _b in script.training_images(sets)["dsb2018_he"]}
+    used = {n for n, _p, _b in script.training_images(sets, kept)["dsb2018_he"]}
+    assert used.isdisjoint(kept["dsb2018_he"]) and used | set(kept["dsb2018_he"]) == every
