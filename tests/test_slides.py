@@ -48,6 +48,26 @@ def test_an_mrxs_goes_to_openslide_and_says_what_is_wrong(tmp_path, monkeypatch)
         open_large_image(tmp_path / "s.mrxs")
 
 
+def test_a_slide_tifffile_cannot_parse_goes_to_openslide(slide, tmp_path, monkeypatch):
+    """A scanner's TIFF variant that tifffile rejects is opened, sized and scaled by OpenSlide."""
+    import tifffile
+
+    from napari_rmt.data.imageio import image_size
+    from napari_rmt.data.scale import pixel_size_of
+
+    path = slide.write(tmp_path / "s.svs", pixel_size=0.5)
+
+    def refuse(*_a, **_k):
+        raise tifffile.TiffFileError("not a TIFF variant tifffile knows")
+
+    monkeypatch.setattr(tifffile, "imread", refuse)
+    monkeypatch.setattr(tifffile, "TiffFile", refuse)
+    image = open_large_image(path)
+    assert image.reader == "openslide" and image.size == (1800, 1400) and image.objective == 20.0
+    assert image_size(path) == (1800, 1400) and pixel_size_of(path) == pytest.approx(0.5)
+    np.testing.assert_array_equal(image.read(700, 600, 64, 48), slide.region(700, 600, 64, 48))
+
+
 def test_openslide_reads_a_slide_as_tifffile_does(slide, tmp_path):
     """The OpenSlide path (MRXS and the slides tifffile cannot parse) on a slide both read:
     the same pixels at every level, pixel size, objective, tissue mask and boxes."""

@@ -189,6 +189,10 @@ def image_size(path: str | os.PathLike) -> tuple[int, int]:
     except ImageReadError:
         raise
     except Exception as exc:
+        from .openslide_reader import fallback, open_openslide
+
+        if fallback(path):  # a scanner's variant tifffile does not parse (as ``open_large_image``)
+            return open_openslide(path).size
         raise ImageReadError(f"{path}: cannot read image header ({type(exc).__name__}: {exc})") from exc
 
 

@@ -296,10 +296,9 @@ def _open_tiff(p: Path) -> LargeImage:
         store = tifffile.imread(p, aszarr=True)
         node = zarr.open(store, mode="r")
     except Exception as exc:
-        from .imageio import SLIDE_SUFFIXES
-        from .openslide_reader import open_openslide, openslide_available
+        from .openslide_reader import fallback, open_openslide
 
-        if p.suffix.lower() in SLIDE_SUFFIXES and openslide_available():
+        if fallback(p):
             # a scanner's variant tifffile does not parse: OpenSlide knows more of them
             try:
                 return open_openslide(p)

@@ -111,6 +111,13 @@ def _span(index: Any, size: int) -> tuple[tuple[int, int, int], bool]:
     raise IndexError(f"a slide level takes integers and slices, not {type(index).__name__}")
 
 
+def fallback(path: Path) -> bool:
+    """Whether a TIFF-based slide that tifffile could not parse goes to OpenSlide instead."""
+    from .imageio import SLIDE_SUFFIXES
+
+    return path.suffix.lower() in SLIDE_SUFFIXES and openslide_available()
+
+
 def open_openslide(path: str | os.PathLike):
     """The slide at ``path`` through OpenSlide: its levels, and the pixel size (µm/px) and
     objective it states (``openslide.mpp-x``, ``openslide.objective-power``)."""

@@ -87,6 +87,10 @@ def pixel_size_of(path: str | os.PathLike) -> float | None:
             if found is None:
                 found = _resolution(page.tags)
     except Exception as exc:  # a file the reader cannot parse says nothing of its scale
+        from .openslide_reader import fallback, open_openslide
+
+        if fallback(path):  # a scanner's variant tifffile does not parse (as ``open_large_image``)
+            return open_openslide(path).pixel_size
         raise ImageReadError(f"{path}: cannot read its header ({type(exc).__name__}: {exc})") from exc
     if found is None or not PLAUSIBLE[0] <= found <= PLAUSIBLE[1]:
         return None
