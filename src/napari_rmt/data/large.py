@@ -320,11 +320,11 @@ def _open_tiff(p: Path) -> LargeImage:
 def _with_pixel_size(image: LargeImage) -> LargeImage:
     """The pixel size (OME, Aperio, resolution tags) and objective (OME, Aperio, NDPI) the
     file states, when it states them."""
-    from .scale import objective_of, pixel_size_of
+    from .scale import stated_scale
 
     image.reader = "tifffile"
-    image.pixel_size = pixel_size_of(image.path) if image.path is not None else None
-    image.objective = objective_of(image.path) if image.path is not None else None
+    if image.path is not None:
+        image.pixel_size, image.objective = stated_scale(image.path)
     return image
 
 

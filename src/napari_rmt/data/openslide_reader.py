@@ -69,12 +69,9 @@ class OpenSlideLevel:
         ys, xs, cs = index
         (y0, y1, ystep), squeeze_y = _span(ys, self.shape[0])
         (x0, x1, xstep), squeeze_x = _span(xs, self.shape[1])
-        rgb = self._region(x0, y0, x1 - x0, y1 - y0)[::ystep, ::xstep][..., cs]
-        if squeeze_y:
-            rgb = rgb[0]
-        if squeeze_x:
-            rgb = rgb[:, 0] if not squeeze_y else rgb[0]
-        return rgb
+        # the region read, then the index within it (an integer drops its axis, as numpy's)
+        within = (0 if squeeze_y else slice(None, None, ystep), 0 if squeeze_x else slice(None, None, xstep), cs)
+        return self._region(x0, y0, x1 - x0, y1 - y0)[within]
 
     def __array__(self, dtype=None, copy=None) -> np.ndarray:
         out = self._region(0, 0, self.shape[1], self.shape[0])

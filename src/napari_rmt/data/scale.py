@@ -67,64 +67,63 @@ def pixel_size_of(path: str | os.PathLike) -> float | None:
     """The pixel size a file states (µm/px), or None: OME-TIFF's ``PhysicalSizeX``, an
     Aperio description's ``MPP``, or a TIFF resolution in centimetres or inches when it is
     a microscope's. Other formats (PNG, JPEG, zarr) state none we trust."""
+    return stated_scale(path)[0]
+
+
+def stated_scale(path: str | os.PathLike) -> tuple[float | None, float | None]:
+    """The pixel size (``pixel_size_of``) and the objective (40 for 40x: OME's
+    ``NominalMagnification``, an Aperio description's ``AppMag``, NDPI's magnification tag)
+    a file states, each None when it states none, from one read of its header. The
+    objective is shown to the user beside the pixel size; the pixel size sets the scale.
+    Slides that only OpenSlide reads say both through it."""
     path = Path(path)
     from .imageio import _TIFF, NOT_TIFF_SLIDES
 
     if path.suffix.lower() in NOT_TIFF_SLIDES:
         from .openslide_reader import open_openslide
 
-        return open_openslide(path).pixel_size
+        image = open_openslide(path)
+        return image.pixel_size, image.objective
     if path.suffix.lower() not in _TIFF:
-        return None
+        return None, None
     try:
         import tifffile
 
         with tifffile.TiffFile(path) as tf:
             found = _ome(tf.ome_metadata) if tf.is_ome else None
             page = tf.pages[0]
+            description = getattr(page, "description", "") or ""
             if found is None:
-                found = _aperio(getattr(page, "description", "") or "")
+                found = _aperio(description)
             if found is None:
                 found = _resolution(page.tags)
+            objective = _objective(tf, page, description)
     except Exception as exc:  # a file the reader cannot parse says nothing of its scale
         from .openslide_reader import fallback, open_openslide
 
         if fallback(path):  # a scanner's variant tifffile does not parse (as ``open_large_image``)
-            return open_openslide(path).pixel_size
+            image = open_openslide(path)
+            return image.pixel_size, image.objective
         raise ImageReadError(f"{path}: cannot read its header ({type(exc).__name__}: {exc})") from exc
-    if found is None or not PLAUSIBLE[0] <= found <= PLAUSIBLE[1]:
-        return None
-    return found
+    if found is not None and not PLAUSIBLE[0] <= found <= PLAUSIBLE[1]:
+        found = None
+    return found, objective
 
 
-def objective_of(path: str | os.PathLike) -> float | None:
-    """The objective a TIFF-based slide states (40 for 40x), or None: OME's
-    ``NominalMagnification``, an Aperio description's ``AppMag``, NDPI's magnification tag.
-    Shown to the user beside the pixel size; the pixel size, not this, sets the scale."""
-    path = Path(path)
-    from .imageio import _TIFF
-
-    if path.suffix.lower() not in _TIFF:
-        return None
+def _objective(tf, page, description: str) -> float | None:
+    """The objective an open TIFF states, or None (a label: a value that does not parse states none)."""
     try:
-        import tifffile
-
-        with tifffile.TiffFile(path) as tf:
-            found = None
-            if tf.is_ome and tf.ome_metadata:
-                m = re.search(r'NominalMagnification="([0-9.eE+-]+)"', tf.ome_metadata)
-                found = float(m.group(1)) if m else None
-            page = tf.pages[0]
-            if found is None:
-                m = re.search(r"\bAppMag\s*=\s*([0-9.]+)", getattr(page, "description", "") or "")
-                found = float(m.group(1)) if m else None
-            if found is None and tf.is_ndpi:
-                found = (getattr(page, "ndpi_tags", None) or {}).get("Magnification")
-    except Exception:  # the objective is a label: a header that does not parse states none
-        return None
-    try:
+        found = None
+        if tf.is_ome and tf.ome_metadata:
+            m = re.search(r'NominalMagnification="([0-9.eE+-]+)"', tf.ome_metadata)
+            found = float(m.group(1)) if m else None
+        if found is None:
+            m = re.search(r"\bAppMag\s*=\s*([0-9.]+)", description)
+            found = float(m.group(1)) if m else None
+        if found is None and tf.is_ndpi:
+            found = (getattr(page, "ndpi_tags", None) or {}).get("Magnification")
         value = float(found) if found is not None else None
-    except (TypeError, ValueError):
+    except Exception:
         return None
     return value if value is not None and 1.0 <= value <= 200.0 else None
 
