@@ -210,6 +210,39 @@ def _check(
     return tp, dup
 
 
+def measured(args: list[str]) -> tuple[list[str], float, float]:
+    """Run ``args`` as a child of a fresh Python that reports it: the child's last output
+    lines, its wall seconds and its peak resident memory in GiB (``ru_maxrss``; a process of
+    its own, so that the figure is the command's alone)."""
+    wrapper = ("import resource, subprocess, sys, time; t = time.perf_counter(); "
+               "r = subprocess.run(sys.argv[1:], capture_output=True, text=True); "
+               "print(r.stdout[-3000:], r.stderr[-500:]); print('WALL', time.perf_counter() - t); "
+               "print('RSS', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
+    done = subprocess.run([sys.executable, "-c", wrapper, *args], capture_output=True, text=True, check=True)
+    lines = done.stdout.splitlines()
+    wall = float(next(x for x in lines if x.startswith("WALL")).split()[1])
+    rss = int(next(x for x in lines if x.startswith("RSS")).split()[1]) / 2**20
+    return lines, wall, rss
+
+
+def share_matched(a: list[dict], b: list[dict]) -> float:
+    """The share of ``a``'s boxes (per image: ``boxes``, ``labels``) that have a box of the
+    same class at IoU >= 0.9 in ``b``'s image. ``a``'s boxes are taken 2,048 at a time: a
+    whole slide's 17,697 x 17,697 IoU matrix at once needs tens of GiB in box_iou."""
+    from torchvision.ops import box_iou
+
+    hit = total = 0
+    for da, db in zip(a, b, strict=True):
+        total += len(da["boxes"])
+        if not (len(da["boxes"]) and len(db["boxes"])):
+            continue
+        for lo in range(0, len(da["boxes"]), 2048):
+            iou = box_iou(da["boxes"][lo : lo + 2048], db["boxes"])
+            iou[da["labels"][lo : lo + 2048, None] != db["labels"][None]] = 0
+            hit += int((iou.max(1).values >= 0.9).sum())
+    return hit / max(total, 1)
+
+
 def slide(out: Path, size: int, tissue: float, seed: int) -> None:
     from common import CONSEP
 
@@ -228,15 +261,10 @@ def slide(out: Path, size: int, tissue: float, seed: int) -> None:
         pred = out / f"pred_tissue_{mode}.json"
         args = [sys.executable, "-m", "napari_rmt.cli", "predict", "--model", "nucleus", str(path),
                 "--tissue", mode, "--out", str(pred), "--overwrite"]
-        wrapper = ("import resource, subprocess, sys, time; t = time.perf_counter(); "
-                   "r = subprocess.run(sys.argv[1:], capture_output=True, text=True); "
-                   "print(r.stdout[-2000:], r.stderr[-300:]); print('WALL', time.perf_counter() - t); "
-                   "print('RSS', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
-        done = subprocess.run([sys.executable, "-c", wrapper, *args], capture_output=True, text=True, check=True)
-        lines = done.stdout.splitlines()
+        lines, wall, rss = measured(args)
         runs[mode] = {
-            "wall_s": round(float(next(x for x in lines if x.startswith("WALL")).split()[1]), 1),
-            "peak_rss_gib": round(int(next(x for x in lines if x.startswith("RSS")).split()[1]) / 2**20, 2),
+            "wall_s": round(wall, 1),
+            "peak_rss_gib": round(rss, 2),
             "said": [x for x in lines if "napari-rmt" in x][-2:],
             "boxes": len(json.loads(pred.read_text())),
         }
@@ -258,7 +286,6 @@ def windows(out: Path, sizes: list[int], rounds: int, context: int) -> None:
     seconds ``predict`` says, the peak memory, and how the boxes of each size match the
     first size's (a box of the same class at IoU >= 0.9, both ways; and exactly equal)."""
     import torch
-    from torchvision.ops import box_iou
 
     path = out / "slide.svs"
     if not path.exists():
@@ -269,34 +296,30 @@ def windows(out: Path, sizes: list[int], rounds: int, context: int) -> None:
             pred = out / f"windows_{w}.json"
             args = [sys.executable, "-m", "napari_rmt.cli", "predict", "--model", "nucleus", str(path),
                     "--tissue", "on", "--window", str(w), "--context", str(context), "--out", str(pred), "--overwrite"]
-            wrapper = ("import resource, subprocess, sys; r = subprocess.run(sys.argv[1:], capture_output=True, text=True); "
-                       "print(r.stdout[-3000:], r.stderr[-500:]); "
-                       "print('RSS', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
-            done = subprocess.run([sys.executable, "-c", wrapper, *args], capture_output=True, text=True, check=True)
-            said = re.search(r"(\d+) boxes on \d+ images in ([\d.]+) s", done.stdout)
+            lines, _wall, rss = measured(args)
+            said = re.search(r"(\d+) boxes on \d+ images in ([\d.]+) s", "\n".join(lines))
             if said is None:
-                raise SystemExit(done.stdout[-3000:])
-            rss = int(next(x for x in done.stdout.splitlines() if x.startswith("RSS")).split()[1]) / 2**20
+                raise SystemExit("\n".join(lines))
             runs[w].append({"round": r, "predict_s": float(said.group(2)), "boxes": int(said.group(1)),
                             "peak_rss_gib": round(rss, 2)})
             print(w, runs[w][-1], flush=True)
 
     def load(w):
+        """The size's COCO results as one image's boxes (xyxy) and labels, and the rows."""
         rows = json.loads((out / f"windows_{w}.json").read_text())
         xywh = torch.tensor([r["bbox"] for r in rows], dtype=torch.float64).reshape(-1, 4)
-        return torch.cat([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], 1), [r["category_id"] for r in rows], rows
+        found = {"boxes": torch.cat([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], 1),
+                 "labels": torch.tensor([r["category_id"] for r in rows])}
+        return [found], rows
 
-    first, first_cls, first_rows = load(sizes[0])
+    first, first_rows = load(sizes[0])
     agree = {}
     for w in sizes[1:]:
-        other, other_cls, other_rows = load(w)
-        iou = box_iou(first, other)
-        same = torch.tensor(first_cls)[:, None] == torch.tensor(other_cls)[None, :]
-        iou = torch.where(same, iou, torch.zeros(()))
+        other, other_rows = load(w)
         exact = {(tuple(r["bbox"]), r["score"]) for r in first_rows} & {(tuple(r["bbox"]), r["score"]) for r in other_rows}
         agree[str(w)] = {
-            f"of {sizes[0]}'s matched": round(100 * float((iou.max(1).values >= 0.9).float().mean()), 2),
-            f"its matched in {sizes[0]}'s": round(100 * float((iou.max(0).values >= 0.9).float().mean()), 2),
+            f"of {sizes[0]}'s matched": round(100 * share_matched(first, other), 2),
+            f"its matched in {sizes[0]}'s": round(100 * share_matched(other, first), 2),
             "exactly equal boxes": len(exact),
         }
     median = {str(w): float(np.median([x["predict_s"] for x in runs[w]])) for w in sizes}
@@ -361,7 +384,6 @@ def dask(out: Path) -> None:
 def backends(out: Path, n_tiles: int, rounds: int) -> None:
     import torch
     from common import CONSEP
-    from torchvision.ops import box_iou
 
     from napari_rmt.data import read_coco
     from napari_rmt.model.backends import BACKENDS, for_inference
@@ -382,16 +404,6 @@ def backends(out: Path, n_tiles: int, rounds: int) -> None:
             t0 = time.perf_counter()
             found[b] = predict_images(m, images, batch_size=8)
             seconds[b].append(time.perf_counter() - t0)
-
-    def share_matched(a: list, b: list) -> float:
-        hit = total = 0
-        for da, db in zip(a, b, strict=True):
-            total += len(da["boxes"])
-            if len(da["boxes"]) and len(db["boxes"]):
-                iou = box_iou(da["boxes"], db["boxes"])
-                iou[da["labels"][:, None] != db["labels"][None]] = 0
-                hit += int((iou.max(1).values >= 0.9).sum())
-        return hit / max(total, 1)
 
     rows = []
     for b in BACKENDS:

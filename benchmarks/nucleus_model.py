@@ -69,15 +69,22 @@ def scaled(tile, factor: float):
     return dataclasses.replace(tile, loader=lambda: small, path=None, width=size[0], height=size[1], boxes=boxes)
 
 
+def predicted_pairs(model, classes, tiles, scale: float = 1.0) -> list[tuple[Boxes, Boxes]]:
+    """(truth as one class, prediction) per tile, every box over the floor (predicted
+    resampled by ``scale``, as ``predict --pixel-size`` does, boxes back in the tiles' pixels)."""
+    preds = predict_tiles(model, tiles, classes, score_threshold=PREDICTION_FLOOR, store=False,
+                          batch_size=8 if tiles[0].width <= 512 else 1, scale=scale)
+    nucleus = classes.ids[0]
+    return [(Boxes(xyxy=t.boxes.xyxy, class_ids=np.full(len(t.boxes), nucleus)), p) for t, p in zip(tiles, preds, strict=True)]
+
+
 def score(model, classes, tiles, scale: float = 1.0) -> dict:
     """Class-agnostic F1 of the model on ``tiles`` (predicted resampled by ``scale``, as
     ``predict --pixel-size`` does, boxes back in the tiles' pixels)."""
     t0 = time.perf_counter()
-    preds = predict_tiles(model, tiles, classes, score_threshold=PREDICTION_FLOOR, store=False,
-                          batch_size=8 if tiles[0].width <= 512 else 1, scale=scale)
+    pairs = predicted_pairs(model, classes, tiles, scale)
     seconds = time.perf_counter() - t0
     nucleus = classes.ids[0]
-    pairs = [(Boxes(xyxy=t.boxes.xyxy, class_ids=np.full(len(t.boxes), nucleus)), p) for t, p in zip(tiles, preds, strict=True)]
     k = f1_scores(pairs, [nucleus])["any"]
     k3 = f1_scores(pairs, [nucleus], score_threshold=0.3)["any"]
     return {"f1": round(100 * k.f1, 1), "precision": round(100 * k.precision, 1), "recall": round(100 * k.recall, 1),
@@ -86,13 +93,6 @@ def score(model, classes, tiles, scale: float = 1.0) -> dict:
 
 
 CUTS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
-
-
-def predicted_pairs(model, classes, tiles) -> list[tuple[Boxes, Boxes]]:
-    preds = predict_tiles(model, tiles, classes, score_threshold=PREDICTION_FLOOR, store=False,
-                          batch_size=8 if tiles[0].width <= 512 else 1)
-    nucleus = classes.ids[0]
-    return [(Boxes(xyxy=t.boxes.xyxy, class_ids=np.full(len(t.boxes), nucleus)), p) for t, p in zip(tiles, preds, strict=True)]
 
 
 def curve(pairs, nucleus: int) -> dict:

@@ -97,12 +97,12 @@ def training_images(
     sets: tuple[str, ...], exclude: dict[str, list[str]] | None = None
 ) -> dict[str, list[tuple[str, np.ndarray, np.ndarray]]]:
     """Each set's images to crop from, as (name, pixels, boxes xyxy), less those ``exclude`` names."""
-    exclude = exclude or {}
-    return {
-        name: [(t.name, t.pixels(), t.boxes.xyxy.astype(np.float64))
-               for t in read_coco(DATA / name / "annotations.json") if t.name not in set(exclude.get(name, ()))]
-        for name in sets
-    }
+    out = {}
+    for name in sets:
+        left_out = set((exclude or {}).get(name, ()))
+        out[name] = [(t.name, t.pixels(), t.boxes.xyxy.astype(np.float64))
+                     for t in read_coco(DATA / name / "annotations.json") if t.name not in left_out]
+    return out
 
 
 def crop_pool(
