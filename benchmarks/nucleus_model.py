@@ -15,6 +15,9 @@ and NMS 0.5 (the paper's protocol), with precision and recall also at the 0.3 cu
   from 0.05 to 0.7 (the best cut against the 0.5 one), recall at 0.5 by CoNSeP class, for
   nuclei cut by the patch edge against the others, and by size; and the same F1 curve on
   its own training sets (MoNuSeg, DSB2018 H&E: where its best cut lies on data it saw).
+- ``proposals``: whether the region proposals limit it, on the split's 40x test tiles: the
+  share of nuclei some proposal covers at IoU >= 0.5, and F1 / recall at 0.1, 0.3 and 0.5,
+  with the RPN's default test-time counts (600 before NMS, 300 after) and with 2,000 / 1,000.
 
 The box cap per image is lifted to 2,000 (CPM-15 tiles hold up to 351 nuclei, x2 up to
 2064 px a side).
@@ -23,6 +26,7 @@ The box cap per image is lifted to 2,000 (CPM-15 tiles hold up to 351 nuclei, x2
     python benchmarks/nucleus_model.py --model runs/nucleus2/model.pt --out runs/nucleus2_eval.json
     python benchmarks/nucleus_model.py --sets breakdown --out runs/nucleus_breakdown.json
     python benchmarks/nucleus_model.py --model runs/X/model.pt --sets --held-out runs/X/held_out.json
+    python benchmarks/nucleus_model.py --sets proposals --out runs/nucleus_proposals.json
 
 ``--held-out`` (a training run's ``held_out.json``, ``train_nucleus_model.py --hold-out``):
 the F1 curve on the images that run kept out, nuclei the model never saw that are neither
@@ -48,10 +52,10 @@ from napari_rmt.data import Boxes
 from napari_rmt.data.coco import read_coco
 from napari_rmt.data.scale import scale_factor
 from napari_rmt.data.split import split_by_group
-from napari_rmt.evaluate.metrics import f1_scores, filter_predictions, matched_pairs
+from napari_rmt.evaluate.metrics import f1_scores, filter_predictions, iou_matrix, matched_pairs
 from napari_rmt.model.bundled import NUCLEUS, nucleus_path
 from napari_rmt.model.config import PREDICTION_FLOOR
-from napari_rmt.model.predict import predict_tiles
+from napari_rmt.model.predict import image_tensor, predict_tiles
 from napari_rmt.train import load_model
 from napari_rmt.train.checkpoint import native_pixel_size, read_checkpoint
 
@@ -134,6 +138,42 @@ def breakdown(model, classes, tiles, class_names: dict[int, str]) -> dict:
     }
 
 
+@torch.no_grad()
+def proposal_recall(model, tiles) -> float:
+    """Share of the true nuclei that some region proposal covers at IoU >= 0.5: what the box
+    head could at best score (before its own regression moves a box)."""
+    hit = total = 0
+    model.eval()
+    for tile in tiles:
+        images, _ = model.transform([image_tensor(tile.pixels())])
+        proposals, _ = model.rpn(images, model.backbone(images.tensors))
+        seen_h = images.image_sizes[0][0]
+        p = proposals[0].numpy() * (tile.height / seen_h)
+        if len(tile.boxes) and len(p):
+            hit += int((iou_matrix(tile.boxes.xyxy, p).max(axis=1) >= 0.5).sum())
+        total += len(tile.boxes)
+    return hit / max(1, total)
+
+
+def proposals(model, classes, tiles) -> dict:
+    """Proposal recall and F1 / recall at three cuts under two RPN test-time counts."""
+    rpn, out = model.rpn, {}
+    default = dict(rpn._pre_nms_top_n), dict(rpn._post_nms_top_n)
+    try:
+        for pre, post in ((default[0]["testing"], default[1]["testing"]), (2000, 1000)):
+            rpn._pre_nms_top_n["testing"], rpn._post_nms_top_n["testing"] = pre, post
+            pairs = predicted_pairs(model, classes, tiles)
+            row = {"proposal recall@IoU0.5": round(100 * proposal_recall(model, tiles), 1)}
+            for cut in (0.1, 0.3, 0.5):
+                k = f1_scores(pairs, [classes.ids[0]], score_threshold=cut)["any"]
+                row[f"F1 / recall @{cut}"] = [round(100 * k.f1, 1), round(100 * k.recall, 1)]
+            out[f"{pre} / {post} proposals"] = row
+    finally:
+        rpn._pre_nms_top_n.update(default[0])
+        rpn._post_nms_top_n.update(default[1])
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seed", type=int, default=0, help="the split's seed")
@@ -141,7 +181,7 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     ap.add_argument("--held-out", default=None,
                     help="a training run's held_out.json: the F1 curve on those images (nuclei the model did not see)")
-    ap.add_argument("--sets", nargs="*", default=["split", "consep48", "cpm15"], choices=["split", "consep48", "cpm15", "breakdown"])
+    ap.add_argument("--sets", nargs="*", default=["split", "consep48", "cpm15"], choices=["split", "consep48", "cpm15", "breakdown", "proposals"])
     args = ap.parse_args()
     torch.set_num_threads(2)
     ts = read_coco(DATA)
@@ -174,6 +214,9 @@ def main() -> None:
         for name in ("monuseg", "dsb2018_he"):
             seen = list(read_coco(DATA.parents[1] / name / "annotations.json"))
             res[f"curve {name} (its training data)"] = curve(predicted_pairs(model, classes, seen), classes.ids[0])
+    if "proposals" in args.sets:
+        _train, _val, test = split_by_group(list(ts), "source_tile", seed=args.seed)
+        res["proposals 40x"] = proposals(model, classes, test)
     if args.held_out:
         names = json.loads(Path(args.held_out).read_text())
         for name, kept in names.items():

@@ -12,6 +12,10 @@ cosine schedule over a wall-clock budget, checkpoints every 5 minutes).
     python scripts/train_nucleus_model.py --minutes 70 --work runs/nucleus --resume
     python scripts/train_nucleus_model.py --work runs/nucleus --export src/napari_rmt/model/weights/nucleus.pt
 
+``--export --calibrate`` (a run trained with ``--hold-out``) folds into the exported model
+the score shift that makes 0.5 its best cut on the held-out images
+(``napari_rmt.evaluate.calibration``) and records the fit in the file.
+
 ``--init-from MODEL`` starts from an earlier nucleus model (the bundled one, say) instead
 of random init. CoNSeP is not used: it stays clean for the semi-supervised comparisons;
 nor is CPM-15 (no licence stated: evaluation only).
@@ -33,7 +37,7 @@ from napari_rmt.data import Boxes, ClassList, read_coco
 from napari_rmt.data.tiles import Tile, TileStatus
 from napari_rmt.model import ModelConfig
 from napari_rmt.train import TrainConfig, Trainer
-from napari_rmt.train.checkpoint import read_checkpoint, save_model
+from napari_rmt.train.checkpoint import model_payload, read_checkpoint, save_checkpoint
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 MONUSEG = DATA / "monuseg" / "annotations.json"
@@ -166,13 +170,64 @@ def held_out(sets: tuple[str, ...], share: float) -> dict[str, list[str]]:
 PIXEL_SIZE = 0.25
 
 
-def export(work: Path, target: Path) -> None:
-    """The last checkpoint's student, fp16, with its config and class list: a ``model.pt``."""
+def held_out_pairs(payload: dict, kept: dict[str, list[str]]) -> list[tuple[Boxes, Boxes]]:
+    """(truth, prediction over the floor) for each held-out image, by the model in ``payload``."""
+    from napari_rmt.model.predict import predict_tiles
+    from napari_rmt.train.checkpoint import model_from_checkpoint
+
+    model, classes, _ = model_from_checkpoint(payload)
+    model.roi_heads.detections_per_img = 2000  # a 1000 px MoNuSeg field holds up to ~800 nuclei
+    pairs = []
+    for name, names in kept.items():
+        tiles = [t for t in read_coco(DATA / name / "annotations.json") if t.name in set(names)]
+        for tile in tiles:  # one at a time: the fields and the tiles differ in size
+            (pred,) = predict_tiles(model, [tile], classes, store=False, batch_size=1)
+            truth = Boxes(xyxy=tile.boxes.xyxy, class_ids=np.full(len(tile.boxes), classes.ids[0]))
+            pairs.append((truth, pred))
+    return pairs
+
+
+def calibrate(payload: dict, work: Path) -> dict:
+    """Fold into ``payload``'s classifier the logit shift that moves its best F1 cut on the
+    run's held-out images (``--hold-out``) to 0.5, and record what was fitted and how the
+    curve looks before and after (the after curve predicted again with the folded weights)."""
+    from napari_rmt.evaluate.calibration import f1_curve, fold_shift, shift_for
+
+    listed = work / "held_out.json"
+    if not listed.is_file():
+        raise SystemExit(f"{listed}: missing; only a run trained with --hold-out has nuclei it never saw to "
+                         "calibrate on (CoNSeP is the evaluation set, CPM-15 evaluation only)")
+    kept = json.loads(listed.read_text())
+    before = f1_curve(held_out_pairs(payload, kept))
+    cut = before.best_cut()
+    shift = shift_for(cut)
+    payload = {**payload, "student": fold_shift(payload["student"], shift)}
+    after = f1_curve(held_out_pairs(payload, kept))
+
+    def point(curve, at):
+        return [round(100 * v, 1) for v in curve.at(at)]
+
+    payload["calibration"] = {
+        "logit_shift": round(shift, 4), "best_cut_before": cut, "best_cut_after": after.best_cut(),
+        "held_out": kept, "nuclei": before.n_gt,
+        "f1_p_r_at_0.5_before": point(before, 0.5), "f1_p_r_at_best_before": point(before, cut),
+        "f1_p_r_at_0.5_after": point(after, 0.5),
+    }
+    return payload
+
+
+def export(work: Path, target: Path, calibrated: bool = False) -> None:
+    """The last checkpoint's student, fp16, with its config and class list: a ``model.pt``;
+    with ``calibrated`` its scores shifted so that 0.5 is its best cut on the held-out images."""
     ckpt = read_checkpoint(work / "model.pt")
     # its scale: MoNuSeg's 40x fields (the crops' x0.35-x1.7 rescaling spreads around it)
     ckpt["config"] = {**ckpt["config"], "pixel_size": ckpt["config"].get("pixel_size") or PIXEL_SIZE}
+    payload = model_payload(ckpt)  # the predicting network (the student: supervised) in fp16
+    if calibrated:
+        payload = calibrate(payload, work)
+        print(json.dumps({k: v for k, v in payload["calibration"].items() if k != "held_out"}))
     target.parent.mkdir(parents=True, exist_ok=True)
-    save_model(target, ckpt)  # the predicting network (the student: supervised) in fp16
+    save_checkpoint(target, payload)
     digest = hashlib.sha256(target.read_bytes()).hexdigest()
     print(json.dumps({"file": str(target), "bytes": target.stat().st_size, "sha256": digest,
                       "iterations": ckpt["iteration"], "train_s": round(ckpt["elapsed_s"])}))
@@ -200,12 +255,14 @@ def main() -> None:
     ap.add_argument("--init-from", default=None, help="start from this nucleus model (a model.pt)")
     ap.add_argument("--resume", action="store_true", help="continue from --work/model.pt")
     ap.add_argument("--export", default=None, help="write the fp16 model here and stop")
+    ap.add_argument("--calibrate", action="store_true",
+                    help="with --export: shift the scores so that 0.5 is the best cut on the run's held-out images")
     ap.add_argument("--threads", type=int, default=2, help="torch threads (1 leaves a core free)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     work = Path(args.work)
     if args.export:
-        export(work, Path(args.export))
+        export(work, Path(args.export), args.calibrate)
         return
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
