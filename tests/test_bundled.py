@@ -173,5 +173,5 @@ def test_export_calibrate_folds_the_held_out_best_cut_to_a_half(tmp_path):
     new = ckpt["student"][bias].float()
     assert new[0] == old[0] and float(new[1] - old[1]) == pytest.approx(shift, abs=2e-3)
     (work / "held_out.json").unlink()
-    with pytest.raises(SystemExit, match="held_out.json: missing"):
+    with pytest.raises(SystemExit, match=r"held_out\.json: missing"):
         script.export(work, tmp_path / "again.pt", calibrated=True)

@@ -204,6 +204,19 @@ def test_roialign_in_chunks_on_every_thread_is_the_single_call_row_for_row():
     assert isinstance(build_detector(2, ModelConfig(backbone="resnet18")).roi_heads.box_roi_pool, ChunkedRoIAlign)
 
 
+def test_a_larger_roialign_pool_replaces_and_shuts_down_the_smaller():
+    """More threads asked for than the pool has: a larger pool takes over and the old one
+    is shut down (no idle threads left for the process's lifetime); its work finished."""
+    from napari_rmt.model import roialign
+
+    first = roialign._submit(1, lambda: 1, 1)
+    small = roialign._POOL
+    grown = roialign._submit(small._max_workers + 2, lambda: 2, 3)
+    assert roialign._POOL is not small and small._shutdown
+    assert [f.result() for f in first + grown] == [1, 2, 2, 2]
+    assert roialign._submit(1, lambda: 3, 1)[0].result() == 3 and roialign._POOL._max_workers > 1
+
+
 def test_proposals_are_capped_per_cell_by_score():
     from napari_rmt.model.proposals import top_per_cell
 

@@ -30,14 +30,20 @@ _POOL_SIZE = 0
 _POOL_LOCK = threading.Lock()
 
 
-def _pool(workers: int) -> concurrent.futures.ThreadPoolExecutor:
-    """One process-wide pool, replaced by a larger one when more threads are asked for."""
+def _submit(workers: int, fn, times: int) -> list[concurrent.futures.Future]:
+    """``fn`` submitted ``times`` to the process-wide pool, which is replaced by a larger one
+    when more threads are asked for. The old pool is shut down (its idle threads would
+    otherwise live as long as the process); work already on it finishes. Replacing and
+    submitting hold one lock, so no call submits to a pool that is shut down."""
     global _POOL, _POOL_SIZE
     with _POOL_LOCK:
         if _POOL is None or workers > _POOL_SIZE:
+            old = _POOL
             _POOL = concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="roialign")
             _POOL_SIZE = workers
-        return _POOL
+            if old is not None:
+                old.shutdown(wait=False)
+        return [_POOL.submit(fn) for _ in range(times)]
 
 
 class ChunkedRoIAlign(MultiScaleRoIAlign):
@@ -84,7 +90,7 @@ class ChunkedRoIAlign(MultiScaleRoIAlign):
                     return
                 pool(lo)
 
-        helpers = [_pool(threads - 1).submit(work) for _ in range(threads - 1)]
+        helpers = _submit(threads - 1, work, threads - 1)
         try:
             work()
         finally:
