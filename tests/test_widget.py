@@ -392,6 +392,39 @@ def test_detect_nuclei_then_classify_and_accept(widget):
     assert (len(ts[labelled].boxes), len(ts[labelled].predictions)) == before
 
 
+def test_detect_nuclei_with_a_calibrated_model_starts_at_its_cut(widget, tmp_path, monkeypatch):
+    """Issue 32: a nucleus model whose scores were calibrated (a logit shift folded into its
+    classifier, ``train_nucleus_model.py --export --calibrate``) gives the shifted scores,
+    and the review starts at 0.5, the cut they were fitted to, saying so."""
+    import napari_rmt.model.bundled as bundled
+    from napari_rmt.evaluate.calibration import fold_shift, shifted
+    from napari_rmt.model.predict import predict_tiles
+    from napari_rmt.train.checkpoint import load_model, read_checkpoint, save_checkpoint
+
+    w = widget
+    ts = w.project.tileset
+    empty = next(i for i, t in enumerate(ts) if not len(t.boxes))
+    model, classes, _ = load_model(bundled.NUCLEUS)
+    raw = predict_tiles(model, [ts[empty]], classes, store=False)[0]
+    ckpt = read_checkpoint(bundled.NUCLEUS)
+    shift = float(np.log(4.0))  # a best cut of 0.2 made 0.5
+    ckpt["student"] = fold_shift(ckpt["student"], shift)
+    ckpt["calibration"] = {"logit_shift": shift, "best_cut_before": 0.2}
+    save_checkpoint(tmp_path / "calibrated.pt", ckpt)
+    monkeypatch.setattr(bundled, "nucleus_path", lambda: tmp_path / "calibrated.pt")
+    w.show_tile(empty)
+    w.detect_nuclei(synchronous=True)
+    assert w.last_error is None
+    got = ts[empty].predictions
+    strong = raw.scores > 0.1  # above the floor either way
+    # (the shift is stored in fp16 with the weights: a box within 1e-3 of the cut may flip)
+    assert abs(int((got.scores > 0.5).sum()) - int((raw.scores > 0.2).sum())) <= 1
+    assert int((got.scores > 0.5).sum()) > int((raw.scores > 0.5).sum())
+    np.testing.assert_allclose(np.sort(got.scores)[::-1][: strong.sum()],
+                               np.sort(shifted(raw.scores[strong], shift))[::-1], atol=2e-3)
+    assert w.review.score_slider.value() == 50 and "calibrated cut" in w.status.text()
+
+
 def test_a_run_reports_each_class_on_held_out_tiles(widget):
     from napari_rmt.data import Boxes
 

@@ -194,6 +194,9 @@ class NucleusJob:
         self.batch = batch
         #: the tiles' µm/px (the project's setting): resampled to the model's 40x when set
         self.pixel_size = pixel_size
+        #: the model file's score calibration (``evaluate.calibration``), read by ``run``:
+        #: with one, 0.5 is the cut its scores were fitted to, and the review starts there
+        self.calibration: dict[str, Any] | None = None
         self._cancel = False
 
     def cancel(self) -> None:
@@ -209,6 +212,7 @@ class NucleusJob:
         from ..train.checkpoint import model_from_checkpoint, native_pixel_size, read_checkpoint
 
         ckpt = read_checkpoint(NUCLEUS)
+        self.calibration = ckpt.get("calibration")
         model, classes, _ = model_from_checkpoint(ckpt)
         scale = scale_factor(self.pixel_size, native_pixel_size(ckpt))
         out = yield from predict_in_chunks(model, self.tiles, classes, self.batch, lambda: self._cancel, scale=scale)

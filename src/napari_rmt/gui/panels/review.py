@@ -12,6 +12,9 @@ from ...model.bundled import LICENSE_NOTE
 from ..state import AppState
 
 HOVER_HINT = "point at a box for its class and score"
+#: Where the slider (in hundredths) starts after Detect nuclei with a calibrated model: the
+#: cut its scores were fitted to (``evaluate.calibration``), unless the user had it lower.
+CALIBRATED_CUT = 50
 #: Keys of the review loop, bound on the viewer: key -> (method of the panel, its arguments).
 SHORTCUTS = {
     "Shift-A": ("accept_tile",),
@@ -241,15 +244,16 @@ class ReviewPanel(QGroupBox):
         self._detect_class = name
         state.progress.emit(0, len(tiles), "Detect nuclei: tiles")
         state.say(f"detecting nuclei on {len(tiles)} tile{'s' if len(tiles) > 1 else ''}…")
+        job = NucleusJob(tiles, ts.classes.by_name(name).id, pixel_size=state.project.settings.get("pixel_size"))
         state.start_job(
-            NucleusJob(tiles, ts.classes.by_name(name).id, pixel_size=state.project.settings.get("pixel_size")),
+            job,
             lambda msg: state.progress.emit(msg.done, msg.total, "Detect nuclei: tiles"),
-            self._on_detected,
+            lambda result: self._on_detected(result, job.calibration),
             "Detect nuclei failed",
             synchronous,
         )
 
-    def _on_detected(self, result) -> None:
+    def _on_detected(self, result, calibration: dict | None = None) -> None:
         state = self.state
         if result is None:
             state.say("Detect nuclei cancelled")
@@ -261,13 +265,19 @@ class ReviewPanel(QGroupBox):
             if not len(tile.boxes):  # the user may have drawn meanwhile: never cover that
                 tile.predictions = boxes
         state.session.refresh()
-        self.score_slider.setValue(self.start_cut(result.values()))
+        # a calibrated model's scores were fitted so that 0.5 is its best cut on nuclei it
+        # never saw: the review starts there; otherwise from the scores' sum
+        if calibration:
+            self.score_slider.setValue(min(self.score_slider.value(), CALIBRATED_CUT))
+        else:
+            self.score_slider.setValue(self.start_cut(result.values()))
         self.update_score_label()
         state.rows_changed.emit(True)
         cut = self.score_slider.value() / 100
         n = sum(int((b.scores > cut).sum()) for b in result.values())
+        why = " (the model's calibrated cut)" if calibration and self.score_slider.value() == CALIBRATED_CUT else ""
         state.say(
-            f"{n} nuclei above score {cut:.2f} on {len(result)} tile{'s' if len(result) > 1 else ''}, "
+            f"{n} nuclei above score {cut:.2f}{why} on {len(result)} tile{'s' if len(result) > 1 else ''}, "
             f"as {self._detect_class}: "
             "select a box and press 1-9 for its class, then Accept tile"
         )
