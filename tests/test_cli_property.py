@@ -151,3 +151,15 @@ def test_demo_with_random_options(workspace, capsys, opts):
         opts = [(k, v) for k, v in opts if k != "--iterations"] + [("--iterations", "1")]  # every run short
     argv = ["demo", *[x for pair in opts for x in pair], "--out", str(out)]
     run_and_judge(argv, root, out, capsys)
+
+
+@pytest.mark.parametrize("opt", ["--split-seed", "--seeds"])
+def test_experiment_refuses_a_negative_seed_by_name(workspace, capsys, opt):
+    """Found by the random options above: ``--split-seed -1`` reached numpy's seeding and died
+    with its ValueError. A seed is 0 or more, and the refusal names the option."""
+    root, coco, _ = workspace
+    out = root / "out_experiment"
+    with pytest.raises(SystemExit) as exc:
+        main(["experiment", "--coco", str(coco), "--out", str(out), "--iterations", "1", opt, "-1"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and opt in err and "-1 must be at least 0" in err

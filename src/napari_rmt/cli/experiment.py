@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .common import ProgressBar, add_training_options, in_range, training_overrides
+from .common import ProgressBar, add_training_options, at_least, in_range, training_overrides
 
 
 def add_parser(sub) -> None:
@@ -19,8 +19,8 @@ def add_parser(sub) -> None:
     ex.add_argument("--group-key", default=None, help="split by this image field (e.g. source_tile)")
     ex.add_argument("--fractions", type=in_range(0, 1, low_open=True), nargs="+", default=[0.02, 0.05, 0.1, 0.2])
     ex.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
-    ex.add_argument("--seeds", type=int, nargs="+", default=[0])
-    ex.add_argument("--split-seed", type=int, default=0)
+    ex.add_argument("--seeds", type=at_least(0), nargs="+", default=[0], help="training seeds, one run each (0 or more)")
+    ex.add_argument("--split-seed", type=at_least(0), default=0, help="seed of the train / val / test split (0 or more)")
     ex.add_argument(
         "--labelled-by-group",
         action="store_true",
