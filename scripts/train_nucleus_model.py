@@ -174,7 +174,13 @@ def held_out(sets: tuple[str, ...], share: float) -> dict[str, list[str]]:
 PIXEL_SIZE = 0.25
 
 
-def held_out_pairs(payload: dict, kept: dict[str, list[str]]) -> list[tuple[Boxes, Boxes]]:
+def held_out_tiles(kept: dict[str, list[str]]) -> list[Tile]:
+    """The images ``kept`` names (set -> image names), with their nuclei."""
+    return [t for name, names in kept.items() for t in read_coco(DATA / name / "annotations.json")
+            if t.name in set(names)]
+
+
+def held_out_pairs(payload: dict, tiles: list[Tile]) -> list[tuple[Boxes, Boxes]]:
     """(truth, prediction over the floor) for each held-out image, by the model in ``payload``."""
     from napari_rmt.model.predict import predict_tiles
     from napari_rmt.train.checkpoint import model_from_checkpoint
@@ -182,12 +188,10 @@ def held_out_pairs(payload: dict, kept: dict[str, list[str]]) -> list[tuple[Boxe
     model, classes, _ = model_from_checkpoint(payload)
     model.roi_heads.detections_per_img = 2000  # a 1000 px MoNuSeg field holds up to ~800 nuclei
     pairs = []
-    for name, names in kept.items():
-        tiles = [t for t in read_coco(DATA / name / "annotations.json") if t.name in set(names)]
-        for tile in tiles:  # one at a time: the fields and the tiles differ in size
-            (pred,) = predict_tiles(model, [tile], classes, store=False, batch_size=1)
-            truth = Boxes(xyxy=tile.boxes.xyxy, class_ids=np.full(len(tile.boxes), classes.ids[0]))
-            pairs.append((truth, pred))
+    for tile in tiles:  # one at a time: the fields and the tiles differ in size
+        (pred,) = predict_tiles(model, [tile], classes, store=False, batch_size=1)
+        truth = Boxes(xyxy=tile.boxes.xyxy, class_ids=np.full(len(tile.boxes), classes.ids[0]))
+        pairs.append((truth, pred))
     return pairs
 
 
@@ -202,11 +206,12 @@ def calibrate(payload: dict, work: Path) -> dict:
         raise SystemExit(f"{listed}: missing; only a run trained with --hold-out has nuclei it never saw to "
                          "calibrate on (CoNSeP is the evaluation set, CPM-15 evaluation only)")
     kept = json.loads(listed.read_text())
-    before = f1_curve(held_out_pairs(payload, kept))
+    tiles = held_out_tiles(kept)  # read once: the before and after curves predict the same images
+    before = f1_curve(held_out_pairs(payload, tiles))
     cut = before.best_cut()
     shift = shift_for(cut)
     payload = {**payload, "student": fold_shift(payload["student"], shift)}
-    after = f1_curve(held_out_pairs(payload, kept))
+    after = f1_curve(held_out_pairs(payload, tiles))
 
     def point(curve, at):
         return [round(100 * v, 1) for v in curve.at(at)]
