@@ -68,6 +68,39 @@ def test_a_slide_tifffile_cannot_parse_goes_to_openslide(slide, tmp_path, monkey
     np.testing.assert_array_equal(image.read(700, 600, 64, 48), slide.region(700, 600, 64, 48))
 
 
+def test_a_slide_neither_reader_opens_says_both_at_every_read_site(slide, tmp_path, monkeypatch):
+    """Header, scale and pixels go through one rule: when tifffile and OpenSlide both refuse,
+    each says what failed in both readers' words; without OpenSlide, tifffile's alone."""
+    import openslide
+    import tifffile
+
+    import napari_rmt.data.openslide_reader as reader
+    from napari_rmt.data.imageio import image_size
+    from napari_rmt.data.scale import stated_scale
+
+    path = slide.write(tmp_path / "s.svs", pixel_size=0.5)
+
+    def refuse(*_a, **_k):
+        raise tifffile.TiffFileError("not a TIFF variant tifffile knows")
+
+    def refuse_too(*_a, **_k):
+        raise openslide.OpenSlideUnsupportedFormatError("unsupported or missing image file")
+
+    monkeypatch.setattr(tifffile, "imread", refuse)
+    monkeypatch.setattr(tifffile, "TiffFile", refuse)
+    monkeypatch.setattr(openslide, "OpenSlide", refuse_too)
+    sites = [(image_size, "cannot read image header"), (stated_scale, "cannot read its header"),
+             (open_large_image, "cannot open TIFF")]
+    for read, what in sites:
+        with pytest.raises(ImageReadError, match=rf"s\.svs: {what}: tifffile says TiffFileError.*OpenSlide cannot open it"):
+            read(path)
+    monkeypatch.setattr(reader, "openslide_available", lambda: False)
+    for read, what in sites:
+        with pytest.raises(ImageReadError, match=rf"s\.svs: {what} \(TiffFileError: not a TIFF variant") as err:
+            read(path)
+        assert "OpenSlide" not in str(err.value)
+
+
 def test_openslide_reads_a_slide_as_tifffile_does(slide, tmp_path):
     """The OpenSlide path (MRXS and the slides tifffile cannot parse) on a slide both read:
     the same pixels at every level, pixel size, objective, tissue mask and boxes."""

@@ -189,11 +189,9 @@ def image_size(path: str | os.PathLike) -> tuple[int, int]:
     except ImageReadError:
         raise
     except Exception as exc:
-        from .openslide_reader import fallback, open_openslide
+        from .openslide_reader import after_tifffile
 
-        if fallback(path):  # a scanner's variant tifffile does not parse (as ``open_large_image``)
-            return open_openslide(path).size
-        raise ImageReadError(f"{path}: cannot read image header ({type(exc).__name__}: {exc})") from exc
+        return after_tifffile(path, exc, "cannot read image header").size
 
 
 def _hw_from_shape(shape: tuple[int, ...]) -> tuple[int, int]:

@@ -296,17 +296,9 @@ def _open_tiff(p: Path) -> LargeImage:
         store = tifffile.imread(p, aszarr=True)
         node = zarr.open(store, mode="r")
     except Exception as exc:
-        from .openslide_reader import fallback, open_openslide
+        from .openslide_reader import after_tifffile
 
-        if fallback(p):
-            # a scanner's variant tifffile does not parse: OpenSlide knows more of them
-            try:
-                return open_openslide(p)
-            except ImageReadError as second:
-                raise ImageReadError(
-                    f"{p}: cannot open the slide: tifffile says {type(exc).__name__}: {exc}; {second}"
-                ) from exc
-        raise ImageReadError(f"{p}: cannot open TIFF ({type(exc).__name__}: {exc})") from exc
+        return after_tifffile(p, exc, "cannot open TIFF")
     if hasattr(node, "shape"):
         return _with_pixel_size(LargeImage(node, name=p.name, path=p))
     # A pyramidal TIFF: a group of levels named 0, 1, ...

@@ -115,6 +115,21 @@ def fallback(path: Path) -> bool:
     return path.suffix.lower() in SLIDE_SUFFIXES and openslide_available()
 
 
+def after_tifffile(path: Path, exc: Exception, what: str):
+    """The slide OpenSlide opens when tifffile refused ``path`` (a scanner's TIFF variant it
+    does not parse), or the error that says ``what`` failed and why, in both readers' words.
+
+    One rule for every reader of a file's header or pixels (``image_size``, ``stated_scale``,
+    ``open_large_image``), so that a slide one of them can read, all of them can. Call it
+    inside the ``except`` that caught tifffile's ``exc``."""
+    if not fallback(path):
+        raise ImageReadError(f"{path}: {what} ({type(exc).__name__}: {exc})") from exc
+    try:
+        return open_openslide(path)
+    except ImageReadError as second:
+        raise ImageReadError(f"{path}: {what}: tifffile says {type(exc).__name__}: {exc}; {second}") from exc
+
+
 def open_openslide(path: str | os.PathLike):
     """The slide at ``path`` through OpenSlide: its levels, and the pixel size (µm/px) and
     objective it states (``openslide.mpp-x``, ``openslide.objective-power``)."""

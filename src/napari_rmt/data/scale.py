@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import ImageReadError, NapariRmtError
+from .errors import NapariRmtError
 
 #: Pixel sizes outside this range (µm/px) are not microscopy: a TIFF's default 72 dpi says
 #: 353 µm/px, which is a file written by a tool that knew nothing of the scan.
@@ -98,13 +98,11 @@ def stated_scale(path: str | os.PathLike) -> tuple[float | None, float | None]:
             if found is None:
                 found = _resolution(page.tags)
             objective = _objective(tf, page, description)
-    except Exception as exc:  # a file the reader cannot parse says nothing of its scale
-        from .openslide_reader import fallback, open_openslide
+    except Exception as exc:
+        from .openslide_reader import after_tifffile
 
-        if fallback(path):  # a scanner's variant tifffile does not parse (as ``open_large_image``)
-            image = open_openslide(path)
-            return image.pixel_size, image.objective
-        raise ImageReadError(f"{path}: cannot read its header ({type(exc).__name__}: {exc})") from exc
+        image = after_tifffile(path, exc, "cannot read its header")
+        return image.pixel_size, image.objective
     if found is not None and not PLAUSIBLE[0] <= found <= PLAUSIBLE[1]:
         found = None
     return found, objective
