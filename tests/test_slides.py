@@ -175,6 +175,36 @@ def test_predicting_a_slide_skips_glass_and_finds_the_same_boxes(slide, tmp_path
     assert all(not slide.mask(int(x + w / 2), int(y + h / 2), 1, 1)[0, 0] for (x, y, w, h), _ in whole - with_mask)
 
 
+@pytest.mark.parametrize("scale", [1.0, 2.0])
+def test_a_window_pools_only_the_proposals_that_reach_what_it_owns(slide, monkeypatch, scale):
+    """Proposals clear of a window's owned region (``wholeimage.OWNED_MARGIN``) are not
+    pooled, and the slide's boxes are the same to the bit: on real H&E, as the detector
+    sees it and resampled (a 20x slide brought to the model's scale)."""
+    from napari_rmt.data.large import LargeImage
+    from napari_rmt.model import wholeimage
+    from napari_rmt.model.wholeimage import predict_large_image
+    from napari_rmt.train import load_model
+
+    model, classes, _ = load_model("nucleus")
+    side = 1000 if scale == 1.0 else 500
+    image = LargeImage(slide.region(300, 200, side, side), name="s", axes="yxc")
+    pooled: list[int] = []
+    hook = model.roi_heads.box_roi_pool.register_forward_hook(lambda _m, args, _o: pooled.append(sum(len(b) for b in args[1])))
+    runs = {}
+    try:
+        for margin in (None, wholeimage.OWNED_MARGIN):
+            monkeypatch.setattr(wholeimage, "OWNED_MARGIN", margin)
+            pooled.clear()
+            runs[margin] = predict_large_image(model, image, classes, window=256, context=64, scale=scale), sum(pooled)
+    finally:
+        hook.remove()
+    (every, n_every), (owned, n_owned) = runs[None], runs[wholeimage.OWNED_MARGIN]
+    assert len(every) > 30 and n_owned < 0.85 * n_every
+    np.testing.assert_array_equal(owned.xyxy, every.xyxy)
+    np.testing.assert_array_equal(owned.scores, every.scores)
+    np.testing.assert_array_equal(owned.class_ids, every.class_ids)
+
+
 def test_a_slides_stated_pixel_size_brings_it_to_the_models(slide, tmp_path, capsys):
     from napari_rmt.cli import main
 

@@ -40,6 +40,11 @@ class DetectOptions:
     per_cell: int | None = None
     #: without ``objectness``: the least number of proposals and of boxes each image keeps
     per_image: int | None = None
+    #: under ``objectness``, per image of the call: the region ``(x0, y0, x1, y1)`` (input
+    #: pixels) that a proposal must reach to be pooled, or None for all of the image. A
+    #: window of a large image keeps only boxes centred in the part it owns: proposals far
+    #: outside it could only make boxes that are thrown away (``wholeimage.OWNED_MARGIN``)
+    within: tuple[tuple[float, float, float, float] | None, ...] | None = None
 
 
 _DEFAULTS = DetectOptions()

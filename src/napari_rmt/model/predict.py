@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
@@ -105,9 +106,13 @@ def predict_images(
     model.eval()
     out: list[dict[str, torch.Tensor]] = []
     try:
-        with detecting(options):
-            for i in range(0, len(images), batch_size):
-                batch = [im.to(device) for im in images[i : i + batch_size]]
+        for i in range(0, len(images), batch_size):
+            batch = [im.to(device) for im in images[i : i + batch_size]]
+            # ``within`` is per image of the call: each forward gets its own images' regions
+            part = options
+            if options is not None and options.within is not None:
+                part = dataclasses.replace(options, within=options.within[i : i + batch_size])
+            with detecting(part):
                 for det in model(batch):
                     out.append({k: v.detach().cpu() for k, v in det.items()})
     finally:

@@ -128,7 +128,10 @@ class LocalRPN(RegionProposalNetwork):
             ]
         )
         final_boxes, final_scores = [], []
-        for boxes, scores, shape in zip(proposals, prob, image_shapes, strict=True):
+        within = opts.within or (None,) * n_images
+        if len(within) != n_images:
+            raise ValueError(f"DetectOptions.within names {len(within)} regions for a forward of {n_images} images")
+        for boxes, scores, shape, region in zip(proposals, prob, image_shapes, within, strict=True):
             keep = torch.where(scores >= opts.objectness)[0]
             boxes, scores, lvl = box_ops.clip_boxes_to_image(boxes[keep], shape), scores[keep], levels[keep]
             keep = box_ops.remove_small_boxes(boxes, self.min_size)
@@ -138,6 +141,10 @@ class LocalRPN(RegionProposalNetwork):
             keep = box_ops.batched_nms(boxes, scores, lvl, self.nms_thresh)
             boxes, scores = boxes[keep], scores[keep]
             keep = top_per_cell(boxes, scores, None, self.cell, per_cell)
+            if region is not None:  # after the local rules: what the region keeps is what it had
+                b = boxes[keep]
+                x0, y0, x1, y1 = region
+                keep = keep[(b[:, 2] > x0) & (b[:, 0] < x1) & (b[:, 3] > y0) & (b[:, 1] < y1)]
             final_boxes.append(boxes[keep])
             final_scores.append(scores[keep])
         return final_boxes, final_scores

@@ -27,6 +27,7 @@ window sees its pixels in phase with the whole-image pass.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from typing import Any
@@ -50,6 +51,15 @@ from .predict import detections_to_boxes, image_tensor, kept_boxes, map_back, pr
 # window with a CoNSeP-trained ResNet-18: 0.01 kept every box that scored >= 0.3 without
 # a floor and halved the time (the box head ran on fewer proposals); 0.05 lost 30 %.
 DEFAULT_OBJECTNESS = 0.01
+
+
+#: A window's proposals are pooled only where they reach its owned region grown by this many
+#: image pixels (``DetectOptions.within``); None pools them all. A box is kept only by the
+#: window that owns its centre, and a nucleus's box lies within a few pixels of its
+#: proposal, so a proposal 32 px clear of the owned region cannot make a kept box. With
+#: 128 px of context around a 512 px window, about half of a tissue window's proposals lie
+#: beyond it, and pooling them was most of the window's time (docs/benchmarks.md).
+OWNED_MARGIN: int | None = 32
 
 
 def detect_options(
@@ -322,6 +332,10 @@ def predict_window_batch(
     detector keeping what ``options`` says (``detect_options`` of the plan's limit) and
     seeing each region resampled by ``scale``."""
     tensors = [image_tensor(resample(image.read(*region), scale)) for _, region in batch]
+    if options is not None and options.objectness is not None and OWNED_MARGIN is not None:
+        options = dataclasses.replace(
+            options, within=tuple(_owned_in_input(w, region, t, OWNED_MARGIN) for (w, region), t in zip(batch, tensors, strict=True))
+        )
     dets = predict_images(model, tensors, batch_size=len(batch), device=device, options=options)
     if scale != 1.0:
         dets = [
@@ -332,6 +346,17 @@ def predict_window_batch(
         (w, *_window_boxes(det, w, region, image, score_threshold, nms_iou, touch_px=1.0))
         for (w, region), det in zip(batch, dets, strict=True)
     ]
+
+
+def _owned_in_input(
+    w: Window, region: tuple[int, int, int, int], tensor: torch.Tensor, margin: int
+) -> tuple[float, float, float, float]:
+    """Window ``w``'s owned region grown by ``margin`` px, in the pixels of its detector
+    input (the read ``region``, resampled to ``tensor``'s size)."""
+    rx, ry, rw, rh = region
+    sx, sy = tensor.shape[-1] / rw, tensor.shape[-2] / rh
+    x0, y0, x1, y1 = w.owned
+    return ((x0 - margin - rx) * sx, (y0 - margin - ry) * sy, (x1 + margin - rx) * sx, (y1 + margin - ry) * sy)
 
 
 def stitched_boxes(stitcher: _Stitcher, classes: ClassList) -> Boxes:
