@@ -210,7 +210,7 @@ def _check(
     return tp, dup
 
 
-def measured(args: list[str]) -> tuple[list[str], float, float]:
+def measured(args: list[str], env: dict[str, str] | None = None) -> tuple[list[str], float, float]:
     """Run ``args`` as a child of a fresh Python that reports it: the child's last output
     lines, its wall seconds and its peak resident memory in GiB (``ru_maxrss``; a process of
     its own, so that the figure is the command's alone)."""
@@ -218,7 +218,7 @@ def measured(args: list[str]) -> tuple[list[str], float, float]:
                "r = subprocess.run(sys.argv[1:], capture_output=True, text=True); "
                "print(r.stdout[-3000:], r.stderr[-500:]); print('WALL', time.perf_counter() - t); "
                "print('RSS', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
-    done = subprocess.run([sys.executable, "-c", wrapper, *args], capture_output=True, text=True, check=True)
+    done = subprocess.run([sys.executable, "-c", wrapper, *args], capture_output=True, text=True, check=True, env=env)
     lines = done.stdout.splitlines()
     wall = float(next(x for x in lines if x.startswith("WALL")).split()[1])
     rss = int(next(x for x in lines if x.startswith("RSS")).split()[1]) / 2**20
@@ -421,14 +421,54 @@ def backends(out: Path, n_tiles: int, rounds: int) -> None:
     print(json.dumps(report, indent=1))
 
 
+def codes(out: Path, sources: list[str], rounds: int, modes: list[str]) -> None:
+    """The slide of ``slide`` (``OUT/slide.svs``) predicted by two or more versions of the
+    code (each a ``src`` folder, e.g. of a ``git worktree`` at another commit) taking turns,
+    ``rounds`` times, with the mask and without (``modes``), each its own ``napari-rmt
+    predict`` process: the seconds ``predict`` says, the peak memory, and whether every
+    version's boxes are the first version's exactly (box, score and class)."""
+    path = out / "slide.svs"
+    if not path.exists():
+        raise SystemExit(f"{path}: make it first (large_image_memory.py slide --out {out})")
+    runs: dict[str, list[dict]] = {}
+    found: dict[str, set] = {}
+    for r in range(rounds):
+        for mode in modes:
+            for k, src in enumerate(sources):
+                key = f"{k}:{mode}"
+                pred = out / f"codes_{k}_{mode}.json"
+                env = {**os.environ, "PYTHONPATH": str(Path(src).resolve())}
+                args = [sys.executable, "-m", "napari_rmt.cli", "predict", "--model", "nucleus", str(path),
+                        "--tissue", mode, "--out", str(pred), "--overwrite"]
+                lines, _wall, rss = measured(args, env)
+                said = re.search(r"(\d+) boxes on \d+ images in ([\d.]+) s", "\n".join(lines))
+                if said is None:
+                    raise SystemExit("\n".join(lines))
+                runs.setdefault(key, []).append({"round": r, "predict_s": float(said.group(2)),
+                                                 "boxes": int(said.group(1)), "peak_rss_gib": round(rss, 2)})
+                found[key] = {(tuple(x["bbox"]), x["score"], x["category_id"]) for x in json.loads(pred.read_text())}
+                print(key, src, runs[key][-1], flush=True)
+    median = {key: float(np.median([x["predict_s"] for x in v])) for key, v in runs.items()}
+    result = {
+        "sources": sources, "runs": runs, "median_predict_s": median,
+        "vs_first": {key: round(median[key] / median[f"0:{key.split(':')[1]}"], 3) for key in runs},
+        "same_boxes_as_first": {key: found[key] == found[f"0:{key.split(':')[1]}"] for key in runs},
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+    }
+    (out / "codes_result.json").write_text(json.dumps(result, indent=1))
+    print(json.dumps(result, indent=1))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("step", nargs="?", choices=("all", "make", "train", "predict", "slide", "windows", "dask", "backends"),
+    ap.add_argument("step", nargs="?", choices=("all", "make", "train", "predict", "slide", "windows", "dask", "backends", "codes"),
                     default="all")
     ap.add_argument("--tiles", type=int, default=64, help="backends: tiles per round")
     ap.add_argument("--rounds", type=int, default=5, help="backends: rounds")
     ap.add_argument("--sizes", type=int, nargs="+", default=[512, 1024], help="windows: the window sizes")
     ap.add_argument("--tissue", type=float, default=0.35, help="slide: the share of tissue")
+    ap.add_argument("--sources", nargs="+", default=["src"], help="codes: the versions' src folders")
+    ap.add_argument("--modes", nargs="+", default=["on", "off"], choices=("on", "off"), help="codes: --tissue")
     ap.add_argument("--size", type=int, default=20000)
     ap.add_argument("--iterations", type=int, default=150)
     ap.add_argument("--window", type=int, default=1024)
@@ -451,6 +491,8 @@ def main() -> None:
         windows(out, args.sizes, args.rounds, 128)
     elif args.step == "dask":
         dask(out)
+    elif args.step == "codes":
+        codes(out, args.sources, args.rounds, args.modes)
     elif args.step == "backends":
         backends(out, args.tiles, args.rounds)
     else:
