@@ -243,7 +243,7 @@ def share_matched(a: list[dict], b: list[dict]) -> float:
     return hit / max(total, 1)
 
 
-def slide(out: Path, size: int, tissue: float, seed: int) -> None:
+def slide(out: Path, size: int, tissue: float, seed: int, make_only: bool = False) -> None:
     from common import CONSEP
 
     from napari_rmt.data.coco import read_coco
@@ -256,6 +256,8 @@ def slide(out: Path, size: int, tissue: float, seed: int) -> None:
         made.write(path, pixel_size=0.25)
     print(f"slide {size} px, {100 * made.tissue_share():.1f} % tissue, written in {time.perf_counter() - t0:.0f} s",
           flush=True)
+    if make_only:  # written ahead, so that the timed runs can start on a machine kept free for them
+        return
     runs = {}
     for mode in ("off", "on"):
         pred = out / f"pred_tissue_{mode}.json"
@@ -470,6 +472,7 @@ def main() -> None:
     ap.add_argument("--sources", nargs="+", default=["src"], help="codes: the versions' src folders")
     ap.add_argument("--modes", nargs="+", default=["on", "off"], choices=("on", "off"), help="codes: --tissue")
     ap.add_argument("--size", type=int, default=20000)
+    ap.add_argument("--make-only", action="store_true", help="slide: write the slide and stop")
     ap.add_argument("--iterations", type=int, default=150)
     ap.add_argument("--window", type=int, default=1024)
     ap.add_argument("--context", type=int, default=64)
@@ -486,7 +489,7 @@ def main() -> None:
     elif args.step == "predict":
         predict(out, args.window, args.context, args.batch)
     elif args.step == "slide":
-        slide(out, args.size, args.tissue, args.seed)
+        slide(out, args.size, args.tissue, args.seed, args.make_only)
     elif args.step == "windows":
         windows(out, args.sizes, args.rounds, 128)
     elif args.step == "dask":
