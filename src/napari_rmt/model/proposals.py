@@ -128,9 +128,7 @@ class LocalRPN(RegionProposalNetwork):
             ]
         )
         final_boxes, final_scores = [], []
-        within = opts.within or (None,) * n_images
-        if len(within) != n_images:
-            raise ValueError(f"DetectOptions.within names {len(within)} regions for a forward of {n_images} images")
+        within = opts.within or (None,) * n_images  # one region per image: the zip below is strict
         for boxes, scores, shape, region in zip(proposals, prob, image_shapes, within, strict=True):
             keep = torch.where(scores >= opts.objectness)[0]
             boxes, scores, lvl = box_ops.clip_boxes_to_image(boxes[keep], shape), scores[keep], levels[keep]
